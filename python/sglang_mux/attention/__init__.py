@@ -1,0 +1,1 @@
+"""The routed attention path: the `mux` attention backend and its torch reference."""

@@ -1,0 +1,263 @@
+"""MuxConfig: every ``--mux-*`` knob, validated once, carried to SGLang's processes as JSON.
+
+The launcher parses our flags, builds a :class:`MuxConfig` (which validates itself) and exports it
+in ``SGLANG_MUX_CONFIG``; scheduler processes read it back with :meth:`MuxConfig.from_env`. A server
+started with plain ``python -m sglang.launch_server --radix-cache-backend mux`` has no variable and gets
+the defaults. The CLI is derived from the dataclass fields: adding a knob is adding a field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_VAR = "SGLANG_MUX_CONFIG"
+
+# Leaf names accepted in --mux-leaves, in the order the router fills them.
+LEAF_NAMES = ("sink", "recent", "heavy", "retrieval")
+
+
+class MuxConfigError(ValueError):
+    """A bad --mux-* value; the message names the flag and the allowed values (one line)."""
+
+
+def _flag(name: str) -> str:
+    return "--mux-" + name.replace("_", "-")
+
+
+def _knob(default, help: str, metavar: str | None = None):
+    return field(default=default, metadata={"help": help, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class MuxConfig:
+    disable: bool = _knob(False, "Serve with stock SGLang memory (no mux cache, no routed attention).")
+    budget: int = _knob(
+        2048,
+        "Device-KV budget per request, in tokens: what routed decode attention reads per layer. "
+        "A request whose context fits gets exact full attention.",
+        "TOKENS",
+    )
+    page_size: int = _knob(16, "Mux page size in tokens (power of two): the unit of selection and tiering.", "N")
+    sink_tokens: int = _knob(64, "First tokens of every request that are always attended (attention sinks).", "TOKENS")
+    window_tokens: int = _knob(512, "Most recent tokens that are always attended (exact window).", "TOKENS")
+    leaves: str = _knob(
+        "",
+        "Budget split across leaves, e.g. 'sink=64,recent=512,heavy=256,retrieval=rest'. "
+        "Empty: sink/recent from --mux-sink-tokens/--mux-window-tokens, heavy=1/8 of the budget, retrieval=rest.",
+        "SPEC",
+    )
+    drop_cold: bool = _knob(
+        False,
+        "Free the device KV of pages outside a request's hot leaves (its own unshared tail only), "
+        "so device memory really shrinks. Default keeps every exact page.",
+    )
+    inner_backend: str = _knob(
+        "auto",
+        "Attention backend that mux wraps for exact attention: 'auto' (flashinfer on GPU, torch_native on CPU) "
+        "or any SGLang backend name. `--attention-backend X` on the mux launcher sets it.",
+        "NAME",
+    )
+    observation_window: int = _knob(
+        32, "Last prompt tokens whose attention scores heavy hitters at prefill (SnapKV-style).", "TOKENS"
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("bool", bool):
+                if not isinstance(v, bool):
+                    raise MuxConfigError(f"{_flag(f.name)}: expected true/false, got {v!r}")
+            elif f.type in ("int", int):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise MuxConfigError(f"{_flag(f.name)}: expected an integer, got {v!r}")
+            elif f.type in ("str", str) and not isinstance(v, str):
+                raise MuxConfigError(f"{_flag(f.name)}: expected a string, got {v!r}")
+        if self.budget <= 0:
+            raise MuxConfigError(f"--mux-budget: must be a positive number of tokens, got {self.budget}")
+        p = self.page_size
+        if p < 1 or p > 1024 or (p & (p - 1)) != 0:
+            raise MuxConfigError(f"--mux-page-size: must be a power of two in [1, 1024], got {p}")
+        if self.sink_tokens < 0:
+            raise MuxConfigError(f"--mux-sink-tokens: must be >= 0, got {self.sink_tokens}")
+        if self.window_tokens < 0:
+            raise MuxConfigError(f"--mux-window-tokens: must be >= 0, got {self.window_tokens}")
+        if self.window_tokens > self.budget:
+            raise MuxConfigError(
+                f"--mux-window-tokens: must be <= --mux-budget ({self.budget}), got {self.window_tokens}"
+            )
+        if self.sink_tokens + self.window_tokens > self.budget:
+            raise MuxConfigError(
+                f"--mux-sink-tokens + --mux-window-tokens: must be <= --mux-budget ({self.budget}), "
+                f"got {self.sink_tokens} + {self.window_tokens}"
+            )
+        if self.observation_window < 1:
+            raise MuxConfigError(f"--mux-observation-window: must be >= 1, got {self.observation_window}")
+        # Parsing the leaf spec validates it (names, numbers, total within the budget).
+        self.leaf_split(self.budget)
+
+    # ---------------------------------------------------------------- leaf spec
+    def leaf_split(self, budget: int) -> dict[str, int]:
+        """Tokens per leaf for a request budget (see docs/cli.md, --mux-leaves).
+
+        Fixed-size leaves keep their size when it fits; ``rest`` takes what is left. Worked example:
+        budget 2048, spec ``sink=64,recent=512,heavy=256,retrieval=rest`` ->
+        ``{sink: 64, recent: 512, heavy: 256, retrieval: 1216}``.
+        """
+        spec = self.leaves.strip()
+        if not spec:
+            heavy = budget // 8
+            spec = f"sink={self.sink_tokens},recent={self.window_tokens},heavy={heavy},retrieval=rest"
+        out: dict[str, int] = {}
+        rest_leaf = None
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise MuxConfigError(f"--mux-leaves: expected NAME=TOKENS|rest items, got {part!r}")
+            name, val = (s.strip() for s in part.split("=", 1))
+            if name not in LEAF_NAMES:
+                raise MuxConfigError(f"--mux-leaves: unknown leaf {name!r}; allowed: {', '.join(LEAF_NAMES)}")
+            if name in out or name == rest_leaf:
+                raise MuxConfigError(f"--mux-leaves: leaf {name!r} given twice")
+            if val == "rest":
+                if rest_leaf is not None:
+                    raise MuxConfigError("--mux-leaves: only one leaf may take 'rest'")
+                rest_leaf = name
+                continue
+            try:
+                n = int(val)
+            except ValueError:
+                raise MuxConfigError(f"--mux-leaves: {name}: expected a token count or 'rest', got {val!r}") from None
+            if n < 0:
+                raise MuxConfigError(f"--mux-leaves: {name}: must be >= 0, got {n}")
+            out[name] = n
+        used = sum(out.values())
+        if used > budget:
+            raise MuxConfigError(f"--mux-leaves: fixed leaves sum to {used} tokens, more than the budget {budget}")
+        if rest_leaf is not None:
+            out[rest_leaf] = budget - used
+        return {k: out.get(k, 0) for k in LEAF_NAMES}
+
+    # ---------------------------------------------------------------- transport
+    def to_env(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MuxConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MuxConfigError(f"{ENV_VAR}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise MuxConfigError(f"{ENV_VAR}: expected a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MuxConfigError(f"{ENV_VAR}: unknown keys {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_env(cls) -> "MuxConfig":
+        text = os.environ.get(ENV_VAR)
+        return cls.from_json(text) if text else cls()
+
+    def export(self) -> None:
+        """Make this the config of every process started from here on (spawned schedulers inherit env)."""
+        os.environ[ENV_VAR] = self.to_env()
+
+    def replace(self, **changes: Any) -> "MuxConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# -------------------------------------------------------------------- CLI
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message; we want one line naming the flag
+        raise MuxConfigError(message)
+
+
+def _parse_bool(flag: str):
+    def conv(text: str) -> bool:
+        t = text.strip().lower()
+        if t in ("1", "true", "yes", "on"):
+            return True
+        if t in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+    return conv
+
+
+def _parse_int(flag: str):
+    def conv(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+    return conv
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--mux-*`` flag per MuxConfig field (bool fields are switches taking an optional value)."""
+    defaults = MuxConfig()
+    for f in fields(MuxConfig):
+        flag = _flag(f.name)
+        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata['help']} (default: {default!r})"
+        if f.type in ("bool", bool):
+            parser.add_argument(
+                flag, dest=f.name, nargs="?", const=True, default=default, type=_parse_bool(flag), help=help_text
+            )
+        elif f.type in ("int", int):
+            parser.add_argument(
+                flag, dest=f.name, default=default, type=_parse_int(flag), metavar=f.metadata["metavar"],
+                help=help_text,
+            )
+        else:
+            parser.add_argument(flag, dest=f.name, default=default, metavar=f.metadata["metavar"], help=help_text)
+
+
+def cli_flags() -> list[str]:
+    return [_flag(f.name) for f in fields(MuxConfig)]
+
+
+def split_mux_args(argv: list[str]) -> tuple[MuxConfig, list[str]]:
+    """Separate our ``--mux-*`` flags from SGLang's and build a validated MuxConfig.
+
+    Raises MuxConfigError (one line, naming the flag and what is allowed) on unknown or bad flags.
+    """
+    mux_argv: list[str] = []
+    rest: list[str] = []
+    known = cli_flags()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--mux-"):
+            name = a.split("=", 1)[0]
+            if name not in known:
+                raise MuxConfigError(f"unknown flag {name}; allowed --mux-* flags: {', '.join(known)}")
+            mux_argv.append(a)
+            # A value follows unless given inline or the flag is a bare switch.
+            if "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                mux_argv.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(a)
+        i += 1
+    parser = _OneLineErrorParser(add_help=False, allow_abbrev=False)
+    add_cli_args(parser)
+    try:
+        ns = parser.parse_args(mux_argv)
+    except argparse.ArgumentTypeError as e:  # pragma: no cover - argparse wraps these into error()
+        raise MuxConfigError(str(e)) from None
+    return MuxConfig(**vars(ns)), rest

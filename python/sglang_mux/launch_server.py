@@ -1,0 +1,115 @@
+"""``python -m sglang_mux.launch_server``: SGLang's server with the mux memory turned on.
+
+Accepts every SGLang flag plus our ``--mux-*`` flags (docs/cli.md). What it adds to SGLang's command line:
+
+* ``--radix-cache-backend mux --attention-backend mux`` unless ``--mux-disable`` (a user-given
+  ``--attention-backend X`` becomes the backend that mux wraps);
+* ``--model-path <bundled default model>`` when no model is given;
+* on a machine without a GPU: ``SGLANG_USE_CPU_ENGINE=1``, ``--device cpu`` and the CPU settings that work
+  (docs/install.md), each only where the user did not give that flag.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from sglang_mux.config import ENV_VAR, MuxConfig, MuxConfigError, split_mux_args
+from sglang_mux.platform import has_cuda_gpu
+
+# SGLang flags we set on CPU when the user did not: the recipe that works without a GPU.
+CPU_DEFAULTS = (
+    ("--device", "cpu"),
+    ("--mem-fraction-static", "0.05"),
+    ("--disable-cuda-graph", None),
+)
+
+
+def _has_flag(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _drop_flag(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = True
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    return out
+
+
+def build_sglang_argv(argv: list[str], env: dict | None = None) -> tuple[MuxConfig, list[str]]:
+    """Turn our command line into (MuxConfig, SGLang's argv); sets the process env the children inherit.
+
+    Pure apart from ``env`` (defaults to ``os.environ``), so it is tested without starting anything.
+    """
+    env = os.environ if env is None else env
+    cfg, args = split_mux_args(argv)
+    gpu = has_cuda_gpu()
+    if not gpu:
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+        for flag, value in CPU_DEFAULTS:
+            if not _has_flag(args, flag):
+                args += [flag] if value is None else [flag, value]
+    if not _has_flag(args, "--model-path") and not _has_flag(args, "--model"):
+        from sglang_mux.models import default_model_path
+
+        args += ["--model-path", default_model_path()]
+    if not cfg.disable:
+        given = _flag_value(args, "--radix-cache-backend")
+        if given not in (None, "mux"):
+            raise MuxConfigError(
+                f"--radix-cache-backend: mux is on, so it must be 'mux' (got {given!r}); pass --mux-disable to use {given!r}"
+            )
+        args = _drop_flag(args, "--radix-cache-backend") + ["--radix-cache-backend", "mux"]
+        inner = _flag_value(args, "--attention-backend")
+        if inner not in (None, "mux"):
+            cfg = cfg.replace(inner_backend=inner)
+        args = _drop_flag(args, "--attention-backend") + ["--attention-backend", "mux"]
+    elif not gpu and not _has_flag(args, "--attention-backend"):
+        args += ["--attention-backend", "torch_native"]
+    env[ENV_VAR] = cfg.to_env()
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _, sglang_argv = build_sglang_argv(argv)
+    except (MuxConfigError, FileNotFoundError) as e:
+        print(f"sglang-mux: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+    from sglang.launch_server import run_server
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    load_plugins()
+    from sglang_mux.plugin import register
+
+    register()  # in case SGLANG_PLUGINS excludes us: the launcher itself always needs the backends
+    server_args = prepare_server_args(sglang_argv)
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()

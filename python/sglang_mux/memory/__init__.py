@@ -1,0 +1,1 @@
+"""The multiplexed memory: radix cache subclass, page tables, tiers."""

@@ -1,0 +1,85 @@
+"""Per-request mux options, carried in ``sampling_params.custom_params`` of a ``/generate`` request.
+
+    {"text": "...", "sampling_params": {"max_new_tokens": 32,
+        "custom_params": {"mux_budget": 1024, "mux_leaves": "sink=64,recent=256,retrieval=rest"}}}
+
+``custom_params`` is SGLang's own per-request dict: it travels with the request to the scheduler, where the
+router reads it. Fields (all optional; absent means the server's ``--mux-*`` value):
+
+* ``mux_budget``  positive int: device-KV budget of this request in tokens.
+* ``mux_leaves``  leaf split spec, as ``--mux-leaves``.
+* ``mux_exact``   bool: exact full attention for this request whatever its length.
+
+Validated by :func:`parse_request_options` both at the HTTP edge (HTTP 400 naming the field) and in the
+scheduler (a second line: the request is aborted with the same message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from sglang_mux.config import MuxConfig, MuxConfigError
+
+FIELD_PREFIX = "sampling_params.custom_params."
+KNOWN_FIELDS = ("mux_budget", "mux_leaves", "mux_exact")
+MAX_BUDGET = 1 << 24
+
+
+class MuxRequestError(ValueError):
+    """A malformed per-request mux field; the message names the field and the allowed values."""
+
+
+@dataclass(frozen=True)
+class MuxRequestOptions:
+    budget: int | None = None
+    leaves: str | None = None
+    exact: bool = False
+
+    def effective_config(self, server: MuxConfig) -> MuxConfig:
+        """The server config with this request's overrides applied (validated)."""
+        changes: dict[str, Any] = {}
+        if self.budget is not None:
+            changes["budget"] = self.budget
+        if self.leaves is not None:
+            changes["leaves"] = self.leaves
+        if not changes:
+            return server
+        # A smaller per-request budget shrinks the fixed sink/window parts to fit rather than failing.
+        budget = changes.get("budget", server.budget)
+        changes.setdefault("window_tokens", min(server.window_tokens, budget))
+        changes.setdefault("sink_tokens", min(server.sink_tokens, budget - changes["window_tokens"]))
+        try:
+            return server.replace(**changes)
+        except MuxConfigError as e:
+            raise MuxRequestError(f"{FIELD_PREFIX}mux_leaves: {e}") from None
+
+
+def parse_request_options(custom_params: Mapping[str, Any] | None) -> MuxRequestOptions:
+    if not custom_params:
+        return MuxRequestOptions()
+    if not isinstance(custom_params, Mapping):
+        raise MuxRequestError(f"sampling_params.custom_params: expected an object, got {type(custom_params).__name__}")
+    unknown = sorted(k for k in custom_params if isinstance(k, str) and k.startswith("mux_") and k not in KNOWN_FIELDS)
+    if unknown:
+        raise MuxRequestError(
+            f"{FIELD_PREFIX}{unknown[0]}: unknown mux field; allowed: {', '.join(KNOWN_FIELDS)}"
+        )
+    budget = custom_params.get("mux_budget")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int) or not (0 < budget <= MAX_BUDGET):
+            raise MuxRequestError(
+                f"{FIELD_PREFIX}mux_budget: must be an integer number of tokens in [1, {MAX_BUDGET}], got {budget!r}"
+            )
+    leaves = custom_params.get("mux_leaves")
+    if leaves is not None:
+        if not isinstance(leaves, str):
+            raise MuxRequestError(f"{FIELD_PREFIX}mux_leaves: expected a string like 'sink=64,recent=512,retrieval=rest'")
+        try:
+            MuxConfig(budget=budget or MAX_BUDGET, sink_tokens=0, window_tokens=0).replace(leaves=leaves)
+        except MuxConfigError as e:
+            raise MuxRequestError(f"{FIELD_PREFIX}mux_leaves: {str(e).split(': ', 1)[-1]}") from None
+    exact = custom_params.get("mux_exact", False)
+    if not isinstance(exact, bool):
+        raise MuxRequestError(f"{FIELD_PREFIX}mux_exact: expected true or false, got {exact!r}")
+    return MuxRequestOptions(budget=budget, leaves=leaves, exact=exact)
