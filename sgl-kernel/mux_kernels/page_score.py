@@ -1,0 +1,119 @@
+"""Page-summary scoring per kv-head group (Triton) and on-device page choice (torch ops, no host sync).
+
+Reference: `mux_kernels.reference.page_scores` / `select_pages`. Imports Triton: load lazily through
+`mux_kernels` (see the package docstring).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mux_kernels import reference
+from mux_kernels.triton_support import check_runnable
+
+
+@triton.jit
+def _page_score_kernel(
+    q_ptr, kmin_ptr, kmax_ptr, table_ptr, num_pages_ptr, out_ptr,
+    max_pages,
+    stride_qb, stride_qh,
+    stride_sr, stride_sh,
+    stride_tb,
+    stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    # One program: request b, kv head h, a block of BLOCK_P pages. Scores in fp32.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    pblock = tl.program_id(2)
+    n_pages = tl.load(num_pages_ptr + b)
+    offs_p = pblock * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    pmask = offs_p < n_pages
+    gmask = offs_g < GROUP
+    rows = tl.load(table_ptr + b * stride_tb + offs_p, mask=pmask, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_G, BLOCK_P], dtype=tl.float32)
+    for d0 in range(0, HEAD_DIM, BLOCK_D):
+        d = d0 + offs_d
+        dmask = d < HEAD_DIM
+        q = tl.load(
+            q_ptr + b * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + d[None, :],
+            mask=gmask[:, None] & dmask[None, :], other=0.0,
+        ).to(tl.float32)
+        smask = pmask[:, None] & dmask[None, :]
+        spos = rows[:, None] * stride_sr + h * stride_sh + d[None, :]
+        lo = tl.load(kmin_ptr + spos, mask=smask, other=0.0).to(tl.float32)
+        hi = tl.load(kmax_ptr + spos, mask=smask, other=0.0).to(tl.float32)
+        qe = q[:, None, :]
+        acc += tl.sum(tl.maximum(qe * lo[None, :, :], qe * hi[None, :, :]), axis=2)
+    acc = tl.where(gmask[:, None], acc, float("-inf"))
+    score = tl.max(acc, axis=0)
+    score = tl.where(pmask, score, float("-inf"))
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_p, score, mask=offs_p < max_pages)
+
+
+def score_pages(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    summary_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    block_pages: int = 32,
+    block_dim: int = 32,
+) -> torch.Tensor:
+    """Quest-style page scores per kv-head group, `[B, H_kv, max_pages]` float32.
+
+    q [B, Hq, D]; kmin/kmax [rows, H_kv, D]; summary_table [B, max_pages] (int32/int64 rows of the pool);
+    num_pages [B]. Same contract as `reference.page_scores` (accumulated in fp32 here).
+    """
+    check_runnable(q, kmin, kmax, summary_table, num_pages)
+    bsz, hq, dim = q.shape
+    hkv = kmin.shape[1]
+    if hq % hkv:
+        raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({hkv})")
+    q = q.contiguous()
+    kmin = kmin.contiguous()
+    kmax = kmax.contiguous()
+    summary_table = summary_table.contiguous()
+    max_pages = summary_table.shape[1]
+    out = torch.empty(bsz, hkv, max_pages, dtype=torch.float32, device=q.device)
+    group = hq // hkv
+    block_d = min(block_dim, triton.next_power_of_2(dim))
+    grid = (bsz, hkv, triton.cdiv(max_pages, block_pages))
+    _page_score_kernel[grid](
+        q, kmin, kmax, summary_table, num_pages, out,
+        max_pages,
+        q.stride(0), q.stride(1),
+        kmin.stride(0), kmin.stride(1),
+        summary_table.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=triton.next_power_of_2(group),
+        HEAD_DIM=dim, BLOCK_D=block_d,
+        BLOCK_P=block_pages,
+    )
+    return out
+
+
+def select_pages_on_device(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    summary_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    budget_pages: int,
+    sink_pages: int = 0,
+    recent_pages: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query-aware page choice for one layer, all on the tensors' device, fixed output shapes.
+
+    Scores with the Triton kernel, aggregates kv-head groups with max, then `reference.select_pages`
+    (stable sort: ties to the lower page id). Returns `page_list [B, budget_pages]` (sorted, -1 unused)
+    and `page_counts [B]`.
+    """
+    group_scores = score_pages(q, kmin, kmax, summary_table, num_pages)
+    return reference.select_pages(group_scores.amax(dim=1), num_pages, budget_pages, sink_pages, recent_pages)
