@@ -43,8 +43,12 @@ class MuxConfig:
         "TOKENS",
     )
     page_size: int = _knob(16, "Mux page size in tokens (power of two): the unit of selection and tiering.", "N")
-    sink_tokens: int = _knob(64, "First tokens of every request that are always attended (attention sinks).", "TOKENS")
-    window_tokens: int = _knob(512, "Most recent tokens that are always attended (exact window).", "TOKENS")
+    sink_tokens: int = _knob(
+        -1, "First tokens of every request that are always attended (attention sinks); -1: min(64, budget/8).", "TOKENS"
+    )
+    window_tokens: int = _knob(
+        -1, "Most recent tokens that are always attended (exact window); -1: min(512, budget/4).", "TOKENS"
+    )
     leaves: str = _knob(
         "",
         "Budget split across leaves, e.g. 'sink=64,recent=512,heavy=256,retrieval=rest'. "
@@ -86,23 +90,31 @@ class MuxConfig:
         p = self.page_size
         if p < 1 or p > 1024 or (p & (p - 1)) != 0:
             raise MuxConfigError(f"--mux-page-size: must be a power of two in [1, 1024], got {p}")
-        if self.sink_tokens < 0:
-            raise MuxConfigError(f"--mux-sink-tokens: must be >= 0, got {self.sink_tokens}")
-        if self.window_tokens < 0:
-            raise MuxConfigError(f"--mux-window-tokens: must be >= 0, got {self.window_tokens}")
-        if self.window_tokens > self.budget:
-            raise MuxConfigError(
-                f"--mux-window-tokens: must be <= --mux-budget ({self.budget}), got {self.window_tokens}"
-            )
-        if self.sink_tokens + self.window_tokens > self.budget:
+        if self.sink_tokens < -1:
+            raise MuxConfigError(f"--mux-sink-tokens: must be >= 0 (or -1 for auto), got {self.sink_tokens}")
+        if self.window_tokens < -1:
+            raise MuxConfigError(f"--mux-window-tokens: must be >= 0 (or -1 for auto), got {self.window_tokens}")
+        if self.window > self.budget:
+            raise MuxConfigError(f"--mux-window-tokens: must be <= --mux-budget ({self.budget}), got {self.window}")
+        if self.sink + self.window > self.budget:
             raise MuxConfigError(
                 f"--mux-sink-tokens + --mux-window-tokens: must be <= --mux-budget ({self.budget}), "
-                f"got {self.sink_tokens} + {self.window_tokens}"
+                f"got {self.sink} + {self.window}"
             )
         if self.observation_window < 1:
             raise MuxConfigError(f"--mux-observation-window: must be >= 1, got {self.observation_window}")
         # Parsing the leaf spec validates it (names, numbers, total within the budget).
         self.leaf_split(self.budget)
+
+    @property
+    def sink(self) -> int:
+        """Sink tokens after resolving auto (-1)."""
+        return min(64, self.budget // 8) if self.sink_tokens == -1 else self.sink_tokens
+
+    @property
+    def window(self) -> int:
+        """Window tokens after resolving auto (-1)."""
+        return min(512, self.budget // 4) if self.window_tokens == -1 else self.window_tokens
 
     # ---------------------------------------------------------------- leaf spec
     def leaf_split(self, budget: int) -> dict[str, int]:
@@ -115,7 +127,7 @@ class MuxConfig:
         spec = self.leaves.strip()
         if not spec:
             heavy = budget // 8
-            spec = f"sink={self.sink_tokens},recent={self.window_tokens},heavy={heavy},retrieval=rest"
+            spec = f"sink={self.sink},recent={self.window},heavy={heavy},retrieval=rest"
         out: dict[str, int] = {}
         rest_leaf = None
         for part in spec.split(","):

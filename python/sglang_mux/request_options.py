@@ -45,10 +45,12 @@ class MuxRequestOptions:
             changes["leaves"] = self.leaves
         if not changes:
             return server
-        # A smaller per-request budget shrinks the fixed sink/window parts to fit rather than failing.
+        # A smaller per-request budget shrinks explicitly set sink/window parts to fit rather than failing.
         budget = changes.get("budget", server.budget)
-        changes.setdefault("window_tokens", min(server.window_tokens, budget))
-        changes.setdefault("sink_tokens", min(server.sink_tokens, budget - changes["window_tokens"]))
+        if server.window_tokens > budget:
+            changes["window_tokens"] = budget
+        if server.sink_tokens > budget - min(server.window, budget):
+            changes["sink_tokens"] = max(0, budget - min(server.window, budget))
         try:
             return server.replace(**changes)
         except MuxConfigError as e:

@@ -1,0 +1,135 @@
+"""Start and stop a real SGLang server (mux or stock) on a free port: for tests, benchmarks and examples.
+
+    with ServerProcess(["--mux-budget", "256"]) as srv:          # python -m sglang_mux.launch_server ...
+        requests.post(srv.url + "/generate", json={...})
+    with ServerProcess([...], stock=True) as srv: ...           # python -m sglang.launch_server ... (CPU defaults)
+
+The stock server gets the same CPU settings our launcher uses (torch_native, --device cpu, ...), so a
+comparison differs only in what mux changes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from sglang_mux.platform import has_cuda_gpu
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stock_argv(args: list[str]) -> list[str]:
+    """Stock SGLang's argv with the same defaults our launcher adds (but no mux)."""
+    from sglang_mux.launch_server import build_sglang_argv
+
+    env: dict[str, str] = {}
+    _, argv = build_sglang_argv(["--mux-disable", *args], env=env)
+    return argv
+
+
+class ServerProcess:
+    def __init__(
+        self,
+        args: list[str] | None = None,
+        *,
+        stock: bool = False,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 240.0,
+        log_path: str | None = None,
+    ):
+        self.args = list(args or [])
+        self.stock = stock
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.timeout = timeout
+        self.extra_env = dict(env or {})
+        self.proc: subprocess.Popen | None = None
+        self.log_path = log_path or tempfile.mktemp(prefix=f"sglang-{'stock' if stock else 'mux'}-{self.port}-", suffix=".log")
+
+    def command(self) -> list[str]:
+        base = ["--port", str(self.port), "--host", "127.0.0.1", *self.args]
+        if self.stock:
+            return [sys.executable, "-m", "sglang.launch_server", *stock_argv(base)]
+        return [sys.executable, "-m", "sglang_mux.launch_server", *base]
+
+    def start(self) -> "ServerProcess":
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        if not has_cuda_gpu():
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
+        if self.stock:
+            # Stock means stock: load no plugin at all (an unknown name in SGLang's whitelist loads none).
+            env["SGLANG_PLUGINS"] = "__stock_sglang__"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/model_info", timeout=2).status_code == 200:
+                    # /model_info answers before the warm-up request finished; /health_generate waits for it.
+                    if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
+                        return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"server did not become ready in {self.timeout}s; log tail:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        self._log.close()
+        self.proc = None
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------- small clients
+    def generate(self, body: dict, timeout: float = 120.0) -> requests.Response:
+        return requests.post(self.url + "/generate", json=body, timeout=timeout)
+
+    def greedy_ids(self, input_ids: list[int], max_new_tokens: int, **extra) -> list[int]:
+        sp = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+        sp.update(extra.pop("sampling_params", {}))
+        r = self.generate({"input_ids": input_ids, "sampling_params": sp, **extra})
+        r.raise_for_status()
+        return r.json()["output_ids"]

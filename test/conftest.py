@@ -1,0 +1,39 @@
+"""Shared fixtures: one mux server and one stock SGLang server for the whole session (they are slow to start)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests share 2 cores with servers they start: keep torch in this process to one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Both servers run the bundled model in float32 so that greedy outputs can be compared token for token
+# with HF transformers (also float32).
+SERVER_COMMON = ["--dtype", "float32", "--max-running-requests", "16", "--log-level", "warning"]
+
+
+@pytest.fixture(scope="session")
+def mux_server():
+    from sglang_mux.server_process import ServerProcess
+
+    with ServerProcess(SERVER_COMMON) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def stock_server():
+    from sglang_mux.server_process import ServerProcess
+
+    with ServerProcess(SERVER_COMMON, stock=True) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from sglang_mux.models import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())

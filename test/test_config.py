@@ -1,0 +1,69 @@
+"""MuxConfig: flag parsing, validation messages, env transport, leaf split arithmetic."""
+
+import json
+
+import pytest
+
+from sglang_mux.config import ENV_VAR, LEAF_NAMES, MuxConfig, MuxConfigError, split_mux_args
+
+
+def test_defaults_are_valid_and_roundtrip_through_env(monkeypatch):
+    cfg = MuxConfig()
+    monkeypatch.setenv(ENV_VAR, cfg.to_env())
+    assert MuxConfig.from_env() == cfg
+    monkeypatch.delenv(ENV_VAR)
+    assert MuxConfig.from_env() == MuxConfig()
+
+
+def test_split_mux_args_separates_our_flags():
+    cfg, rest = split_mux_args(
+        ["--port", "3000", "--mux-budget", "1024", "--mux-page-size=32", "--mux-drop-cold", "--tp", "1"]
+    )
+    assert rest == ["--port", "3000", "--tp", "1"]
+    assert (cfg.budget, cfg.page_size, cfg.drop_cold) == (1024, 32, True)
+
+
+@pytest.mark.parametrize(
+    "argv, flag, allowed",
+    [
+        (["--mux-budget", "-5"], "--mux-budget", "positive"),
+        (["--mux-budget", "abc"], "--mux-budget", "integer"),
+        (["--mux-budget", "0"], "--mux-budget", "positive"),
+        (["--mux-page-size", "24"], "--mux-page-size", "power of two"),
+        (["--mux-page-size", "0"], "--mux-page-size", "power of two"),
+        (["--mux-window-tokens", "4096", "--mux-budget", "1024"], "--mux-window-tokens", "<= --mux-budget"),
+        (["--mux-sink-tokens", "-2"], "--mux-sink-tokens", ">= 0"),
+        (["--mux-budget", "100", "--mux-sink-tokens", "50", "--mux-window-tokens", "60"], "--mux-sink-tokens + --mux-window-tokens", "<= --mux-budget"),
+        (["--mux-bogus", "1"], "--mux-bogus", "allowed --mux-* flags"),
+        (["--mux-leaves", "sink=64,magic=5"], "--mux-leaves", "allowed: sink, recent, heavy, retrieval"),
+        (["--mux-leaves", "sink=64,recent=rest,heavy=rest"], "--mux-leaves", "only one leaf"),
+        (["--mux-leaves", "sink=4000"], "--mux-leaves", "more than the budget"),
+        (["--mux-drop-cold", "maybe"], "--mux-drop-cold", "true/false"),
+    ],
+)
+def test_bad_values_give_one_line_error_naming_the_flag(argv, flag, allowed):
+    with pytest.raises(MuxConfigError) as ei:
+        split_mux_args(argv)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert flag in msg and allowed in msg
+
+
+def test_leaf_split_worked_example():
+    cfg = MuxConfig(budget=2048, leaves="sink=64,recent=512,heavy=256,retrieval=rest")
+    assert cfg.leaf_split(2048) == {"sink": 64, "recent": 512, "heavy": 256, "retrieval": 1216}
+
+
+def test_default_leaf_split_sums_to_budget():
+    cfg = MuxConfig(budget=1000, sink_tokens=32, window_tokens=200)
+    assert (MuxConfig(budget=256).sink, MuxConfig(budget=256).window) == (32, 64)
+    assert (MuxConfig().sink, MuxConfig().window) == (64, 512)
+    split = cfg.leaf_split(1000)
+    assert list(split) == list(LEAF_NAMES)
+    assert split == {"sink": 32, "recent": 200, "heavy": 125, "retrieval": 643}
+    assert sum(split.values()) == 1000
+
+
+def test_env_with_unknown_key_is_rejected():
+    with pytest.raises(MuxConfigError, match="unknown keys"):
+        MuxConfig.from_json(json.dumps({"budget": 10, "nope": 1}))

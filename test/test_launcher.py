@@ -1,0 +1,65 @@
+"""The mux launcher: what it hands to SGLang, and how it refuses bad flags (at once, one line)."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sglang_mux.config import ENV_VAR, MuxConfig
+from sglang_mux.launch_server import build_sglang_argv
+from sglang_mux.models import default_model_path
+
+
+def _value(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_mux_on_by_default_with_bundled_model_and_cpu_settings():
+    env = {}
+    cfg, argv = build_sglang_argv(["--port", "1234", "--mux-budget", "512"], env=env)
+    assert _value(argv, "--radix-cache-backend") == "mux"
+    assert _value(argv, "--attention-backend") == "mux"
+    assert _value(argv, "--model-path") == default_model_path()
+    assert _value(argv, "--device") == "cpu" and "--disable-cuda-graph" in argv
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert MuxConfig.from_json(env[ENV_VAR]) == cfg and cfg.budget == 512
+
+
+def test_user_flags_win_and_attention_backend_becomes_inner():
+    env = {}
+    cfg, argv = build_sglang_argv(
+        ["--model-path", "/m", "--device", "cpu", "--mem-fraction-static", "0.2", "--attention-backend", "triton"], env=env
+    )
+    assert argv.count("--model-path") == 1 and _value(argv, "--model-path") == "/m"
+    assert _value(argv, "--mem-fraction-static") == "0.2"
+    assert _value(argv, "--attention-backend") == "mux" and cfg.inner_backend == "triton"
+
+
+def test_mux_disable_gives_stock_settings():
+    cfg, argv = build_sglang_argv(["--mux-disable"], env={})
+    assert cfg.disable
+    assert "--radix-cache-backend" not in argv
+    assert _value(argv, "--attention-backend") == "torch_native"
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--mux-budget", "-5"], "--mux-budget"),
+        (["--mux-budget", "lots"], "--mux-budget"),
+        (["--mux-page-size", "3"], "--mux-page-size"),
+        (["--mux-window-tokens", "9000"], "--mux-window-tokens"),
+        (["--mux-frobnicate"], "--mux-frobnicate"),
+    ],
+)
+def test_bad_flag_exits_at_once_with_one_line(flags, needle):
+    t0 = time.time()
+    p = subprocess.run(
+        [sys.executable, "-m", "sglang_mux.launch_server", *flags], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 2
+    assert time.time() - t0 < 30  # no model load, no server start
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("sglang-mux: error:") and needle in lines[0]
