@@ -3,6 +3,8 @@
 Importing this package never needs a GPU or Triton: the kernel modules (which import Triton) load on first
 use of a kernel function. `mux_kernels.reference` holds the torch references.
 
+On a CPU, `load_kernels(interpret=True)` first loads them for Triton's interpreter.
+
 Kernels (each `f(...)` checks it can run, see `triton_support.check_runnable`):
 - `score_pages`          page-summary scores per kv-head group          (page_score.py)
 - `select_pages_on_device` top-k + forced pages per request, sorted      (page_score.py, torch ops)
@@ -14,7 +16,13 @@ from __future__ import annotations
 
 import importlib
 
-from mux_kernels.triton_support import TritonUnavailable, check_runnable, interpreter_enabled, triton_installed
+from mux_kernels.triton_support import (
+    TritonUnavailable,
+    check_runnable,
+    interpreter_enabled,
+    load_kernels,
+    triton_installed,
+)
 
 _LAZY = {
     "score_pages": "mux_kernels.page_score",
@@ -24,7 +32,7 @@ _LAZY = {
     "scatter_pages": "mux_kernels.page_copy",
 }
 
-__all__ = ["TritonUnavailable", "check_runnable", "interpreter_enabled", "triton_installed", *_LAZY]
+__all__ = ["TritonUnavailable", "check_runnable", "interpreter_enabled", "load_kernels", "triton_installed", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mux_kernels.triton_support import check_runnable
+from mux_kernels.triton_support import check_runnable, launch_env, note_loaded
+
+note_loaded(__name__)
 
 
 @triton.jit
@@ -52,13 +54,14 @@ def gather_pages(
     src: torch.Tensor, page_ids: torch.Tensor, page_size: int, out: torch.Tensor | None = None, block_w: int = 1024
 ) -> torch.Tensor:
     """Rows of pages `page_ids` of contiguous `src [num_rows, ...]`, concatenated: `[len(page_ids)*P, ...]`."""
-    check_runnable(src, page_ids)
+    mode = check_runnable(src, page_ids)
     if not src.is_contiguous():
         raise ValueError("gather_pages: src must be contiguous")
     page_ids = page_ids.contiguous()
     if out is None:
         out = torch.empty((page_ids.numel() * page_size, *src.shape[1:]), dtype=src.dtype, device=src.device)
-    _launch(src, out, page_ids, page_size, True, block_w)
+    with launch_env(mode):
+        _launch(src, out, page_ids, page_size, True, block_w)
     return out
 
 
@@ -66,10 +69,11 @@ def scatter_pages(
     dst: torch.Tensor, page_ids: torch.Tensor, staged: torch.Tensor, page_size: int, block_w: int = 1024
 ) -> torch.Tensor:
     """Write contiguous `staged [len(page_ids)*P, ...]` into pages `page_ids` of `dst` in place; returns dst."""
-    check_runnable(dst, page_ids, staged)
+    mode = check_runnable(dst, page_ids, staged)
     if not dst.is_contiguous() or not staged.is_contiguous():
         raise ValueError("scatter_pages: dst and staged must be contiguous")
     if staged.shape[0] != page_ids.numel() * page_size:
         raise ValueError(f"scatter_pages: staged has {staged.shape[0]} rows, expected {page_ids.numel() * page_size}")
-    _launch(staged, dst, page_ids.contiguous(), page_size, False, block_w)
+    with launch_env(mode):
+        _launch(staged, dst, page_ids.contiguous(), page_size, False, block_w)
     return dst

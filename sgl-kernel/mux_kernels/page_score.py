@@ -11,7 +11,9 @@ import triton
 import triton.language as tl
 
 from mux_kernels import reference
-from mux_kernels.triton_support import check_runnable
+from mux_kernels.triton_support import check_runnable, launch_env, note_loaded
+
+note_loaded(__name__)
 
 
 @triton.jit
@@ -71,7 +73,7 @@ def score_pages(
     q [B, Hq, D]; kmin/kmax [rows, H_kv, D]; summary_table [B, max_pages] (int32/int64 rows of the pool);
     num_pages [B]. Same contract as `reference.page_scores` (accumulated in fp32 here).
     """
-    check_runnable(q, kmin, kmax, summary_table, num_pages)
+    mode = check_runnable(q, kmin, kmax, summary_table, num_pages)
     bsz, hq, dim = q.shape
     hkv = kmin.shape[1]
     if hq % hkv:
@@ -85,6 +87,14 @@ def score_pages(
     group = hq // hkv
     block_d = min(block_dim, triton.next_power_of_2(dim))
     grid = (bsz, hkv, triton.cdiv(max_pages, block_pages))
+    with launch_env(mode):
+        _launch_page_score(grid, q, kmin, kmax, summary_table, num_pages, out, max_pages, group, dim, block_d,
+                           block_pages)
+    return out
+
+
+def _launch_page_score(grid, q, kmin, kmax, summary_table, num_pages, out, max_pages, group, dim, block_d,
+                       block_pages):
     _page_score_kernel[grid](
         q, kmin, kmax, summary_table, num_pages, out,
         max_pages,
@@ -96,7 +106,6 @@ def score_pages(
         HEAD_DIM=dim, BLOCK_D=block_d,
         BLOCK_P=block_pages,
     )
-    return out
 
 
 def select_pages_on_device(

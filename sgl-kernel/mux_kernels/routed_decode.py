@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mux_kernels.triton_support import check_runnable
+from mux_kernels.triton_support import check_runnable, launch_env, note_loaded
+
+note_loaded(__name__)
 
 
 @triton.jit
@@ -138,7 +140,7 @@ def routed_paged_decode(
     `k_buffer/v_buffer [num_slots, H_kv, D]` one layer; output dtype = q dtype. A request must list >= 1 page
     containing a position < seq_len (the tail page always qualifies).
     """
-    check_runnable(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, page_list, page_counts)
+    mode = check_runnable(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, page_list, page_counts)
     bsz, hq, dim = q.shape
     hkv = k_buffer.shape[1]
     if hq % hkv:
@@ -164,28 +166,29 @@ def routed_paged_decode(
     part_o = torch.empty(bsz, hq, num_splits, dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(dim))
-    _routed_decode_split_kernel[(bsz, hkv, num_splits)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, page_list, page_counts,
-        part_o, part_lse,
-        float(scale), entries_per_split,
-        q.stride(0), q.stride(1),
-        k_buffer.stride(0), k_buffer.stride(1),
-        v_buffer.stride(0), v_buffer.stride(1),
-        req_to_token.stride(0), page_list.stride(0),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=dim, BLOCK_D=block_d,
-        PAGE_SIZE=page_size, PAGES_PER_ITER=pages_per_iter,
-    )
     if out is None:
         out = torch.empty(bsz, hq, dim, dtype=q.dtype, device=q.device)
-    _combine_splits_kernel[(bsz, hq)](
-        part_o, part_lse, out,
-        num_splits,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=dim, BLOCK_D=block_d,
-    )
+    with launch_env(mode):
+        _routed_decode_split_kernel[(bsz, hkv, num_splits)](
+            q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, page_list, page_counts,
+            part_o, part_lse,
+            float(scale), entries_per_split,
+            q.stride(0), q.stride(1),
+            k_buffer.stride(0), k_buffer.stride(1),
+            v_buffer.stride(0), v_buffer.stride(1),
+            req_to_token.stride(0), page_list.stride(0),
+            part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+            HEAD_DIM=dim, BLOCK_D=block_d,
+            PAGE_SIZE=page_size, PAGES_PER_ITER=pages_per_iter,
+        )
+        _combine_splits_kernel[(bsz, hq)](
+            part_o, part_lse, out,
+            num_splits,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=dim, BLOCK_D=block_d,
+        )
     return out
