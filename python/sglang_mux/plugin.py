@@ -32,5 +32,6 @@ def register() -> None:
         register_attention_backend(BACKEND_NAME)(build_mux_attention_backend)
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
+    from sglang_mux.serving.hooks import install_request_validation; install_request_validation()
     _registered = True
     logger.debug("sglang-mux plugin registered")
