@@ -1,0 +1,80 @@
+"""Score the suite with HF transformers greedy decoding: no server, the oracle for served results.
+
+    .venv/bin/python -m benchmark.quality.hf_eval --model python/sglang_mux/models/default \
+        --tasks niah_single,vt --lengths 1024,2048 --samples 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from benchmark.quality.scoring import exact, mean, recall
+from benchmark.quality.tasks import TaskSample, generate_tasks, parse_task_list
+
+
+def greedy_outputs(model, tokenizer, samples: list[TaskSample]) -> list[str]:
+    """Greedy completions (special tokens dropped), one sample at a time, stopping at EOS."""
+    import torch
+
+    outs = []
+    device = next(model.parameters()).device
+    for s in samples:
+        ids = torch.tensor([tokenizer.encode(s.prompt)], device=device)
+        with torch.no_grad():
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=s.max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        outs.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+    return outs
+
+
+def evaluate(model, tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int = 0) -> dict:
+    """``{task: {length: {"recall": r, "exact": e, "n": n}}}`` for greedy outputs of ``model``."""
+    table: dict = {}
+    for task in tasks:
+        for length in lengths:
+            samples = generate_tasks(task, tokenizer, length, n, seed)
+            outs = greedy_outputs(model, tokenizer, samples)
+            table.setdefault(task, {})[str(length)] = {
+                "recall": round(mean(recall(o, s.answers) for o, s in zip(outs, samples)), 4),
+                "exact": round(mean(exact(o, s.answers) for o, s in zip(outs, samples)), 4),
+                "n": n,
+            }
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model directory or name")
+    ap.add_argument("--tasks", default="niah_single,niah_multikey,vt")
+    ap.add_argument("--lengths", default="1024")
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="write the table as JSON here")
+    args = ap.parse_args(argv)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    t0 = time.time()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    table = evaluate(model, tok, parse_task_list(args.tasks), lengths, args.samples, args.seed)
+    print(json.dumps(table, indent=1))
+    print(f"{time.time() - t0:.0f}s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(table, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

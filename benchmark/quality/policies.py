@@ -1,0 +1,63 @@
+"""KV policies compared at one device-KV budget, all as configurations of the mux server's own leaves, so
+the comparison runs in one server and only the policy changes (per request, in ``custom_params``):
+
+=========== ============================================ ==========================================
+name        custom_params                                 what it is
+=========== ============================================ ==========================================
+full        ``{"mux_exact": true}``                      exact attention over the whole context
+streaming   ``mux_budget`` + ``sink=64,recent=rest``     StreamingLLM: attention sinks + a window
+snapkv      ``mux_budget`` + ``sink=16,heavy=rest``      SnapKV-style prefill-scored heavy hitters
+quest       ``mux_budget`` + ``sink=16,retrieval=rest``  Quest-style query-aware top-k pages
+mux         ``mux_budget`` only                          the combined mux default split
+=========== ============================================ ==========================================
+
+The budget is in tokens: a fixed ``--budget`` or a fraction of each prompt (``--budget-frac``).
+"""
+
+from __future__ import annotations
+
+import math
+
+POLICIES: dict[str, str | None] = {
+    "full": None,
+    "streaming": "sink=64,recent=rest",
+    "snapkv": "sink=16,heavy=rest",
+    "quest": "sink=16,retrieval=rest",
+    "mux": None,
+}
+
+
+class PolicyError(ValueError):
+    """Unknown policy or a bad budget; the message names the flag and the allowed values."""
+
+
+def parse_policies(spec: str) -> list[str]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in POLICIES]
+    if bad or not names:
+        raise PolicyError(f"--policies: unknown {bad[0]!r}; allowed: {', '.join(POLICIES)}" if bad else
+                          f"--policies: empty; allowed: {', '.join(POLICIES)}")
+    return list(dict.fromkeys(names))
+
+
+def budget_tokens(n_tokens: int, budget: int | None, budget_frac: float | None) -> int:
+    """Device-KV budget of one request: ``budget`` if given, else ``ceil(budget_frac * n_tokens)``."""
+    if budget is not None:
+        if budget <= 0:
+            raise PolicyError(f"--budget: must be a positive number of tokens, got {budget}")
+        return budget
+    if budget_frac is None or not (0.0 < budget_frac <= 1.0):
+        raise PolicyError(f"--budget-frac: must be in (0, 1], got {budget_frac}")
+    return max(1, math.ceil(budget_frac * n_tokens))
+
+
+def custom_params(policy: str, budget: int) -> dict:
+    """The ``sampling_params.custom_params`` of a request under ``policy`` with a ``budget``-token device KV."""
+    if policy not in POLICIES:
+        raise PolicyError(f"policy: unknown {policy!r}; allowed: {', '.join(POLICIES)}")
+    if policy == "full":
+        return {"mux_exact": True}
+    params: dict = {"mux_budget": budget}
+    if POLICIES[policy] is not None:
+        params["mux_leaves"] = POLICIES[policy]
+    return params

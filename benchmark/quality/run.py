@@ -1,0 +1,183 @@
+"""Run the synthetic long-context suite against a running SGLang server (stock or mux).
+
+    .venv/bin/python -m benchmark.quality.run --url http://127.0.0.1:30000 \
+        --tasks all --lengths 1024,2048 --samples 20 \
+        --policies full,streaming,snapkv,quest,mux --budget-frac 0.125 --out benchmark/out/quality
+
+Every (policy, task, length) cell sends the same seeded samples through ``/generate`` (greedy) with the
+policy's ``custom_params`` and scores the outputs (RULER recall / exact). Writes, under ``--out``:
+``<policy>/<task>_<length>.json`` (every sample: prompt size, budget, answers, output, score),
+``summary.json`` (the table), ``summary.md`` (the same as markdown) and ``accuracy.png`` (accuracy vs length,
+one line per policy, one panel per task). A stock server ignores the mux fields: every policy is then full KV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchmark.quality.client import ServerError, generate, model_path
+from benchmark.quality.policies import PolicyError, budget_tokens, custom_params, parse_policies
+from benchmark.quality.scoring import exact, mean, recall
+from benchmark.quality.tasks import TaskError, generate_tasks, parse_task_list
+
+
+def parse_lengths(spec: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise TaskError(f"--lengths: expected comma-separated token counts like 1024,2048, got {spec!r}") from None
+    if not lengths or any(n < 64 for n in lengths):
+        raise TaskError(f"--lengths: every length must be an integer >= 64, got {spec!r}")
+    return lengths
+
+
+def score_cell(samples, outputs, budgets) -> tuple[dict, list[dict]]:
+    """Cell summary and per-sample records for outputs of one (policy, task, length)."""
+    records = []
+    for s, out, b in zip(samples, outputs, budgets):
+        records.append(
+            {"index": s.index, "n_tokens": s.n_tokens, "depth": s.depth, "budget": b, "answers": list(s.answers),
+             "output": out, "recall": recall(out, s.answers), "exact": exact(out, s.answers)}
+        )
+    summary = {
+        "recall": round(mean(r["recall"] for r in records), 4),
+        "exact": round(mean(r["exact"] for r in records), 4),
+        "n": len(records),
+        "mean_budget": round(mean(budgets), 1) if budgets[0] is not None else None,
+    }
+    return summary, records
+
+
+def run_suite(args, tokenizer, send=generate, progress=True) -> dict:
+    """Send every cell to the server and write the outputs; returns the summary table."""
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    cells = [(t, n) for t in args.task_list for n in args.length_list]
+    total = len(cells) * len(args.policy_list) * args.samples
+    bar = tqdm(total=total, desc="quality", unit="req", disable=not progress)
+    table: list[dict] = []
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        for task, length in cells:
+            samples = generate_tasks(task, tokenizer, length, args.samples, args.seed)
+            for policy in args.policy_list:
+                budgets = [None if policy == "full" else budget_tokens(s.n_tokens, args.budget, args.budget_frac)
+                           for s in samples]
+                params = [custom_params(policy, b or 1) for b in budgets]
+
+                def one(i):
+                    res = send(args.url, samples[i].prompt, samples[i].max_new_tokens, params[i])
+                    bar.update(1)
+                    return res
+
+                outputs = list(pool.map(one, range(len(samples))))
+                summary, records = score_cell(samples, outputs, budgets)
+                (out / policy).mkdir(parents=True, exist_ok=True)
+                (out / policy / f"{task}_{length}.json").write_text(
+                    json.dumps({"policy": policy, "task": task, "length": length, **summary, "samples": records}, indent=1)
+                )
+                table.append({"policy": policy, "task": task, "length": length, **summary})
+                bar.set_postfix_str(f"{policy} {task}@{length}: {summary['recall']:.2f}")
+    bar.close()
+    return {"config": {k: v for k, v in vars(args).items() if k not in ("task_list", "length_list", "policy_list")},
+            "results": table}
+
+
+def markdown_table(results: list[dict], metric: str = "recall") -> str:
+    """Rows: task x length; columns: policies."""
+    policies = list(dict.fromkeys(r["policy"] for r in results))
+    rows = list(dict.fromkeys((r["task"], r["length"]) for r in results))
+    cell = {(r["policy"], r["task"], r["length"]): r[metric] for r in results}
+    lines = ["| task | length | " + " | ".join(policies) + " |", "|---|---:|" + "---:|" * len(policies)]
+    for task, length in rows:
+        vals = [f"{cell[(p, task, length)]:.2f}" if (p, task, length) in cell else "-" for p in policies]
+        lines.append(f"| {task} | {length} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path, title: str, metric: str = "recall") -> None:
+    """accuracy vs length, one line per policy, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    policies = list(dict.fromkeys(r["policy"] for r in results))
+    cols = min(4, len(tasks))
+    rows = (len(tasks) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    for ax, task in zip(axes.flat, tasks):
+        for p in policies:
+            pts = sorted((r["length"], r[metric]) for r in results if r["task"] == task and r["policy"] == p)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+        ax.set_xscale("log", base=2)
+        ax.set_title(task, fontsize=10)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("context tokens")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(metric)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:30000", help="base URL of a running SGLang server")
+    ap.add_argument("--tasks", default="all", help="'all', 'needle', 'aggregation' or a comma list of task names")
+    ap.add_argument("--lengths", default="1024,2048", help="comma list of target context lengths in tokens")
+    ap.add_argument("--samples", type=int, default=20, help="samples per (task, length) cell")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policies", default="full", help="comma list of: full, streaming, snapkv, quest, mux")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=int, help="device-KV budget in tokens (same for every request)")
+    g.add_argument("--budget-frac", type=float, help="device-KV budget as a fraction of each prompt (e.g. 0.125)")
+    ap.add_argument("--tokenizer", help="HF tokenizer path/name (default: the model the server serves)")
+    ap.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    ap.add_argument("--out", default="benchmark/out/quality", help="output directory")
+    ap.add_argument("--title", default="synthetic long-context suite")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.task_list = parse_task_list(args.tasks)
+        args.length_list = parse_lengths(args.lengths)
+        args.policy_list = parse_policies(args.policies)
+        if args.samples < 1:
+            raise TaskError(f"--samples: must be >= 1, got {args.samples}")
+        if args.concurrency < 1:
+            raise TaskError(f"--concurrency: must be >= 1, got {args.concurrency}")
+        if any(p != "full" for p in args.policy_list):
+            if args.budget is None and args.budget_frac is None:
+                args.budget_frac = 0.125
+            budget_tokens(1, args.budget, args.budget_frac)  # validate once, before any request
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer or model_path(args.url))
+        result = run_suite(args, tok)
+    except (TaskError, PolicyError, ServerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    md = markdown_table(result["results"])
+    (out / "summary.md").write_text(md)
+    plot(result["results"], out / "accuracy.png", args.title)
+    print(md)
+    print(f"wrote {out}/summary.json, summary.md, accuracy.png and per-cell JSON")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Scoring known outputs, the runner end to end with a scripted sender, and the policies' request fields
+checked by the server's own request parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from benchmark.quality.policies import POLICIES, PolicyError, budget_tokens, custom_params, parse_policies
+from benchmark.quality.run import main, markdown_table, run_suite
+from benchmark.quality.scoring import exact, recall
+from benchmark.quality.tasks import generate_tasks
+
+
+def test_recall_and_exact_on_known_outputs():
+    assert recall(" 123456.", ["123456"]) == 1.0
+    assert recall("the number is 12345", ["123456"]) == 0.0
+    assert recall(" 111111, 222222, 999999.", ["111111", "222222", "333333", "444444"]) == 0.5
+    assert exact(" 111111, 222222, 999999.", ["111111", "222222"]) == 1.0
+    assert exact(" 111111", ["111111", "222222"]) == 0.0
+    assert recall(" FALCON coral", ["falcon", "CORAL"]) == 1.0  # case-insensitive like RULER
+    assert recall(" 000000\n123456", ["123456"]) == 0.0  # only the first line counts
+    with pytest.raises(ValueError, match="answers"):
+        recall("x", [])
+
+
+def _args(tmp_path, **kw):
+    a = dict(url="http://unused", task_list=["niah_single", "vt", "cwe"], length_list=[512], policy_list=["full", "streaming"],
+             samples=4, seed=0, budget=None, budget_frac=0.125, concurrency=2, out=str(tmp_path))
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def test_runner_scores_scripted_outputs(tmp_path):
+    """Perfect outputs for 'full', the first half of the answers for 'streaming': the table must say 1.0 / 0.5."""
+    from transformers import AutoTokenizer
+
+    from sglang_mux.models import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    samples = {s.prompt: s for t in ("niah_single", "vt", "cwe") for s in generate_tasks(t, tok, 512, 4, 0)}
+    seen = []
+
+    def send(url, prompt, max_new, params):
+        s = samples[prompt]
+        seen.append(params)
+        if params.get("mux_exact"):
+            return s.completion
+        k = len(s.answers) // 2
+        return " " + " ".join(s.answers[:k]) if k else " wrong"
+
+    result = run_suite(_args(tmp_path), tok, send=send, progress=False)
+    cells = {(r["policy"], r["task"]): r for r in result["results"]}
+    assert all(cells[("full", t)]["exact"] == 1.0 for t in ("niah_single", "vt", "cwe"))
+    assert cells[("streaming", "niah_single")]["recall"] == 0.0
+    assert cells[("streaming", "vt")]["recall"] == pytest.approx(2 / 5)
+    assert cells[("streaming", "cwe")]["recall"] == 0.5
+    # budgets: 1/8 of each prompt, sent with the StreamingLLM split
+    stream = [p for p in seen if "mux_budget" in p]
+    assert all(p["mux_leaves"] == "sink=64,recent=rest" for p in stream)
+    per_cell = json.loads((tmp_path / "streaming" / "niah_single_512.json").read_text())
+    assert [r["budget"] for r in per_cell["samples"]] == [-(-r["n_tokens"] // 8) for r in per_cell["samples"]]
+    md = markdown_table(result["results"])
+    assert "| vt | 512 | 1.00 | 0.40 |" in md
+
+
+def test_policy_fields_accepted_by_the_server_parser():
+    from sglang_mux.request_options import parse_request_options
+
+    for policy in POLICIES:
+        opts = parse_request_options(custom_params(policy, 256))
+        assert opts.exact == (policy == "full")
+        if policy != "full":
+            assert opts.budget == 256 and opts.leaves == POLICIES[policy]
+
+
+def test_budget_and_policy_errors():
+    assert budget_tokens(1000, None, 0.125) == 125
+    assert budget_tokens(1000, 300, None) == 300
+    with pytest.raises(PolicyError, match="--budget-frac"):
+        budget_tokens(1000, None, 1.5)
+    with pytest.raises(PolicyError, match="--policies: unknown 'h2o'; allowed: full, streaming"):
+        parse_policies("full,h2o")
+
+
+def test_cli_bad_input_is_one_line(capsys):
+    assert main(["--policies", "nope"]) == 2
+    assert main(["--lengths", "1k"]) == 2
+    assert main(["--url", "http://127.0.0.1:9", "--tokenizer", "unused", "--tasks", "vt", "--samples", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --policies: unknown 'nope'; allowed: full, streaming, snapkv, quest, mux",
+        "error: --lengths: expected comma-separated token counts like 1024,2048, got '1k'",
+        "error: --samples: must be >= 1, got 0",
+    ]
