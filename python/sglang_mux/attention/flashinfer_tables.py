@@ -79,6 +79,9 @@ class TableBuffers:
         self.kv_last_page_len = torch.ones(max_batch, dtype=torch.int32, device=device)
 
     def view(self, batch: int, nnz: int) -> DecodeTable:
+        if batch > self.max_batch or nnz > self.capacity:
+            raise ValueError(f"table of batch {batch} with {nnz} entries exceeds the buffers "
+                             f"(max_batch {self.max_batch}, capacity {self.capacity})")
         return DecodeTable(
             self.kv_indptr[: batch + 1],
             self.kv_indices[:nnz],
