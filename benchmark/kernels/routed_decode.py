@@ -248,7 +248,8 @@ def run_case(data, budget_pages, args, methods, with_dense: bool):
         for name, budget, plist in cases:
             path = FlashInferRoutedDecode(max_batch=batch, budget_pages=budget, page_size=p,
                                           num_qo_heads=args.q_heads, num_kv_heads=args.kv_heads,
-                                          head_dim=args.head_dim, kv_dtype=DTYPES[args.dtype])
+                                          head_dim=args.head_dim, kv_dtype=DTYPES[args.dtype],
+                                          device=data["q"].device)
             path.plan_step(lens, plan_routed_counts(lens, p, budget), scale)
             out = path.run_layer(data["q"], data["k"], data["v"], page_list=plist, req_to_token=data["r2t"],
                                  req_pool_indices=data["rpi"])

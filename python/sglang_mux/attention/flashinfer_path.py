@@ -9,7 +9,9 @@ missing). One instance serves one attention backend:
 
 The per-request page count of a step is the same in every layer (`plan_routed_counts`), so one plan serves
 all layers and only `kv_indices` (fixed-capacity storage, see `TableBuffers`) changes between layers; the
-per-layer work is tensor ops and kernels that a CUDA graph can capture. A selection built on the host (the
+per-layer work is tensor ops and kernels that a CUDA graph can capture. That needs `use_cuda_graph=True` (the
+default): only then does the wrapper read the indices from our storage at run time; without it each layer
+re-plans. A selection built on the host (the
 same for all layers) goes through `plan_selections` instead.
 """
 
@@ -121,6 +123,7 @@ class FlashInferRoutedDecode:
         )
         self._batch = batch
         self._table = table
+        self._sm_scale = sm_scale
 
     # ---- per step ----
     def plan_step(self, seq_lens_cpu: Sequence[int], page_counts: Sequence[int], sm_scale: float) -> DecodeTable:
@@ -163,6 +166,10 @@ class FlashInferRoutedDecode:
                 raise ValueError("page_list needs req_to_token and req_pool_indices")
             write = write_page_ids_on_device if self.form == "page" else write_token_slots_on_device
             write(page_list, req_to_token, req_pool_indices, self.page_size, self.buffers, self._batch)
+            if not self.use_cuda_graph:
+                # Only in CUDA-graph mode does the wrapper read indices from our storage at run time; otherwise
+                # it keeps what it was given at plan time, so plan again (a host sync per layer).
+                self._plan(self._table, self._sm_scale)
         p = self._table.page_size
         k_cache = k_buffer.view(-1, p, self.num_kv_heads, self.head_dim)
         v_cache = v_buffer.view(-1, p, self.num_kv_heads, self.head_dim)
