@@ -275,3 +275,52 @@ def test_gpu_flashinfer_block_sparse_bf16():
     want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
                              pool.seq_lens, page_list.cuda(), counts.cuda(), page_size, scale)
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_graph_replays_new_per_layer_page_choices():
+    """One captured graph (page choice -> table fill -> FlashInfer run, and the Triton routed decode) replays
+    correctly for new scores: the fixed-capacity storage is what the graph reads."""
+    import mux_kernels
+    from sglang_mux.attention.flashinfer_path import FlashInferRoutedDecode
+
+    hq, hkv, d, page_size, budget = 32, 8, 128, 16, 8
+    seq_lens = [1000, 500, 2048]
+    pool = make_pool(seq_lens, page_size, hkv, d, aligned=True, dtype=torch.bfloat16, seed=6, device="cuda")
+    path = FlashInferRoutedDecode(max_batch=4, budget_pages=budget, page_size=page_size, num_qo_heads=hq,
+                                  num_kv_heads=hkv, head_dim=d, kv_dtype=torch.bfloat16, use_cuda_graph=True)
+    scale = 1.0 / math.sqrt(d)
+    counts = plan_routed_counts(seq_lens, page_size, budget)
+    path.plan_step(seq_lens, counts, scale)
+    num_pages = torch.tensor([(n + page_size - 1) // page_size for n in seq_lens], device="cuda")
+    scores = torch.zeros(len(seq_lens), int(num_pages.max()), device="cuda")
+    q = torch.randn(len(seq_lens), hq, d, device="cuda").to(torch.bfloat16)
+
+    def step():
+        page_list, page_counts = ref.select_pages(scores, num_pages, budget, sink_pages=1, recent_pages=2)
+        fi_out = path.run_layer(q, pool.k_buffer, pool.v_buffer, page_list=page_list,
+                                req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices)
+        tri_out = mux_kernels.routed_paged_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
+                                                  pool.req_pool_indices, pool.seq_lens, page_list, page_counts,
+                                                  page_size, scale)
+        return page_list, page_counts, fi_out, tri_out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        page_list, page_counts, fi_out, tri_out = step()
+    for seed in range(3):
+        scores.copy_(torch.randn(scores.shape, generator=torch.Generator().manual_seed(seed)).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        want_list, want_counts = ref.select_pages(scores, num_pages, budget, sink_pages=1, recent_pages=2)
+        assert torch.equal(page_list, want_list) and want_counts.tolist() == counts
+        want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
+                                 pool.seq_lens, want_list, want_counts, page_size, scale)
+        torch.testing.assert_close(fi_out.double(), want, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(tri_out.double(), want, atol=2e-2, rtol=2e-2)

@@ -1,7 +1,8 @@
 """The Triton kernel checks, collected through test_kernel_triton.py once the kernels are loaded.
 
-Without CUDA they run under Triton's CPU interpreter at tiny shapes in fp32/fp16, with bf16 data upcast to fp32 (bf16 arithmetic is wrong in the
-interpreter). With CUDA (`-m gpu`) the same checks run compiled, in bf16, at Llama-3.1-8B head shapes.
+Without CUDA they run under Triton's CPU interpreter at tiny shapes in fp32/fp16, with bf16 data upcast to fp32
+(bf16 arithmetic is wrong in the interpreter). With CUDA (`-m gpu`) the same checks run compiled, in bf16, at
+Llama-3.1-8B head shapes.
 """
 
 from __future__ import annotations

@@ -112,10 +112,11 @@ def check_selection(pages: torch.Tensor, seq_len: int, page_size: int, index: in
 
 
 def _request_slots(req_to_token, req_pool_idx: int, pages: torch.Tensor, seq_len: int, page_size: int):
-    offs = torch.arange(page_size, device=pages.device)
-    pos = (pages.to(torch.int64)[:, None] * page_size + offs).reshape(-1)
+    """Token slots of the selected positions, in position order, as a host int64 tensor (plan-time work)."""
+    pages = pages.detach().to("cpu", torch.int64)
+    pos = (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)
     pos = pos[pos < seq_len]
-    return req_to_token[req_pool_idx, pos.to(req_to_token.device)].to(torch.int64)
+    return req_to_token[req_pool_idx, pos.to(req_to_token.device)].to("cpu", torch.int64)
 
 
 def _prepare(req_pool_indices, seq_lens, selections, page_size, buffers, form):
@@ -179,7 +180,7 @@ def build_token_table(
 def page_bases(req_to_token, req_pool_idx: int, pages: torch.Tensor, seq_len: int, page_size: int) -> torch.Tensor:
     """Physical page ids (`slot // P`) of logical `pages`; ValueError unless the pool is page-aligned there."""
     slots = _request_slots(req_to_token, req_pool_idx, pages, seq_len, page_size)
-    lengths = torch.clamp(seq_len - pages.to(torch.int64) * page_size, max=page_size)
+    lengths = torch.clamp(seq_len - pages.detach().to("cpu", torch.int64) * page_size, max=page_size)
     starts = torch.cumsum(lengths, 0) - lengths
     base = slots[starts]
     expected = torch.repeat_interleave(base, lengths) + (
@@ -187,8 +188,8 @@ def page_bases(req_to_token, req_pool_idx: int, pages: torch.Tensor, seq_len: in
     )
     if bool((base % page_size).any()) or not torch.equal(slots, expected):
         raise ValueError(
-            f"page form needs page-aligned slots (page p at slots base..base+{page_size - 1}, base % {page_size} == 0); "
-            f"request pool index {req_pool_idx} is not; use the token form"
+            f"page form needs page-aligned slots (page p at slots base..base+{page_size - 1}, "
+            f"base % {page_size} == 0); request pool index {req_pool_idx} is not; use the token form"
         )
     return base // page_size
 
