@@ -179,6 +179,25 @@ class MuxConfig:
         return cls(**data)
 
     @classmethod
+    def effective_for_server(cls, server_page_size: int) -> "MuxConfig":
+        """The config inside a server whose KV pool has ``server_page_size`` (SGLang's ``--page-size``).
+
+        Mux pages are pool pages (summaries are indexed by physical page), so the two sizes must agree. Our
+        launcher sets ``--page-size`` from ``--mux-page-size``; a server started without it (plain
+        ``python -m sglang.launch_server --radix-cache-backend mux``) uses the pool's page size.
+        """
+        server_page_size = int(server_page_size or 1)
+        if ENV_VAR not in os.environ:
+            return cls(page_size=server_page_size)
+        cfg = cls.from_env()
+        if cfg.page_size != server_page_size:
+            raise MuxConfigError(
+                f"--mux-page-size ({cfg.page_size}) must equal SGLang's --page-size ({server_page_size}); "
+                "omit --page-size and the mux launcher sets it"
+            )
+        return cfg
+
+    @classmethod
     def from_env(cls) -> "MuxConfig":
         text = os.environ.get(ENV_VAR)
         return cls.from_json(text) if text else cls()

@@ -77,6 +77,13 @@ def build_sglang_argv(argv: list[str], env: dict | None = None) -> tuple[MuxConf
                 f"--radix-cache-backend: mux is on, so it must be 'mux' (got {given!r}); pass --mux-disable to use {given!r}"
             )
         args = _drop_flag(args, "--radix-cache-backend") + ["--radix-cache-backend", "mux"]
+        # Mux pages are KV-pool pages: SGLang's page size follows --mux-page-size.
+        page = _flag_value(args, "--page-size")
+        if page is not None and page != str(cfg.page_size):
+            raise MuxConfigError(
+                f"--page-size: must equal --mux-page-size ({cfg.page_size}) when mux is on, got {page}; omit it"
+            )
+        args = _drop_flag(args, "--page-size") + ["--page-size", str(cfg.page_size)]
         inner = _flag_value(args, "--attention-backend")
         if inner not in (None, "mux"):
             cfg = cfg.replace(inner_backend=inner)

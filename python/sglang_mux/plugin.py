@@ -8,6 +8,7 @@ package import, so ``import sglang_mux`` stays cheap.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,15 @@ def register() -> None:
         register_attention_backend(BACKEND_NAME)(build_mux_attention_backend)
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
+
+    from sglang_mux.router.hooks import install_scheduler_hooks
+
+    install_scheduler_hooks()
+    if multiprocessing.current_process().name == "MainProcess":
+        # The HTTP server runs in the launcher's main process; schedulers are spawned children.
+        from sglang_mux.router.http_routes import install_stats_route
+
+        install_stats_route()
     from sglang_mux.serving.hooks import install_request_validation; install_request_validation()
     _registered = True
     logger.debug("sglang-mux plugin registered")

@@ -1,20 +1,48 @@
 """MuxAttentionBackend: the attention backend ``mux``, wrapping the platform backend.
 
-Extend/prefill is delegated to the wrapped backend unchanged (exact). Anything SGLang asks of an
-attention backend that we do not define is answered by the wrapped backend.
+* Extend/prefill: delegated to the wrapped backend unchanged (exact; ``select()`` and prompt logprobs rely on
+  it). Afterwards, the page summaries of the written pages are rebuilt and, for requests long enough to be
+  routed later, heavy-hitter scores are taken from the observation window.
+* Decode: per request, the spine router's grant says exact or routed. A batch of exact requests is delegated
+  to the wrapped backend (identical results to stock SGLang). Otherwise each routed request attends, per layer,
+  to the union of the leaves' pages (recent window, sinks + heavy hitters, query-aware retrieval, always the
+  tail page), chosen here at forward time so the overlap scheduler never makes the choice stale.
+Anything else SGLang asks of an attention backend is answered by the wrapped backend.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
 
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from sglang_mux.attention.importance import accumulate_decode_mass, snapkv_page_scores
+from sglang_mux.attention.routed_decode import attend, num_pages_of, page_positions, quest_page_scores
 from sglang_mux.config import MuxConfig
+from sglang_mux.leaves import LEAVES, LeafContext
+from sglang_mux.memory.page_summaries import PageSummaryStore
+from sglang_mux.metrics import STATS
 from sglang_mux.platform import platform_attention_backend
+from sglang_mux.router.grant import Grant
+from sglang_mux.router.requests import REGISTRY, RequestState
+from sglang_mux.router.spine import StaticSpineRouter
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _ReqPlan:
+    rid: str
+    row: int
+    seq_len: int
+    grant: Grant
+    state: RequestState
 
 
 class MuxAttentionBackend(AttentionBackend):
@@ -22,7 +50,23 @@ class MuxAttentionBackend(AttentionBackend):
         super().__init__()
         self.inner = inner
         self.mux_config = mux_config
-        self.model_runner = model_runner
+        self.router = StaticSpineRouter(mux_config)
+        self.registry = REGISTRY
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.kv_pool = model_runner.token_to_kv_pool
+        self.page_size = mux_config.page_size
+        start = getattr(self.kv_pool, "start_layer", 0) or 0
+        self.num_layers = self.kv_pool.layer_num
+        k_buffers = [self.kv_pool.get_key_buffer(start + i) for i in range(self.num_layers)]
+        self.summaries = PageSummaryStore(k_buffers, self.page_size, start_layer=start)
+        self.start_layer = start
+        self._plan: list[_ReqPlan] | None = None
+        self._all_exact = True
+        STATS.page_size = self.page_size
+        STATS.budget_tokens = mux_config.budget
+        STATS.summary_bytes = self.summaries.nbytes()
+        kb = k_buffers[0]
+        STATS.kv_bytes_per_token = 2 * self.num_layers * kb.shape[1] * kb.shape[2] * kb.element_size()
 
     def __getattr__(self, name):
         # Only reached for attributes not found on self: delegate to the wrapped backend.
@@ -31,20 +75,163 @@ class MuxAttentionBackend(AttentionBackend):
             raise AttributeError(name)
         return getattr(inner, name)
 
+    # ------------------------------------------------------------------ metadata
     def init_forward_metadata(self, forward_batch):
-        return self.inner.init_forward_metadata(forward_batch)
+        self.inner.init_forward_metadata(forward_batch)
+        self._plan_step(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        return self.inner.init_forward_metadata_out_graph(forward_batch, in_capture)
+        self.inner.init_forward_metadata_out_graph(forward_batch, in_capture)
+        self._plan_step(forward_batch)
 
     def init_forward_metadata_in_graph(self, forward_batch):
         return self.inner.init_forward_metadata_in_graph(forward_batch)
 
-    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        return self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+    def _plan_step(self, fb) -> None:
+        self._plan = None
+        if not fb.forward_mode.is_decode() or fb.rids is None:
+            return
+        seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+        rows = fb.req_pool_indices.tolist()
+        plan = []
+        for rid, row, L in zip(fb.rids, rows, seq_lens):
+            st = self.registry.get(rid)
+            plan.append(_ReqPlan(rid, row, L, self.router.grant(L, st.options), st))
+        self._plan = plan
+        self._all_exact = all(p.grant.exact for p in plan)
+        routed = sum(not p.grant.exact for p in plan)
+        STATS.decode_steps += 1
+        STATS.routed_request_steps += routed
+        STATS.exact_request_steps += len(plan) - routed
+        STATS.last_routed_requests = routed
+        STATS.last_exact_requests = len(plan) - routed
+        STATS.last_max_context_tokens = max(seq_lens) if seq_lens else 0
+        if routed == 0:
+            STATS.last_max_pages_read = max((num_pages_of(L, self.page_size) for L in seq_lens), default=0)
 
+    # ------------------------------------------------------------------ extend (exact)
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        o = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        if layer.is_cross_attention or not save_kv_cache:
+            return o
+        fb = forward_batch
+        prefix = fb.extend_prefix_lens_cpu
+        ext = fb.extend_seq_lens_cpu
+        rows = fb.req_pool_indices.tolist()
+        seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+        qv = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        start_q = 0
+        for i, (row, L) in enumerate(zip(rows, seq_lens)):
+            n_ext = int(ext[i])
+            req_row = self.req_to_token[row]
+            self.summaries.rebuild_from_keys(layer.layer_id, req_row, int(prefix[i]), L)
+            rid = fb.rids[i] if fb.rids is not None else None
+            if rid is not None and n_ext > 0 and self._wants_heavy_scores(rid, L):
+                self._score_observation_window(layer, qv[start_q : start_q + n_ext], req_row, L, rid)
+            start_q += n_ext
+        return o
+
+    def _wants_heavy_scores(self, rid: str, seq_len: int) -> bool:
+        st = self.registry.get(rid)
+        if st.options.exact:
+            return False
+        cfg = self.router.effective_config(st.options)
+        return seq_len > cfg.budget // 2 and cfg.leaf_split(cfg.budget)["heavy"] > 0
+
+    def _score_observation_window(self, layer, q_ext, req_row, L: int, rid: str) -> None:
+        cfg = self.router.effective_config(self.registry.get(rid).options)
+        w = min(cfg.observation_window, q_ext.shape[0])
+        q_win = q_ext[-w:]
+        q_pos = torch.arange(L - w, L, device=q_ext.device)
+        keys = self.kv_pool.get_key_buffer(layer.layer_id)[req_row[:L].long()]
+        page_scores = snapkv_page_scores(q_win, q_pos, keys, layer.scaling, self.page_size)
+        st = self.registry.get(rid)
+        table = st.scores(self.num_layers, page_scores.numel(), page_scores.device)
+        table[layer.layer_id - self.start_layer, : page_scores.numel()] = page_scores
+        table[layer.layer_id - self.start_layer, page_scores.numel() :] = 0
+
+    # ------------------------------------------------------------------ decode (routed)
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        return self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        fb = forward_batch
+        plan = self._plan
+        if plan is None or layer.is_cross_attention:
+            return self.inner.forward_decode(q, k, v, layer, fb, save_kv_cache=save_kv_cache, **kwargs)
+        if self._all_exact:
+            o = self.inner.forward_decode(q, k, v, layer, fb, save_kv_cache=save_kv_cache, **kwargs)
+        else:
+            if save_kv_cache and k is not None and v is not None:
+                self.kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, None), k, v)
+            o = self._routed_decode(q, layer, plan)
+        if save_kv_cache and k is not None:
+            positions = torch.tensor([p.seq_len - 1 for p in plan], device=fb.out_cache_loc.device)
+            self.summaries.update_decode(
+                layer.layer_id, fb.out_cache_loc, positions, k.view(-1, layer.tp_k_head_num, layer.qk_head_dim)
+            )
+        return o
+
+    def _routed_decode(self, q, layer, plan: list[_ReqPlan]) -> torch.Tensor:
+        hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
+        qv = q.reshape(-1, hq, d)
+        o = q.new_empty((qv.shape[0], hq * dv))
+        k_buf = self.kv_pool.get_key_buffer(layer.layer_id)
+        v_buf = self.kv_pool.get_value_buffer(layer.layer_id)
+        lidx = layer.layer_id - self.start_layer
+        max_pages = 0
+        for i, p in enumerate(plan):
+            req_row = self.req_to_token[p.row]
+            if p.grant.exact:
+                slots = req_row[: p.seq_len].long()
+                out = scaled_dot_product_attention(
+                    qv[i].view(1, hq, 1, d),
+                    k_buf[slots].movedim(0, 1).unsqueeze(0).to(qv.dtype),
+                    v_buf[slots].movedim(0, 1).unsqueeze(0).to(qv.dtype),
+                    scale=layer.scaling,
+                    enable_gqa=hq != layer.tp_k_head_num,
+                )
+                o[i] = out.reshape(-1).to(o.dtype)
+                max_pages = max(max_pages, num_pages_of(p.seq_len, self.page_size))
+                continue
+            pages, by_leaf = self.select_pages(qv[i], lidx, req_row, p)
+            positions = page_positions(pages, p.seq_len, self.page_size)
+            slots = req_row[positions].long()
+            out, probs = attend(qv[i], k_buf[slots], v_buf[slots], layer.scaling)
+            o[i] = out.reshape(-1).to(o.dtype)
+            if p.state.heavy_scores is not None:
+                accumulate_decode_mass(p.state.heavy_scores[lidx], positions, probs, self.page_size)
+            max_pages = max(max_pages, pages.numel())
+            if lidx == 0:
+                STATS.last_pages_by_leaf = by_leaf
+        if lidx == 0:
+            STATS.last_max_pages_read = max_pages
+        STATS.max_pages_read = max(STATS.max_pages_read, max_pages)
+        return o
+
+    def select_pages(self, q_req, lidx: int, req_row, p: _ReqPlan) -> tuple[torch.Tensor, dict]:
+        """The sorted logical pages one routed request reads at one layer, and how many each leaf chose."""
+        P = self.page_size
+        n = num_pages_of(p.seq_len, P)
+        dev = q_req.device
+        taken = torch.zeros(n, dtype=torch.bool, device=dev)
+        if p.state.dropped_pages:
+            dropped = torch.tensor(sorted(p.state.dropped_pages), dtype=torch.long, device=dev)
+            taken[dropped[dropped < n]] = True  # never read a dropped page: no leaf may choose it
+
+        def page_scores() -> torch.Tensor:
+            first_slots = req_row[torch.arange(n, device=dev) * P].long()
+            kmin, kmax = self.summaries.get(self.start_layer + lidx, first_slots)
+            return quest_page_scores(q_req, kmin, kmax)
+
+        scores = p.state.heavy_scores[lidx] if p.state.heavy_scores is not None else None
+        if scores is not None and scores.numel() < n:
+            scores = p.state.scores(self.num_layers, n, dev)[lidx]
+        ctx = LeafContext(num_pages=n, taken=taken, heavy_scores=scores, page_scores=page_scores)
+        chosen, by_leaf = [], {}
+        for name, leaf in LEAVES.items():
+            pages = leaf.select(ctx, p.grant)
+            by_leaf[name] = int(pages.numel())
+            ctx.taken[pages] = True
+            chosen.append(pages)
+        return torch.sort(torch.cat(chosen)).values, by_leaf
 
     def support_triton(self):
         return self.inner.support_triton()
@@ -52,11 +239,11 @@ class MuxAttentionBackend(AttentionBackend):
 
 def build_mux_attention_backend(model_runner) -> MuxAttentionBackend:
     """Factory for SGLang's attention registry: wrap the platform backend."""
-    cfg = MuxConfig.from_env()
+    cfg = MuxConfig.effective_for_server(model_runner.page_size)
     inner_name = platform_attention_backend() if cfg.inner_backend == "auto" else cfg.inner_backend
     if inner_name == "mux" or inner_name not in ATTENTION_BACKENDS:
         allowed = sorted(n for n in ATTENTION_BACKENDS if n != "mux")
         raise ValueError(f"--mux-inner-backend: unknown backend {inner_name!r}; allowed: auto, {', '.join(allowed)}")
     inner = ATTENTION_BACKENDS[inner_name](model_runner)
-    logger.info("sglang-mux: attention backend 'mux' wrapping %s", inner_name)
+    logger.info("sglang-mux: attention backend 'mux' wrapping %s (page size %d)", inner_name, cfg.page_size)
     return MuxAttentionBackend(model_runner, inner, cfg)

@@ -1,0 +1,42 @@
+"""The routed decode on CPU (and the reference for every other path): pure torch functions.
+
+    pages of a request (P tokens each, last one partial)   0 1 2 ... n-1
+    selection (sorted logical page ids, tail page always)   e.g. [0, 5, 6, 11, 12]
+    positions = pages expanded to tokens, clipped to L      -> slots = req_to_token[row, positions]
+    attention = softmax(q . K[slots] * scale) . V[slots]    (per q head; GQA: head h reads kv head h // G)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mux_kernels.reference import num_pages_of, page_positions  # noqa: F401  (re-exported for callers)
+
+
+def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Upper bound of ``q . k`` over each page's keys, one score per page.
+
+    ``q: [Hq, D]``, ``kmin, kmax: [n, Hkv, D]``. Per q head h (kv head h // G): ``sum_d max(q_d kmin_d, q_d kmax_d)``;
+    then the max over all heads (one page set serves every head of the request at this layer).
+    """
+    n, hkv, d = kmin.shape
+    g = q.shape[0] // hkv
+    qg = q.view(hkv, g, d).float()
+    lo = torch.einsum("hgd,nhd->nhgd", qg, kmin.float())
+    hi = torch.einsum("hgd,nhd->nhgd", qg, kmax.float())
+    return torch.maximum(lo, hi).sum(-1).amax(dim=(1, 2))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of one request over the given keys: ``(out [Hq, Dv], probs [Hq, n])`` in float32.
+
+    ``q: [Hq, D]``, ``k: [n, Hkv, D]``, ``v: [n, Hkv, Dv]``.
+    """
+    hq, d = q.shape
+    n, hkv, _ = k.shape
+    g = hq // hkv
+    qg = q.view(hkv, g, d).float()
+    logits = torch.einsum("hgd,nhd->hgn", qg, k.float()) * scale
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.einsum("hgn,nhd->hgd", probs, v.float())
+    return out.reshape(hq, -1), probs.reshape(hq, n)

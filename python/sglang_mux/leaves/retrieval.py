@@ -1,0 +1,23 @@
+"""``retrieval`` (L5): query-aware top-k pages per layer from the page summaries (Quest-style).
+
+At forward time, inside the attention backend, each page gets the upper bound of ``q . k`` over its keys
+(from the element-wise min/max summaries, see ``sglang_mux.attention.routed_decode.quest_page_scores``), and the
+``grant.retrieval_pages`` best pages not taken by other leaves are read. The summaries stay on the device; in
+the tiered memory the full pages may live elsewhere and are fetched when selected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_mux.leaves.base import Leaf, LeafContext, top_free
+from sglang_mux.router.grant import Grant
+
+
+class RetrievalLeaf(Leaf):
+    name = "retrieval"
+
+    def select(self, ctx: LeafContext, grant: Grant) -> torch.Tensor:
+        if grant.retrieval_pages <= 0 or ctx.page_scores is None or bool(ctx.taken.all()):
+            return torch.empty(0, dtype=torch.long, device=ctx.taken.device)
+        return top_free(ctx.page_scores(), ctx.taken, grant.retrieval_pages)

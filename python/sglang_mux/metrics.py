@@ -1,0 +1,41 @@
+"""MuxStats: what the mux memory is doing, per scheduler process; served at ``/mux/stats`` and in ``/server_info``.
+
+Counters only grow; ``last_*`` fields describe the most recent decode step. Pages read are counted per request
+per layer (the largest over layers), so "pages read per step" is comparable with ``budget / page_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class MuxStats:
+    page_size: int = 0
+    budget_tokens: int = 0
+    kv_bytes_per_token: int = 0
+    summary_bytes: int = 0
+    decode_steps: int = 0
+    routed_request_steps: int = 0
+    exact_request_steps: int = 0
+    last_routed_requests: int = 0
+    last_exact_requests: int = 0
+    last_max_pages_read: int = 0
+    max_pages_read: int = 0
+    last_max_context_tokens: int = 0
+    last_pages_by_leaf: dict = field(default_factory=dict)
+    dropped_tokens: int = 0
+    dropped_tokens_live: int = 0
+    device_kv_tokens_held: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["device_bytes"] = {
+            "summaries": self.summary_bytes,
+            "kv_per_token": self.kv_bytes_per_token,
+        }
+        d["tiers"] = {"device": {"kv_tokens_held_by_running_requests": sum(self.device_kv_tokens_held.values())}}
+        return d
+
+
+STATS = MuxStats()

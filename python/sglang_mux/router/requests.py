@@ -1,0 +1,74 @@
+"""RequestRegistry: per-request mux state inside one scheduler process, keyed by request id.
+
+Filled when the scheduler accepts a request (its ``custom_params`` mux fields), read by the attention
+backend at forward time (``ForwardBatch.rids``), dropped when the cache releases the request. Holds the
+request's heavy-hitter page scores per layer and the positions it dropped (``--mux-drop-cold``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from sglang_mux.request_options import MuxRequestError, MuxRequestOptions, parse_request_options
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    options: MuxRequestOptions = field(default_factory=MuxRequestOptions)
+    # [num_layers, capacity_pages] float32 page importances (SnapKV at prefill + H2O during decode)
+    heavy_scores: Optional[torch.Tensor] = None
+    # logical pages whose device KV was freed (drop mode); never read again
+    dropped_pages: set = field(default_factory=set)
+    routed_steps: int = 0
+    exact_steps: int = 0
+
+    def scores(self, num_layers: int, num_pages: int, device) -> torch.Tensor:
+        """The heavy-score table, grown to hold ``num_pages`` pages (new pages score 0)."""
+        cur = self.heavy_scores
+        if cur is None or cur.shape[1] < num_pages:
+            cap = max(num_pages, 2 * (0 if cur is None else cur.shape[1]), 64)
+            new = torch.zeros((num_layers, cap), dtype=torch.float32, device=device)
+            if cur is not None:
+                new[:, : cur.shape[1]] = cur
+            self.heavy_scores = new
+        return self.heavy_scores
+
+
+class RequestRegistry:
+    def __init__(self):
+        self._states: dict[str, RequestState] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def admit(self, rid: str, custom_params) -> None:
+        """Record a new request's options. Malformed fields were rejected at the HTTP edge; here (second line)
+        they are logged and ignored rather than failing the scheduler."""
+        try:
+            opts = parse_request_options(custom_params)
+        except MuxRequestError as e:
+            logger.warning("request %s: %s; serving it with the server's mux settings", rid, e)
+            opts = MuxRequestOptions()
+        self._states[rid] = RequestState(options=opts)
+
+    def get(self, rid: str) -> RequestState:
+        st = self._states.get(rid)
+        if st is None:  # requests that bypassed admission (e.g. warm-up, PD transfer): server defaults
+            st = self._states[rid] = RequestState()
+        return st
+
+    def peek(self, rid: str) -> Optional[RequestState]:
+        return self._states.get(rid)
+
+    def release(self, rid: str) -> None:
+        self._states.pop(rid, None)
+
+
+# One registry per scheduler process (the cache, the backend and the scheduler hooks share it).
+REGISTRY = RequestRegistry()

@@ -1,0 +1,61 @@
+"""The static spine router and the leaves as pure functions of integers (the worked examples in their docstrings)."""
+
+import torch
+
+from sglang_mux.config import MuxConfig
+from sglang_mux.leaves import LEAVES, LeafContext
+from sglang_mux.leaves.recent import RecentLeaf
+from sglang_mux.leaves.sink_heavy import SinkHeavyLeaf
+from sglang_mux.request_options import MuxRequestOptions
+from sglang_mux.router.grant import Grant, grant_for
+from sglang_mux.router.spine import StaticSpineRouter
+
+
+def test_grant_worked_example():
+    split = {"sink": 64, "recent": 512, "heavy": 256, "retrieval": 1216}
+    g = grant_for(20000, 2048, 16, split)
+    assert (g.sink_pages, g.recent_pages, g.heavy_pages, g.retrieval_pages) == (4, 32, 16, 76)
+    assert g.total_pages == 2048 // 16
+
+
+def test_fits_or_forced_means_exact():
+    split = MuxConfig().leaf_split(2048)
+    assert grant_for(2048, 2048, 16, split).exact
+    assert not grant_for(2049, 2048, 16, split).exact
+    assert grant_for(10**6, 2048, 16, split, force_exact=True).exact
+
+
+def test_pages_read_bound_holds_for_any_split():
+    for budget in (16, 100, 1000, 4096):
+        for P in (1, 4, 16, 64):
+            cfg = MuxConfig(budget=budget, page_size=P, sink_tokens=0, window_tokens=0)
+            for spec in ("", "sink=0,recent=0,retrieval=rest", "recent=rest", "sink=5,recent=7,heavy=3,retrieval=rest"):
+                g = grant_for(budget * 10, budget, P, cfg.replace(leaves=spec).leaf_split(budget))
+                assert g.total_pages <= budget // P + 1
+
+
+def test_per_request_budget_overrides_server():
+    router = StaticSpineRouter(MuxConfig(budget=2048, page_size=16))
+    assert router.grant(3000, MuxRequestOptions()).exact is False
+    assert router.grant(3000, MuxRequestOptions(budget=4096)).exact is True
+    g = router.grant(3000, MuxRequestOptions(budget=256, leaves="sink=0,recent=rest"))
+    assert (g.recent_pages, g.retrieval_pages, g.heavy_pages) == (16, 0, 0)
+
+
+def _ctx(n, scores=None):
+    return LeafContext(num_pages=n, taken=torch.zeros(n, dtype=torch.bool), heavy_scores=scores)
+
+
+def test_recent_leaf_example():
+    assert RecentLeaf().select(_ctx(9), Grant(False, recent_pages=3)).tolist() == [6, 7, 8]
+    assert RecentLeaf().select(_ctx(9), Grant(False, recent_pages=0)).tolist() == [8]  # the tail page, always
+
+
+def test_sink_heavy_leaf_example():
+    scores = torch.tensor([0, 9, 1, 7, 0, 2, 0, 0, 0], dtype=torch.float32)
+    got = SinkHeavyLeaf().select(_ctx(9, scores), Grant(False, sink_pages=1, heavy_pages=2))
+    assert got.tolist() == [0, 1, 3]
+
+
+def test_leaves_registry_order_window_first():
+    assert list(LEAVES) == ["recent", "sink_heavy", "retrieval"]

@@ -1,0 +1,134 @@
+"""Routed decode on CPU against float64 oracles, on real SGLang pools (no server).
+
+* ``attend`` over any random selection == float64 attention restricted to the selected positions.
+* The backend's routed step (leaf selection + attention) == float64 reference over the pages it chose, and the
+  choice obeys the grant: tail page, sinks and window always read, total <= budget / P + 1, the page holding a
+  planted "needle" key found by retrieval.
+* A request whose context fits its budget is attended exactly (== float64 full attention).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from mux_kernels.reference import routed_decode as ref_routed_decode
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+from sglang_mux.attention.backend import MuxAttentionBackend, _ReqPlan
+from sglang_mux.attention.routed_decode import attend, page_positions, quest_page_scores
+from sglang_mux.config import MuxConfig
+from sglang_mux.request_options import MuxRequestOptions
+from sglang_mux.router.requests import RequestState
+from sglang_mux.router.spine import StaticSpineRouter
+
+HQ, HKV, D = 4, 2, 16
+
+
+def ref_attention(q, k, v, scale):
+    g = q.shape[0] // k.shape[1]
+    kk = k.double().repeat_interleave(g, dim=1)
+    vv = v.double().repeat_interleave(g, dim=1)
+    p = torch.softmax(torch.einsum("hd,thd->ht", q.double(), kk) * scale, dim=-1)
+    return torch.einsum("ht,thd->hd", p, vv)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("seed", range(5))
+def test_attend_equals_float64_on_random_selections(dtype, tol, seed):
+    g = torch.Generator().manual_seed(seed)
+    L = 200
+    k = torch.randn(L, HKV, D, generator=g).to(dtype)
+    v = torch.randn(L, HKV, D, generator=g).to(dtype)
+    q = torch.randn(HQ, D, generator=g).to(dtype)
+    sel = torch.randperm(L, generator=g)[: int(torch.randint(1, L, (1,), generator=g))].sort().values
+    out, probs = attend(q, k[sel], v[sel], 0.25)
+    ref = ref_attention(q, k[sel], v[sel], 0.25)
+    assert torch.allclose(out.double(), ref, rtol=tol, atol=tol)
+    assert torch.allclose(probs.sum(-1), torch.ones(HQ), atol=1e-5)
+
+
+def test_quest_score_bounds_every_key_in_the_page():
+    g = torch.Generator().manual_seed(1)
+    P, n = 8, 12
+    keys = torch.randn(n * P, HKV, D, generator=g)
+    q = torch.randn(HQ, D, generator=g)
+    kp = keys.view(n, P, HKV, D)
+    scores = quest_page_scores(q, kp.amin(1), kp.amax(1))
+    exact = torch.einsum("hd,nphd->nph", q, kp.repeat_interleave(HQ // HKV, dim=2)).amax(dim=(1, 2))
+    assert torch.all(scores >= exact - 1e-5)
+
+
+def make_backend(cfg: MuxConfig, L: int, seed: int = 0):
+    P = cfg.page_size
+    g = torch.Generator().manual_seed(seed)
+    kv = MHATokenToKVPool(size=4096, page_size=P, dtype=torch.float32, head_num=HKV, head_dim=D, layer_num=1,
+                          device="cpu", enable_memory_saver=False)
+    r2t = ReqToTokenPool(size=4, max_context_len=4096, device="cpu", enable_memory_saver=False)
+    # page-aligned slots, scattered pages (as a paged allocator hands them out)
+    pages = torch.randperm(4096 // P - 1, generator=g)[: (L + P - 1) // P] + 1
+    slots = (pages.view(-1, 1) * P + torch.arange(P)).flatten()[:L]
+    r2t.req_to_token[1, :L] = slots.to(torch.int32)
+    kv.get_key_buffer(0)[slots] = torch.randn(L, HKV, D, generator=g)
+    kv.get_value_buffer(0)[slots] = torch.randn(L, HKV, D, generator=g)
+    runner = SimpleNamespace(req_to_token_pool=r2t, token_to_kv_pool=kv)
+    be = MuxAttentionBackend(runner, inner=None, mux_config=cfg)
+    be.summaries.rebuild_from_keys(0, r2t.req_to_token[1], 0, L)
+    layer = SimpleNamespace(layer_id=0, tp_q_head_num=HQ, tp_k_head_num=HKV, qk_head_dim=D, v_head_dim=D,
+                            scaling=D**-0.5, is_cross_attention=False)
+    return be, layer, kv, r2t, slots
+
+
+def test_routed_step_matches_reference_and_obeys_grant():
+    cfg = MuxConfig(budget=128, page_size=8, leaves="sink=16,recent=32,heavy=16,retrieval=rest")
+    L = 1003
+    be, layer, kv, r2t, slots = make_backend(cfg, L)
+    q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(5))
+    # plant a needle: page 40's keys align with q, so retrieval must find it
+    needle = slots[40 * 8 : 41 * 8]
+    kv.get_key_buffer(0)[needle] = 3.0 * q[0].view(HKV, HQ // HKV, D).mean(1)
+    be.summaries.rebuild_from_keys(0, r2t.req_to_token[1], 40 * 8, 41 * 8)
+    st = RequestState()
+    grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
+    plan = [_ReqPlan("r", 1, L, grant, st)]
+    pages, by_leaf = be.select_pages(q[0], 0, r2t.req_to_token[1], plan[0])
+    n_pages = (L + 7) // 8
+    assert pages.tolist() == sorted(set(pages.tolist()))
+    assert pages.numel() <= cfg.budget // 8 + 1
+    assert {0, 1} <= set(pages.tolist())  # sinks
+    assert set(range(n_pages - 4, n_pages)) <= set(pages.tolist())  # window incl. the tail page
+    assert 40 in pages.tolist()  # retrieval found the needle
+    assert by_leaf["retrieval"] == grant.retrieval_pages
+    out = be._routed_decode(q.reshape(1, -1), layer, plan)
+    ref = ref_routed_decode(q, kv.get_key_buffer(0), kv.get_value_buffer(0), r2t.req_to_token, torch.tensor([1]),
+                            torch.tensor([L]), pages.view(1, -1), torch.tensor([pages.numel()]), 8, layer.scaling)
+    assert torch.allclose(out.view(1, HQ, D).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_request_that_fits_its_budget_is_exact():
+    cfg = MuxConfig(budget=2048, page_size=8)
+    L = 300
+    be, layer, kv, r2t, slots = make_backend(cfg, L, seed=3)
+    grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
+    assert grant.exact
+    q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(9))
+    out = be._routed_decode(q.reshape(1, -1), layer, [_ReqPlan("r", 1, L, grant, RequestState())])
+    ref = ref_attention(q[0], kv.get_key_buffer(0)[slots], kv.get_value_buffer(0)[slots], layer.scaling)
+    assert torch.allclose(out.view(HQ, D).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_heavy_hitters_come_from_scores():
+    cfg = MuxConfig(budget=64, page_size=8, leaves="sink=8,recent=8,heavy=16,retrieval=rest")
+    L = 400
+    be, layer, kv, r2t, slots = make_backend(cfg, L, seed=4)
+    st = RequestState()
+    table = st.scores(1, (L + 7) // 8, "cpu")
+    table[0, 17], table[0, 23] = 5.0, 4.0
+    grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
+    pages, by_leaf = be.select_pages(torch.zeros(HQ, D), 0, r2t.req_to_token[1], _ReqPlan("r", 1, L, grant, st))
+    assert by_leaf["sink_heavy"] == 1 + 2 and {0, 17, 23} <= set(pages.tolist())
+
+
+def test_page_positions_worked_example():
+    assert page_positions(torch.tensor([0, 2]), 10, 4).tolist() == [0, 1, 2, 3, 8, 9]
