@@ -33,7 +33,7 @@ def _routed_decode_split_kernel(
     stride_plb, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PAGES_PER_ITER: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGES_PER_ITER: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -66,7 +66,7 @@ def _routed_decode_split_kernel(
         slot = tl.load(req_to_token_ptr + req * stride_r2t + pos, mask=nmask, other=0).to(tl.int64)
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_ptr + slot[:, None] * stride_ks + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         # m_new is finite whenever this block has a valid position; guard the all-masked block anyway.
@@ -75,7 +75,7 @@ def _routed_decode_split_kernel(
         p = tl.exp(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has = l_i > 0
@@ -161,7 +161,9 @@ def routed_paged_decode(
     num_splits = triton.cdiv(max_entries, entries_per_split)
     if pages_per_iter is None:
         pages_per_iter = max(1, 64 // page_size)
-    if page_size * pages_per_iter < 16:
+    if pages_per_iter < 1 or pages_per_iter & (pages_per_iter - 1):
+        raise ValueError(f"pages_per_iter must be a power of two; got {pages_per_iter}")
+    if page_size * pages_per_iter < 16:  # tl.dot needs at least 16 rows
         pages_per_iter = triton.cdiv(16, page_size)
     part_o = torch.empty(bsz, hq, num_splits, dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
@@ -182,6 +184,8 @@ def routed_paged_decode(
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
             HEAD_DIM=dim, BLOCK_D=block_d,
             PAGE_SIZE=page_size, PAGES_PER_ITER=pages_per_iter,
+            # fp32 inputs: exact products (not tf32); fp16/bf16: the default tensor-core path.
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         )
         _combine_splits_kernel[(bsz, hq)](
             part_o, part_lse, out,
