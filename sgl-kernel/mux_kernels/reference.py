@@ -126,6 +126,26 @@ def select_pages(
     return page_list, counts
 
 
+def select_pages_per_group(
+    group_scores: torch.Tensor,
+    num_pages: torch.Tensor,
+    budget_pages: int,
+    sink_pages: int = 0,
+    recent_pages: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_pages` for every kv-head group separately: `group_scores [B, H_kv, max_pages]` ->
+    `page_list [B, H_kv, budget_pages]` and `page_counts [B]` (the same count for every group of a request)."""
+    bsz, hkv, max_pages = group_scores.shape
+    flat, counts = select_pages(
+        group_scores.reshape(bsz * hkv, max_pages),
+        num_pages.repeat_interleave(hkv),
+        budget_pages,
+        sink_pages,
+        recent_pages,
+    )
+    return flat.reshape(bsz, hkv, -1), counts.reshape(bsz, hkv)[:, 0]
+
+
 def routed_decode(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -140,21 +160,27 @@ def routed_decode(
 ) -> torch.Tensor:
     """Float64 decode attention over exactly the positions of each request's listed pages.
 
-    q [B, Hq, D]; GQA: q head h reads kv head h // (Hq // H_kv). Returns [B, Hq, D] float64.
+    q [B, Hq, D]; GQA: q head h reads kv head h // (Hq // H_kv). `page_list` is [B, K] (one list for all heads)
+    or [B, H_kv, K] (one list per kv-head group, the first `page_counts[b]` entries of each used).
+    Returns [B, Hq, D] float64.
     """
     bsz, hq, d = q.shape
     hkv = k_buffer.shape[1]
     group = hq // hkv
+    per_group = page_list.dim() == 3
     out = torch.empty(bsz, hq, d, dtype=torch.float64, device=q.device)
     for b in range(bsz):
         n = int(page_counts[b])
-        pages = page_list[b, :n].to(torch.int64)
-        pos = page_positions(pages, int(seq_lens[b]), page_size)
-        slots = req_to_token[int(req_pool_indices[b]), pos].to(torch.int64)
-        k = k_buffer[slots].double().repeat_interleave(group, dim=1)  # [T, Hq, D]
-        v = v_buffer[slots].double().repeat_interleave(group, dim=1)
-        logits = torch.einsum("hd,thd->ht", q[b].double(), k) * scale
-        out[b] = torch.einsum("ht,thd->hd", torch.softmax(logits, dim=-1), v)
+        for h in range(hkv if per_group else 1):
+            heads = slice(h * group, (h + 1) * group) if per_group else slice(0, hq)
+            kv_heads = slice(h, h + 1) if per_group else slice(0, hkv)
+            pages = (page_list[b, h, :n] if per_group else page_list[b, :n]).to(torch.int64)
+            pos = page_positions(pages, int(seq_lens[b]), page_size)
+            slots = req_to_token[int(req_pool_indices[b]), pos].to(torch.int64)
+            k = k_buffer[slots][:, kv_heads].double().repeat_interleave(group, dim=1)  # [T, heads, D]
+            v = v_buffer[slots][:, kv_heads].double().repeat_interleave(group, dim=1)
+            logits = torch.einsum("hd,thd->ht", q[b, heads].double(), k) * scale
+            out[b, heads] = torch.einsum("ht,thd->hd", torch.softmax(logits, dim=-1), v)
     return out
 
 

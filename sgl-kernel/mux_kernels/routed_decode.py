@@ -28,7 +28,7 @@ def _routed_decode_split_kernel(
     stride_qb, stride_qh,
     stride_ks, stride_kh,
     stride_vs, stride_vh,
-    stride_r2t, stride_pl,
+    stride_r2t, stride_pl, stride_plist_h,
     stride_pob, stride_poh, stride_pos,
     stride_plb, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -41,6 +41,7 @@ def _routed_decode_split_kernel(
     count = tl.load(page_counts_ptr + b)
     seq_len = tl.load(seq_lens_ptr + b)
     req = tl.load(req_pool_ptr + b).to(tl.int64)
+    list_base = page_list_ptr + b * stride_pl + h * stride_plist_h  # stride 0: one list for all kv heads
     start = s * entries_per_split
     end = tl.minimum(start + entries_per_split, count)
 
@@ -60,7 +61,7 @@ def _routed_decode_split_kernel(
     for j0 in range(start, end, PAGES_PER_ITER):
         entry = j0 + offs_n // PAGE_SIZE
         emask = entry < end
-        page = tl.load(page_list_ptr + b * stride_pl + entry, mask=emask, other=0).to(tl.int64)
+        page = tl.load(list_base + entry, mask=emask, other=0).to(tl.int64)
         pos = page * PAGE_SIZE + offs_n % PAGE_SIZE
         nmask = emask & (pos < seq_len)
         slot = tl.load(req_to_token_ptr + req * stride_r2t + pos, mask=nmask, other=0).to(tl.int64)
@@ -136,7 +137,8 @@ def routed_paged_decode(
 ) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over the listed logical pages of each request; returns [B, Hq, D].
 
-    `page_list [B, K]` logical page ids (first `page_counts[b]` entries used, any order, no duplicates);
+    `page_list [B, K]` logical page ids (first `page_counts[b]` entries used, any order, no duplicates), or
+    `[B, H_kv, K]` for one list per kv-head group (FlashInfer's decode cannot do that: one table for all heads);
     `k_buffer/v_buffer [num_slots, H_kv, D]` one layer; output dtype = q dtype. A request must list >= 1 page
     containing a position < seq_len (the tail page always qualifies).
     """
@@ -151,9 +153,12 @@ def routed_paged_decode(
         raise ValueError("k_buffer and v_buffer need a contiguous last dimension")
     q = q.contiguous()
     page_list = page_list.contiguous()
+    per_group = page_list.dim() == 3
+    if per_group and page_list.shape[1] != hkv:
+        raise ValueError(f"per-group page_list needs shape [B, {hkv}, K]; got {tuple(page_list.shape)}")
     req_to_token = req_to_token.contiguous()
     group = hq // hkv
-    max_entries = page_list.shape[1]
+    max_entries = page_list.shape[-1]
     if num_splits is None:
         num_splits = default_num_splits(max_entries, bsz, hkv)
     num_splits = max(1, min(num_splits, max_entries))
@@ -178,7 +183,7 @@ def routed_paged_decode(
             q.stride(0), q.stride(1),
             k_buffer.stride(0), k_buffer.stride(1),
             v_buffer.stride(0), v_buffer.stride(1),
-            req_to_token.stride(0), page_list.stride(0),
+            req_to_token.stride(0), page_list.stride(0), page_list.stride(1) if per_group else 0,
             part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),

@@ -88,3 +88,28 @@ def test_page_score_bounds_every_key_in_the_page():
     for h in range(hkv):
         true_max = qk[:, :, 2 * h : 2 * h + 2, h].amax(dim=(1, 2))
         assert bool((s[0, h] >= true_max - 1e-5).all())
+
+
+def test_per_group_routed_decode_equals_one_list_per_kv_head():
+    page_size, hq, hkv, d = 4, 6, 3, 8
+    pool = make_pool([30, 11], page_size, hkv, d, seed=2)
+    q = torch.randn(2, hq, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    g = torch.Generator().manual_seed(1)
+    group_scores = torch.randn(2, hkv, 8, generator=g)
+    num_pages = torch.tensor([8, 3])
+    lists, counts = ref.select_pages_per_group(group_scores, num_pages, 4, sink_pages=1, recent_pages=1)
+    assert lists.shape == (2, hkv, 4) and counts.tolist() == [4, 3]
+    for h in range(hkv):
+        one, one_counts = ref.select_pages(group_scores[:, h], num_pages, 4, sink_pages=1, recent_pages=1)
+        assert torch.equal(lists[:, h], one) and torch.equal(counts, one_counts)
+    got = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
+                            pool.seq_lens, lists, counts, page_size, 0.3)
+    for h in range(hkv):
+        heads = slice(h * 2, h * 2 + 2)
+        want = ref.routed_decode(q[:, heads], pool.k_buffer[:, h : h + 1], pool.v_buffer[:, h : h + 1],
+                                 pool.req_to_token, pool.req_pool_indices, pool.seq_lens, lists[:, h], counts,
+                                 page_size, 0.3)
+        torch.testing.assert_close(got[:, heads], want, atol=1e-12, rtol=0)
+    assert not torch.allclose(got[:, 0:2], ref.routed_decode(
+        q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, lists[:, 1],
+        counts, page_size, 0.3)[:, 0:2]), "different lists per group must change the output"

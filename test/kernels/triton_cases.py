@@ -63,6 +63,21 @@ def test_routed_decode_interpreter(dtype, page_size, num_splits, tol):
 
 
 @cpu_only
+def test_routed_decode_interpreter_per_group_lists():
+    page_size, seq_lens = 4, [29, 12]
+    pool, _, counts, q = _routed_case(torch.float32, "cpu", 4, 2, 16, page_size, seq_lens, 3, seed=6)
+    scores = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(2))
+    lists, counts = ref.select_pages_per_group(scores, torch.tensor([8, 3]), 3, sink_pages=0, recent_pages=1)
+    assert not torch.equal(lists[:, 0], lists[:, 1])
+    out = mux_kernels.routed_paged_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
+                                          pool.req_pool_indices, pool.seq_lens, lists, counts, page_size, 0.25,
+                                          num_splits=2)
+    want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
+                             pool.seq_lens, lists, counts, page_size, 0.25)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@cpu_only
 def test_routed_decode_interpreter_bf16_data_upcast():
     pool, page_list, counts, q = _routed_case(torch.bfloat16, "cpu", 4, 2, 16, 4, [19, 8], 3, seed=4)
     up = [t.float() for t in (q, pool.k_buffer, pool.v_buffer)]
@@ -94,6 +109,10 @@ def test_page_scores_and_selection_interpreter(dtype, tol):
     want_list, want_counts = ref.select_pages(got.amax(dim=1), num_pages, 4, 1, 1)
     assert torch.equal(page_list, want_list) and torch.equal(counts, want_counts)
     assert counts.tolist() == [4, 4, 1] and page_list[0, 0] == 0 and page_list[0, 3] == 9
+    per_group, group_counts = mux_kernels.select_pages_on_device(q, kmin, kmax, table, num_pages, 4, 1, 1,
+                                                                 per_group=True)
+    want_group, _ = ref.select_pages_per_group(got, num_pages, 4, 1, 1)
+    assert torch.equal(per_group, want_group) and torch.equal(group_counts, want_counts)
 
 
 @cpu_only
@@ -125,6 +144,22 @@ def test_gpu_routed_decode_bf16(page_size):
                                           pool.req_pool_indices, pool.seq_lens, page_list, counts, page_size, scale)
     want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
                              pool.seq_lens, page_list, counts, page_size, scale)
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_routed_decode_per_group_lists_bf16():
+    page_size, seq_lens = 16, [4096, 700, 33]
+    pool, _, _, q = _routed_case(torch.bfloat16, "cuda", 32, 8, 128, page_size, seq_lens, 16, seed=5)
+    num_pages = torch.tensor([(n + page_size - 1) // page_size for n in seq_lens], device="cuda")
+    scores = torch.randn(3, 8, int(num_pages.max()), device="cuda")
+    lists, counts = ref.select_pages_per_group(scores, num_pages, 16, sink_pages=1, recent_pages=2)
+    scale = 1.0 / math.sqrt(128)
+    out = mux_kernels.routed_paged_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
+                                          pool.req_pool_indices, pool.seq_lens, lists, counts, page_size, scale)
+    want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
+                             pool.seq_lens, lists, counts, page_size, scale)
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
 
 
