@@ -118,15 +118,21 @@ def select_pages_on_device(
     sink_pages: int = 0,
     recent_pages: int = 1,
     per_group: bool = False,
+    forced: torch.Tensor | None = None,
+    blocked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Query-aware page choice for one layer, all on the tensors' device, fixed output shapes.
 
     Scores with the Triton kernel, then `reference.select_pages` (stable sort: ties to the lower page id):
     by default on the max over kv-head groups -> `page_list [B, budget_pages]`; with `per_group` one choice
     per kv-head group -> `[B, H_kv, budget_pages]` (for `routed_paged_decode`). Lists are sorted, -1 unused;
-    also returns `page_counts [B]`.
+    also returns `page_counts [B]`. `forced` / `blocked` bool `[B, max_pages]`: see `reference.select_pages`.
     """
     group_scores = score_pages(q, kmin, kmax, summary_table, num_pages)
     if per_group:
-        return reference.select_pages_per_group(group_scores, num_pages, budget_pages, sink_pages, recent_pages)
-    return reference.select_pages(group_scores.amax(dim=1), num_pages, budget_pages, sink_pages, recent_pages)
+        return reference.select_pages_per_group(
+            group_scores, num_pages, budget_pages, sink_pages, recent_pages, forced, blocked
+        )
+    return reference.select_pages(
+        group_scores.amax(dim=1), num_pages, budget_pages, sink_pages, recent_pages, forced, blocked
+    )

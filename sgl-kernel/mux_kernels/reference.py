@@ -86,13 +86,20 @@ def select_pages(
     budget_pages: int,
     sink_pages: int = 0,
     recent_pages: int = 1,
+    forced: torch.Tensor | None = None,
+    blocked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`budget_pages` pages per request by score, plus the forced ones; sorted ids, fixed shapes.
 
     `scores [B, max_pages]` (one score per page, already aggregated over kv heads). Forced: the first
-    `sink_pages` pages and the last `recent_pages` pages (>= 1: the tail page is always kept). Ties go to the
-    lower page id. A request with `num_pages <= budget_pages` keeps every page.
-    Returns `page_list [B, budget_pages]` int64 (sorted ascending, unused entries -1) and `page_counts [B]` int64.
+    `sink_pages` pages, the last `recent_pages` pages (>= 1: the tail page is always kept) and the pages set in
+    the optional bool mask `forced [B, max_pages]` (e.g. heavy hitters chosen by other leaves). Pages set in
+    `blocked [B, max_pages]` (e.g. dropped for good) are never chosen; the tail must not be blocked. Ties go to
+    the lower page id; NaN scores rank last. A request keeps every allowed page when it has at most
+    `budget_pages` of them. If the forced pages exceed the budget, the higher forced ids are dropped first,
+    but never the tail page.
+    Returns `page_list [B, budget_pages]` int64 (sorted ascending, unused entries -1) and `page_counts [B]` int64
+    (= min(allowed pages, budget_pages): fixed per request and step, whatever the scores).
 
         pages:   [ sink | .......... middle (by score) .......... | recent ... tail ]
         example: num_pages=10, budget=4, sink=1, recent=1, best middle pages 6 then 3 -> [0, 3, 6, 9]
@@ -108,21 +115,36 @@ def select_pages(
         )
     bsz, max_pages = scores.shape
     k = budget_pages
-    if max_pages < k:
-        scores = torch.cat([scores, scores.new_full((bsz, k - max_pages), float("-inf"))], dim=1)
-        max_pages = k
-    npg = num_pages.to(device=scores.device, dtype=torch.int64)[:, None]
-    pos = torch.arange(max_pages, device=scores.device)[None, :]
+    dev = scores.device
+    width = max(max_pages, k)
+
+    def widen(mask):
+        mask = mask.to(device=dev, dtype=torch.bool)
+        return torch.cat([mask, mask.new_zeros((bsz, width - mask.shape[1]))], dim=1) if mask.shape[1] < width else mask
+
+    big = torch.finfo(torch.float32).max
+    s = scores.float().nan_to_num(nan=-big, posinf=big, neginf=-big)  # any allowed page outranks a disallowed one
+    if max_pages < width:
+        s = torch.cat([s, s.new_full((bsz, width - max_pages), float("-inf"))], dim=1)
+    npg = num_pages.to(device=dev, dtype=torch.int64)[:, None]
+    pos = torch.arange(width, device=dev)[None, :]
     valid = pos < npg
-    forced = (pos < sink_pages) | (pos >= npg - recent_pages)
-    key = torch.where(forced, torch.full_like(scores, float("inf")), scores.float())
-    key = torch.where(valid, key, torch.full_like(key, float("-inf")))
+    if blocked is not None:
+        valid = valid & ~widen(blocked)
+    tail = pos == npg - 1
+    keep = (pos < sink_pages) | (pos >= npg - recent_pages)
+    if forced is not None:
+        keep = keep | widen(forced)
+    # rank: tail (+inf) > other forced (float max) > scored pages > disallowed (-inf)
+    key = torch.where(keep, torch.full_like(s, big), s)
+    key = torch.where(tail, torch.full_like(s, float("inf")), key)
+    key = torch.where(valid, key, torch.full_like(s, float("-inf")))
     order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
-    counts = torch.clamp(npg[:, 0], max=k)
-    used = torch.arange(k, device=scores.device)[None, :] < counts[:, None]
-    chosen = torch.where(used, order, torch.full_like(order, max_pages))
+    counts = torch.clamp(valid.sum(dim=1), max=k)
+    used = torch.arange(k, device=dev)[None, :] < counts[:, None]
+    chosen = torch.where(used, order, torch.full_like(order, width))
     chosen = torch.sort(chosen, dim=1).values
-    page_list = torch.where(chosen == max_pages, torch.full_like(chosen, -1), chosen)
+    page_list = torch.where(chosen == width, torch.full_like(chosen, -1), chosen)
     return page_list, counts
 
 
@@ -132,16 +154,25 @@ def select_pages_per_group(
     budget_pages: int,
     sink_pages: int = 0,
     recent_pages: int = 1,
+    forced: torch.Tensor | None = None,
+    blocked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`select_pages` for every kv-head group separately: `group_scores [B, H_kv, max_pages]` ->
-    `page_list [B, H_kv, budget_pages]` and `page_counts [B]` (the same count for every group of a request)."""
+    `page_list [B, H_kv, budget_pages]` and `page_counts [B]` (the same count for every group of a request).
+    `forced` / `blocked` are per request `[B, max_pages]` and apply to every group."""
     bsz, hkv, max_pages = group_scores.shape
+
+    def per_row(mask):
+        return None if mask is None else mask.repeat_interleave(hkv, dim=0)
+
     flat, counts = select_pages(
         group_scores.reshape(bsz * hkv, max_pages),
         num_pages.repeat_interleave(hkv),
         budget_pages,
         sink_pages,
         recent_pages,
+        per_row(forced),
+        per_row(blocked),
     )
     return flat.reshape(bsz, hkv, -1), counts.reshape(bsz, hkv)[:, 0]
 

@@ -86,3 +86,40 @@ def test_kernel_summary_layout_is_the_backend_page_summary_store():
     slots = row[:n_tokens].long()
     kmin, kmax = ref.page_summaries(pool.k_buffer, slots, page_size)
     assert torch.equal(store.kmin[0][table[0]], kmin) and torch.equal(store.kmax[0][table[0]], kmax)
+
+
+def test_selection_with_leaf_chosen_and_dropped_pages_equals_the_leaf_composition():
+    """forced = pages other leaves chose (e.g. heavy hitters), blocked = dropped pages: the device selection is
+    those plus `top_free` on the rest, and its counts are what `plan_routed_counts` plans."""
+    from sglang_mux.attention.flashinfer_tables import plan_routed_counts
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(40):
+        n = int(torch.randint(2, 40, (1,), generator=g))
+        budget, recent = 10, 2
+        scores = torch.randint(0, 4, (n,), generator=g).float()
+        blocked = torch.rand(n, generator=g) < 0.2
+        blocked[n - recent:] = False
+        forced = (torch.rand(n, generator=g) < 0.15) & ~blocked
+        page_list, counts = ref.select_pages(scores[None], torch.tensor([n]), budget, 0, recent,
+                                             forced=forced[None], blocked=blocked[None])
+        taken = forced.clone()
+        taken[n - recent:] = True
+        if int(taken.sum()) > budget:
+            continue  # over-budget forcing is covered by test_forced_overflow_keeps_the_tail
+        extra = top_free(scores, taken | blocked, budget - int(taken.sum()))
+        want = torch.sort(torch.cat([taken.nonzero().flatten(), extra])).values
+        assert page_list[0, : int(counts[0])].tolist() == want.tolist(), trial
+        assert counts.tolist() == plan_routed_counts([n], 1, budget, [int(blocked.sum())]), trial
+
+
+def test_forced_overflow_keeps_the_tail_and_nan_ranks_last():
+    scores = torch.tensor([[float("nan"), 1.0, 0.0, 2.0, 0.0, 0.0]])
+    forced = torch.tensor([[False, True, True, True, True, False]])
+    page_list, counts = ref.select_pages(scores, torch.tensor([6]), 3, 0, 1, forced=forced)
+    assert page_list.tolist() == [[1, 2, 5]] and counts.tolist() == [3]
+    blocked = torch.tensor([[False, True, False, False, False, False]])
+    page_list, _ = ref.select_pages(scores, torch.tensor([6]), 5, 0, 1, blocked=blocked)
+    assert page_list.tolist() == [[0, 2, 3, 4, 5]]
+    page_list, _ = ref.select_pages(scores, torch.tensor([6]), 4, 0, 1, blocked=blocked)
+    assert page_list.tolist() == [[2, 3, 4, 5]]

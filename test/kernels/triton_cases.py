@@ -113,6 +113,15 @@ def test_page_scores_and_selection_interpreter(dtype, tol):
                                                                  per_group=True)
     want_group, _ = ref.select_pages_per_group(got, num_pages, 4, 1, 1)
     assert torch.equal(per_group, want_group) and torch.equal(group_counts, want_counts)
+    forced = torch.zeros(3, 10, dtype=torch.bool)
+    forced[0, 4] = True
+    blocked = torch.zeros(3, 10, dtype=torch.bool)
+    blocked[0, 1] = blocked[1, 0] = True
+    page_list, counts = mux_kernels.select_pages_on_device(q, kmin, kmax, table, num_pages, 4, 1, 1,
+                                                           forced=forced, blocked=blocked)
+    want_list, want_counts = ref.select_pages(got.amax(dim=1), num_pages, 4, 1, 1, forced, blocked)
+    assert torch.equal(page_list, want_list) and torch.equal(counts, want_counts)
+    assert 4 in page_list[0].tolist() and 1 not in page_list[0].tolist() and 0 not in page_list[1].tolist()
 
 
 @cpu_only

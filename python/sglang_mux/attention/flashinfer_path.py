@@ -185,10 +185,15 @@ class FlashInferRoutedDecode:
         budget_pages: int,
         sink_pages: int = 0,
         recent_pages: int = 1,
+        forced: torch.Tensor | None = None,
+        blocked: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query-aware page choice for one layer on the GPU (`mux_kernels.select_pages_on_device`)."""
+        """Query-aware page choice for one layer on the GPU (`mux_kernels.select_pages_on_device`): top-k by
+        Quest score plus sinks, recent window, tail and the `forced` mask (pages other leaves chose), never a
+        `blocked` page. Plan the step with `plan_routed_counts(..., blocked_pages=...)` for the same counts."""
         import mux_kernels
 
         return mux_kernels.select_pages_on_device(
-            q, kmin, kmax, summary_table, num_pages, budget_pages, sink_pages, recent_pages
+            q, kmin, kmax, summary_table, num_pages, budget_pages, sink_pages, recent_pages,
+            forced=forced, blocked=blocked,
         )

@@ -273,13 +273,18 @@ def build_bsr_layout(
 # ---- per-step plan (host integers) and per-layer fill (device tensors, no host sync) ----
 
 
-def plan_routed_counts(seq_lens: Sequence[int], page_size: int, budget_pages: int) -> list[int]:
-    """Pages each request decodes over this step: all of them up to the budget, else `budget_pages`.
+def plan_routed_counts(
+    seq_lens: Sequence[int], page_size: int, budget_pages: int, blocked_pages: Sequence[int] | None = None
+) -> list[int]:
+    """Pages each request decodes over this step: all allowed pages up to the budget, else `budget_pages`
+    (`blocked_pages[b]` pages of request b may never be read, e.g. dropped for good).
 
+    Equals the `page_counts` of `mux_kernels.reference.select_pages` for the same inputs, whatever the scores.
     The count must not depend on the layer: the indptr of a FlashInfer plan is then shared by all layers and
     only the indices change per layer.
     """
-    return [min(_num_pages(int(n), page_size), budget_pages) for n in seq_lens]
+    blocked = list(blocked_pages) if blocked_pages is not None else [0] * len(seq_lens)
+    return [min(_num_pages(int(n), page_size) - int(x), budget_pages) for n, x in zip(seq_lens, blocked)]
 
 
 def plan_step_table(
