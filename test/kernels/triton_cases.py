@@ -47,7 +47,8 @@ def _routed_case(dtype, device, hq, hkv, d, page_size, seq_lens, max_pages, seed
 @cpu_only
 @pytest.mark.parametrize(
     "dtype, page_size, num_splits, tol",
-    [(torch.float32, 4, 1, 1e-5), (torch.float32, 16, 3, 1e-5), (torch.float16, 8, 2, 2e-3)],
+    [(torch.float32, 4, 1, 1e-5), (torch.float32, 16, 3, 1e-5), (torch.float16, 8, 2, 2e-3),
+     (torch.float32, 1, 2, 1e-5)],
 )
 def test_routed_decode_interpreter(dtype, page_size, num_splits, tol):
     seq_lens = [5 * page_size + 3, 2 * page_size, 1]
