@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ SCRIPT = ROOT / "benchmark" / "kernels" / "routed_decode.py"
 
 def _run(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def test_cpu_run_writes_results(tmp_path):
