@@ -35,6 +35,7 @@ import logging
 import multiprocessing
 import os
 import sys
+from http import HTTPStatus
 from typing import Any, Mapping
 
 from sglang_mux.serving.validation import (
@@ -204,7 +205,8 @@ def _abort_unadmitted(scheduler: Any, recv_req: Any, message: str, status_code: 
 
     abort = AbortReq(
         rid=recv_req.rid,
-        finished_reason={"type": "abort", "status_code": status_code, "message": message},
+        # HTTPStatus, not int: SGLang's OpenAI streaming path only reports aborts whose code is an HTTPStatus.
+        finished_reason={"type": "abort", "status_code": HTTPStatus(status_code), "message": message},
     )
     scheduler.send_abort_output(abort, recv_req)
 
