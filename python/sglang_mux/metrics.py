@@ -25,7 +25,8 @@ class MuxStats:
     last_max_context_tokens: int = 0
     last_pages_by_leaf: dict = field(default_factory=dict)
     dropped_tokens: int = 0
-    dropped_tokens_live: int = 0
+    max_routed_kv_tokens_held: int = 0
+    pool_free_tokens: int = 0
     device_kv_tokens_held: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:

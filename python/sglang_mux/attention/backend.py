@@ -53,6 +53,7 @@ class MuxAttentionBackend(AttentionBackend):
         self.router = StaticSpineRouter(mux_config)
         self.registry = REGISTRY
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
         self.kv_pool = model_runner.token_to_kv_pool
         self.page_size = mux_config.page_size
         start = getattr(self.kv_pool, "start_layer", 0) or 0
@@ -89,14 +90,31 @@ class MuxAttentionBackend(AttentionBackend):
 
     def _plan_step(self, fb) -> None:
         self._plan = None
-        if not fb.forward_mode.is_decode() or fb.rids is None:
+        if fb.rids is None:
+            return
+        if fb.forward_mode.is_extend() and fb.extend_prefix_lens_cpu is not None:
+            # A request's first extend starts after its matched prefix, which the radix tree owns.
+            for rid, prefix in zip(fb.rids, fb.extend_prefix_lens_cpu):
+                st = self.registry.get(rid)
+                if st.protected_len is None:
+                    st.protected_len = int(prefix)
+            return
+        if not fb.forward_mode.is_decode():
             return
         seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
         rows = fb.req_pool_indices.tolist()
         plan = []
         for rid, row, L in zip(fb.rids, rows, seq_lens):
             st = self.registry.get(rid)
-            plan.append(_ReqPlan(rid, row, L, self.router.grant(L, st.options), st))
+            st.row = row
+            p = _ReqPlan(rid, row, L, self.router.grant(L, st.options), st)
+            plan.append(p)
+            if not p.grant.exact and self.router.effective_config(st.options).drop_cold:
+                self._drop_cold_pages(p)
+            held = L - len(st.dropped_pages) * self.page_size
+            STATS.device_kv_tokens_held[rid] = held
+            if not p.grant.exact:
+                STATS.max_routed_kv_tokens_held = max(STATS.max_routed_kv_tokens_held, held)
         self._plan = plan
         self._all_exact = all(p.grant.exact for p in plan)
         routed = sum(not p.grant.exact for p in plan)
@@ -108,6 +126,38 @@ class MuxAttentionBackend(AttentionBackend):
         STATS.last_max_context_tokens = max(seq_lens) if seq_lens else 0
         if routed == 0:
             STATS.last_max_pages_read = max((num_pages_of(L, self.page_size) for L in seq_lens), default=0)
+
+    # ------------------------------------------------------------------ drop mode
+    def _drop_cold_pages(self, p: _ReqPlan) -> None:
+        """Free the device KV of the request's own full pages outside its hot set (``--mux-drop-cold``).
+
+            pages  [ tree-owned prefix | own tail .............................. | tail page ]
+            keep    (never touched)      sinks, window, top pages by heavy score   always
+        Heavy score here is the max over layers: the pages some layer still wants. A dropped page is gone for
+        good (the routed decode never reads it, the cache never frees it twice or inserts past it).
+        """
+        st, g, P = p.state, p.grant, self.page_size
+        if st.protected_len is None or self.allocator is None:
+            return  # ownership not known yet: drop nothing
+        n = num_pages_of(p.seq_len, P)
+        first_own = -(-st.protected_len // P)
+        keep = set(range(g.sink_pages)) | set(range(max(n - max(g.recent_pages, 1), 0), n))
+        hot = g.heavy_pages + g.retrieval_pages
+        if st.heavy_scores is not None and hot > 0:
+            scores = st.scores(self.num_layers, n, st.heavy_scores.device)[:, :n].amax(dim=0)
+            if st.dropped_pages:
+                scores[list(st.dropped_pages)] = float("-inf")
+            scores[list(keep)] = float("-inf")
+            keep |= set(torch.topk(scores, min(hot, n)).indices.tolist())
+        cold = [q for q in range(first_own, n - 1) if q not in keep and q not in st.dropped_pages]
+        if not cold:
+            return
+        row = self.req_to_token[p.row]
+        pages = torch.tensor(cold, dtype=torch.long, device=row.device)
+        slots = row[(pages.view(-1, 1) * P + torch.arange(P, device=row.device)).flatten()].long()
+        self.allocator.free(slots)
+        st.dropped_pages.update(cold)
+        STATS.dropped_tokens += len(cold) * P
 
     # ------------------------------------------------------------------ extend (exact)
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):

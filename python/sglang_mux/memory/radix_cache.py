@@ -30,7 +30,6 @@ class MuxRadixCache(RadixCache):
         self.mux_config = mux_config or MuxConfig(page_size=params.page_size or 1)
         self.num_layers = num_layers
         self.registry = REGISTRY
-        self._dropped_by_row: dict[int, set] = {}
         super().__init__(params)
 
     # ------------------------------------------------------------------ page tables
@@ -66,12 +65,24 @@ class MuxRadixCache(RadixCache):
     # ------------------------------------------------------------------ request lifecycle
     def checkpoint(self, req, *, up_to: int):
         st = self.registry.peek(req.rid)
-        if st is not None and st.dropped_pages:
-            # Only the exact prefix (before the first dropped page) may enter the tree.
-            up_to = min(up_to, min(st.dropped_pages) * self.page_size)
+        if st is not None:
+            if st.dropped_pages:
+                # Only the exact prefix (before the first dropped page) may enter the tree.
+                up_to = min(up_to, min(st.dropped_pages) * self.page_size)
+            elif not req.finished() and self._may_drop(st, up_to):
+                # Drop mode frees a routed request's own tail; publishing it to the tree would make it shared.
+                up_to = min(up_to, req.kv.cache_protected_len)
         super().checkpoint(req, up_to=up_to)
-        if st is not None and st.heavy_scores is not None:
-            self._fold_importance(req.last_node, st.heavy_scores)
+        if st is not None:
+            st.protected_len = req.kv.cache_protected_len
+            if st.heavy_scores is not None:
+                self._fold_importance(req.last_node, st.heavy_scores)
+
+    def _may_drop(self, st, seq_len: int) -> bool:
+        if st.options.exact:
+            return False
+        cfg = st.options.effective_config(self.mux_config)
+        return cfg.drop_cold and seq_len > cfg.budget // 2
 
     def _fold_importance(self, last_node, scores: torch.Tensor) -> None:
         path = []
@@ -88,7 +99,7 @@ class MuxRadixCache(RadixCache):
             page += len(pt)
 
     def free_kv_row(self, kv, ranges):
-        pages = self._dropped_by_row.get(kv.req_pool_idx)
+        pages = self.registry.dropped_in_row(kv.req_pool_idx)
         if pages:
             # Drop mode already gave these slots back: freeing them again would corrupt the allocator.
             P = self.page_size
@@ -97,13 +108,7 @@ class MuxRadixCache(RadixCache):
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
-        self._dropped_by_row.pop(req.kv.req_pool_idx, None)
         self.registry.release(req.rid)
-
-    # ------------------------------------------------------------------ drop mode
-    def note_dropped(self, req_pool_idx: int, pages: set) -> None:
-        """The attention side freed these logical pages of the request in this row (drop mode)."""
-        self._dropped_by_row.setdefault(req_pool_idx, set()).update(pages)
 
 
 def _subtract_ranges(ranges, holes):

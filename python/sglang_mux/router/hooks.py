@@ -26,6 +26,9 @@ def admit_request(scheduler, recv_req, *args, **kwargs):
 def add_mux_stats(result, scheduler, *args, **kwargs):
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
+        alloc = getattr(scheduler, "token_to_kv_pool_allocator", None)
+        if alloc is not None:
+            STATS.pool_free_tokens = int(alloc.available_size())
         stats = STATS.as_dict()
         stats["running_requests_tracked"] = len(REGISTRY)
         state["mux"] = stats

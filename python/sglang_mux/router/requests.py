@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from sglang_mux.metrics import STATS
 from sglang_mux.request_options import MuxRequestError, MuxRequestOptions, parse_request_options
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ class RequestState:
     heavy_scores: Optional[torch.Tensor] = None
     # logical pages whose device KV was freed (drop mode); never read again
     dropped_pages: set = field(default_factory=set)
+    # positions [0, protected_len) belong to the radix tree (shared), known after the cache's checkpoint;
+    # drop mode never touches them (None: not known yet, drop nothing)
+    protected_len: Optional[int] = None
+    row: Optional[int] = None
     routed_steps: int = 0
     exact_steps: int = 0
 
@@ -68,6 +73,14 @@ class RequestRegistry:
 
     def release(self, rid: str) -> None:
         self._states.pop(rid, None)
+        STATS.device_kv_tokens_held.pop(rid, None)
+
+    def dropped_in_row(self, row: int) -> set:
+        """Logical pages already freed (drop mode) by the running request in req_to_token row ``row``."""
+        for st in self._states.values():
+            if st.row == row and st.dropped_pages:
+                return st.dropped_pages
+        return set()
 
 
 # One registry per scheduler process (the cache, the backend and the scheduler hooks share it).

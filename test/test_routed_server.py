@@ -1,0 +1,121 @@
+"""Routed decode in a real mux server on CPU (issue: the multiplexed radix cache and routed decode).
+
+* a per-request budget >= context gives stock SGLang's greedy tokens; a smaller one routes the request;
+* a long request (16K tokens) decodes routed, reading <= budget / page_size + 1 pages per step, the same
+  bound as at 4K (independent of context);
+* in drop mode, the device KV a routed request holds stays <= budget + one page, while stock SGLang holds
+  its whole context; only the exact prefix enters the radix tree;
+* malformed per-request budgets get HTTP 400 naming the field, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import requests
+
+from sglang_mux.server_process import ServerProcess
+
+from conftest import SERVER_COMMON
+
+pytestmark = pytest.mark.server
+BUDGET, PAGE = 256, 16
+WORDS = "the blue river and green mountain under a quiet morning sky with old stone garden".split()
+
+
+def prompt_ids(tokenizer, n_tokens: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    ids = tokenizer(" ".join(rng.choice(WORDS) for _ in range(n_tokens)))["input_ids"]
+    return ids[:n_tokens]
+
+
+def stats(srv) -> dict:
+    r = requests.get(srv.url + "/mux/stats", timeout=30)
+    r.raise_for_status()
+    return r.json()["mux"]
+
+
+@pytest.fixture(scope="module")
+def routed_server():
+    with ServerProcess(SERVER_COMMON + ["--mux-budget", str(BUDGET), "--mux-page-size", str(PAGE)]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def drop_server():
+    with ServerProcess(SERVER_COMMON + ["--mux-budget", str(BUDGET), "--mux-drop-cold"]) as srv:
+        yield srv
+
+
+def test_budget_at_least_context_equals_stock(routed_server, stock_server, tokenizer):
+    ids = prompt_ids(tokenizer, 900, seed=1)
+    want = stock_server.greedy_ids(ids, 16)
+    before = stats(routed_server)["exact_request_steps"]
+    got = routed_server.greedy_ids(ids, 16, sampling_params={"custom_params": {"mux_budget": 4096}})
+    assert got == want
+    assert stats(routed_server)["exact_request_steps"] >= before + 15
+
+
+def test_small_budget_routes_the_request(routed_server, tokenizer):
+    ids = prompt_ids(tokenizer, 900, seed=2)
+    before = stats(routed_server)["routed_request_steps"]
+    out = routed_server.greedy_ids(ids, 12)
+    assert len(out) == 12
+    st = stats(routed_server)
+    assert st["routed_request_steps"] >= before + 11
+    assert 0 < st["max_pages_read"] <= BUDGET // PAGE + 1
+
+
+@pytest.mark.parametrize("n_tokens", [4096, 16384])
+def test_long_request_pages_read_independent_of_context(routed_server, tokenizer, n_tokens):
+    ids = prompt_ids(tokenizer, n_tokens, seed=3)
+    assert len(ids) == n_tokens
+    out = routed_server.greedy_ids(ids, 6)
+    assert len(out) == 6
+    st = stats(routed_server)
+    assert st["last_routed_requests"] == 1 and st["last_max_context_tokens"] >= n_tokens
+    assert st["last_max_pages_read"] <= BUDGET // PAGE + 1
+    assert sum(st["last_pages_by_leaf"].values()) == st["last_max_pages_read"]
+
+
+@pytest.mark.parametrize(
+    "field_value",
+    [-5, 0, "lots", 1.5, True, 10**9],
+)
+def test_bad_per_request_budget_is_400_and_server_keeps_serving(routed_server, tokenizer, field_value):
+    ids = prompt_ids(tokenizer, 50)
+    ref = routed_server.greedy_ids(ids, 4)
+    r = routed_server.generate(
+        {"input_ids": ids, "sampling_params": {"max_new_tokens": 4, "custom_params": {"mux_budget": field_value}}}
+    )
+    assert r.status_code == 400, r.text
+    assert "mux_budget" in r.text
+    assert routed_server.greedy_ids(ids, 4) == ref
+
+
+def test_bad_leaf_spec_is_400(routed_server):
+    r = routed_server.generate(
+        {"text": "hello", "sampling_params": {"max_new_tokens": 2, "custom_params": {"mux_leaves": "sink=1,bogus=2"}}}
+    )
+    assert r.status_code == 400 and "mux_leaves" in r.text
+
+
+def test_drop_mode_holds_at_most_budget_plus_a_page(drop_server, stock_server, tokenizer):
+    requests.post(drop_server.url + "/flush_cache", timeout=30)
+    ids = prompt_ids(tokenizer, 6000, seed=4)
+    out = drop_server.greedy_ids(ids, 40)
+    assert len(out) == 40
+    st = stats(drop_server)
+    assert st["dropped_tokens"] > 0
+    # what the request held on the device during routed decode
+    assert 0 < st["max_routed_kv_tokens_held"] <= BUDGET + PAGE
+    # stock holds the whole context (6000 + 40 tokens) for the same request: the contrast the mode is for
+    assert len(ids) + 40 > 20 * (BUDGET + PAGE)
+    # only the exact prefix went into the tree: a repeat hits at most the pages before the first dropped one
+    again = drop_server.generate({"input_ids": ids, "sampling_params": {"max_new_tokens": 1}}).json()
+    assert again["meta_info"]["cached_tokens"] < len(ids) // 2
+    # nothing leaked: after a flush the pool is as free as at start
+    requests.post(drop_server.url + "/flush_cache", timeout=30)
+    free_after = stats(drop_server)["pool_free_tokens"]
+    assert free_after > 0
