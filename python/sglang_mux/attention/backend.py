@@ -96,6 +96,7 @@ class MuxAttentionBackend(AttentionBackend):
             # A request's first extend starts after its matched prefix, which the radix tree owns.
             for rid, prefix in zip(fb.rids, fb.extend_prefix_lens_cpu):
                 st = self.registry.get(rid)
+                st.summarized = True  # forward_extend rebuilds the summaries of what it writes
                 if st.protected_len is None:
                     st.protected_len = int(prefix)
             return
@@ -107,6 +108,9 @@ class MuxAttentionBackend(AttentionBackend):
         for rid, row, L in zip(fb.rids, rows, seq_lens):
             st = self.registry.get(rid)
             st.row = row
+            if not st.summarized:
+                self._summarize_received_kv(row, L - 1)
+                st.summarized = True
             p = _ReqPlan(rid, row, L, self.router.grant(L, st.options), st)
             plan.append(p)
             if not p.grant.exact and self.router.effective_config(st.options).drop_cold:
@@ -126,6 +130,16 @@ class MuxAttentionBackend(AttentionBackend):
         STATS.last_max_context_tokens = max(seq_lens) if seq_lens else 0
         if routed == 0:
             STATS.last_max_pages_read = max((num_pages_of(L, self.page_size) for L in seq_lens), default=0)
+
+    def _summarize_received_kv(self, row: int, n_tokens: int) -> None:
+        """Summaries for KV that was written elsewhere (PD transfer): rebuilt from the keys, every layer.
+
+        Rebuilding costs one read of the request's keys, once; shipping summaries would cost 2/P of the KV
+        bytes on the wire for every request, so the decode side rebuilds (docs/memory.md).
+        """
+        req_row = self.req_to_token[row]
+        for i in range(self.num_layers):
+            self.summaries.rebuild_from_keys(self.start_layer + i, req_row, 0, n_tokens)
 
     # ------------------------------------------------------------------ drop mode
     def _drop_cold_pages(self, p: _ReqPlan) -> None:

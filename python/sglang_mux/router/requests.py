@@ -30,6 +30,9 @@ class RequestState:
     # drop mode never touches them (None: not known yet, drop nothing)
     protected_len: Optional[int] = None
     row: Optional[int] = None
+    # False for a request whose KV arrived without an extend here (PD decode side): its summaries are
+    # rebuilt from the KV at its first decode step
+    summarized: bool = False
     routed_steps: int = 0
     exact_steps: int = 0
 
