@@ -67,3 +67,17 @@ def test_default_leaf_split_sums_to_budget():
 def test_env_with_unknown_key_is_rejected():
     with pytest.raises(MuxConfigError, match="unknown keys"):
         MuxConfig.from_json(json.dumps({"budget": 10, "nope": 1}))
+
+
+def test_cli_doc_lists_every_flag_and_is_current():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "scripts/gen_cli_doc.py"), "--check"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    doc = (root / "docs/cli.md").read_text()
+    from sglang_mux.config import cli_flags
+
+    assert all(f"`{flag}`" in doc for flag in cli_flags())
