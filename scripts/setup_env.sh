@@ -44,6 +44,12 @@ else
   # Every SGLang process (launcher, scheduler, detokenizer) must find the sgl_kernel / torchvision stand-ins.
   SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   echo "$ROOT/python/sglang_mux/platform/cpu_stubs" > "$SITE/sglang_mux_cpu_stubs.pth"
+  # Mooncake's TCP transport (PD disaggregation) needs libibverbs at import time. Best effort: without it
+  # the PD tests skip with the reason; the rest of the setup does not depend on it.
+  if ! dpkg -s libibverbs1 >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && apt-get install -y -qq libibverbs1; } >/dev/null 2>&1 \
+      || echo "setup: could not install libibverbs1 (PD disaggregation tests will skip)" >&2
+  fi
 fi
 echo "$STAMP_SRC" > "$STAMP"
 echo "setup: done ($FLAVOUR) -> $VENV"
