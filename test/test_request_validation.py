@@ -224,3 +224,26 @@ def test_rules_raise_only_validation_errors_on_junk():
         except RequestValidationError:
             pass
     assert rejected > 2000  # junk is mostly invalid; the point is that nothing else was raised
+
+
+def test_hook_targets_exist_in_sglang():
+    """Every SGLang function the hooks patch exists under that name (upgrade tripwire)."""
+    import pkgutil
+
+    from sglang_mux.serving import hooks
+
+    for target in (hooks.HTTP_GENERATE, hooks.OPENAI_COMPLETION, hooks.OPENAI_CHAT, hooks.TOKENIZER_ENTRY,
+                   hooks.TOKENIZED_PROMPT, hooks.SCHEDULER_ENTRY):
+        module, _, attr = target.rpartition(".")
+        assert callable(getattr(pkgutil.resolve_name(module), attr)), target
+        assert hooks._module_of(target) in target and hooks._module_of(target).startswith("sglang.srt.")
+
+
+def test_layer_switch_is_checked(monkeypatch):
+    from sglang_mux.serving.hooks import LAYERS_ENV, enabled_layers
+
+    monkeypatch.setenv(LAYERS_ENV, "scheduler")
+    assert enabled_layers() == ("scheduler",)
+    monkeypatch.setenv(LAYERS_ENV, "edge,bogus")
+    with pytest.raises(ValueError, match="SGLANG_MUX_VALIDATION_LAYERS: unknown layer 'bogus'"):
+        enabled_layers()
