@@ -49,6 +49,7 @@ CASES = [
     ({"input_ids": [[1], []]}, "input_ids[1]", {"input_ids": [[1], [2]]}),
     ({"input_ids": [1, True]}, "input_ids[1]", {"input_ids": [1, 1]}),
     ({"input_ids": []}, "input_ids", {"input_ids": [5]}),
+    ({"input_ids": [], "session_params": {}}, "input_ids", {"input_ids": [], "session_params": {"id": "s1"}}),
     ({"text": "a", "input_ids": [1]}, "text", {"text": "a"}),
     ({"sampling_params": SP}, "text", {"text": "a", "sampling_params": SP}),
     ({"text": ["a", 3]}, "text[1]", {"text": ["a", "3"]}),

@@ -117,7 +117,7 @@ def _mutate_generate(rng: random.Random, body: dict) -> None:
             body["input_ids"] = rng.choice([[[1, 2], 3], [[]], [[1], []], [], [[VOCAB]]])
             body.pop("text", None)
         else:
-            body["text"] = rng.choice(["hi", ["a", 3], [], [["nested"]]])
+            body["text"] = rng.choice(["hi", ["a", 3], [], [["nested"]], "", [""], ["", "a"]])
             body.pop("input_ids", None)
     elif kind == "prompt":
         choice = rng.randrange(3)

@@ -305,6 +305,9 @@ def _prompt_shape(req: Mapping[str, Any], limits: RequestLimits) -> int | None:
             check_str(f"text[{i}]", t)
         return len(v)
     if name == "input_ids":
+        session = req.get("session_params")
+        if v == [] and isinstance(session, Mapping) and session.get("id"):
+            return None  # SGLang lets a session continuation supply the whole prompt from its history
         if not isinstance(v, list) or not v:
             _fail("input_ids", f"must be a non-empty list of token ids or of lists of token ids, got {_show(v)}")
         if all(isinstance(x, list) for x in v):
