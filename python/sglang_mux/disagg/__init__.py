@@ -1,0 +1,1 @@
+"""PD disaggregation with the mux memory: cluster launch helpers, transfer measurement (docs/pd.md)."""

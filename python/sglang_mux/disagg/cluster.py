@@ -1,0 +1,169 @@
+"""PDCluster: one prefill server, one decode server and sglang-router in front, started and stopped together.
+
+    with PDCluster(common_args=["--dtype", "float32"]) as pd:        # mux on in both roles
+        requests.post(pd.url + "/generate", json={...})             # the router's address
+    with PDCluster(stock=True) as pd: ...                          # stock SGLang PD, same settings
+
+Both servers are real SGLang servers (``sglang_mux.launch_server``, or stock ``sglang.launch_server``) in
+``--disaggregation-mode prefill`` / ``decode``; KV crosses over SGLang's transfer engine (``mooncake_tcp`` on
+a machine without a GPU, ``mooncake`` otherwise); the router is ``sglang_router.launch_router
+--pd-disaggregation``. Servers start one after the other (a machine with few cores), every port is free.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from sglang_mux.platform import has_cuda_gpu
+from sglang_mux.platform.cpu_pd import CPU_TRANSFER_BACKEND, cpu_pd_flags
+from sglang_mux.server_process import ServerProcess, free_port
+
+
+def mooncake_unavailable_reason() -> str | None:
+    """None when SGLang's mooncake transfer engine and sglang-router can be used here, else why not (one line)."""
+    try:
+        from mooncake.engine import TransferEngine  # noqa: F401
+    except Exception as e:  # ImportError, or OSError for a missing libibverbs
+        return f"mooncake transfer engine not importable ({type(e).__name__}: {e}); see docs/pd.md (install)"
+    try:
+        import sglang_router  # noqa: F401
+    except Exception as e:
+        return f"sglang-router not importable ({type(e).__name__}: {e}); pip install sglang-router"
+    return None
+
+
+def transfer_backend() -> str:
+    return "mooncake" if has_cuda_gpu() else CPU_TRANSFER_BACKEND
+
+
+def pd_server_args(mode: str, bootstrap_port: int, extra: list[str] | None = None) -> list[str]:
+    """SGLang flags of one PD role: mode, transfer backend, bootstrap port (prefill), CPU workarounds."""
+    args = ["--disaggregation-mode", mode, "--disaggregation-transfer-backend", transfer_backend()]
+    if mode == "prefill":
+        args += ["--disaggregation-bootstrap-port", str(bootstrap_port)]
+    return args + cpu_pd_flags(mode) + list(extra or [])
+
+
+def router_argv(prefill_url: str, bootstrap_port: int, decode_url: str, port: int, extra: list[str] | None = None) -> list[str]:
+    return [
+        sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+        "--prefill", prefill_url, str(bootstrap_port), "--decode", decode_url,
+        "--host", "127.0.0.1", "--port", str(port), *(extra or []),
+    ]
+
+
+class RouterProcess:
+    """sglang-router in PD mode on a free port; ready when a tiny /generate through it succeeds."""
+
+    def __init__(self, argv: list[str], port: int, timeout: float = 120.0):
+        self.argv, self.port, self.timeout = argv, port, timeout
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = tempfile.mktemp(prefix=f"sglang-router-{port}-", suffix=".log")
+
+    def start(self, probe_body: dict) -> "RouterProcess":
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"router exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
+            try:
+                if requests.post(self.url + "/generate", json=probe_body, timeout=60).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"router not ready in {self.timeout}s; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        self._log.close()
+        self.proc = None
+
+
+PROBE = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
+
+
+class PDCluster:
+    """Prefill + decode + router. ``url`` is the router's; ``prefill`` / ``decode`` are the ServerProcesses."""
+
+    def __init__(
+        self,
+        common_args: list[str] | None = None,
+        *,
+        stock: bool = False,
+        prefill_args: list[str] | None = None,
+        decode_args: list[str] | None = None,
+        router_args: list[str] | None = None,
+        timeout: float = 240.0,
+    ):
+        common = list(common_args or [])
+        self.stock = stock
+        self.bootstrap_port = free_port()
+        self.prefill = ServerProcess(
+            common + pd_server_args("prefill", self.bootstrap_port, prefill_args), stock=stock, timeout=timeout
+        )
+        self.decode = ServerProcess(
+            common + pd_server_args("decode", self.bootstrap_port, decode_args), stock=stock, timeout=timeout
+        )
+        port = free_port()
+        self.router = RouterProcess(router_argv(self.prefill.url, self.bootstrap_port, self.decode.url, port, router_args), port)
+        self.url = self.router.url
+
+    def start(self) -> "PDCluster":
+        try:
+            self.prefill.start()
+            self.decode.start()
+            self.router.start(PROBE)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.router.stop()
+        self.decode.stop()
+        self.prefill.stop()
+
+    def __enter__(self) -> "PDCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def generate(self, body: dict, timeout: float = 120.0) -> requests.Response:
+        return requests.post(self.url + "/generate", json=body, timeout=timeout)
+
+    def greedy_ids(self, input_ids: list[int], max_new_tokens: int, **extra) -> list[int]:
+        sp = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+        sp.update(extra.pop("sampling_params", {}))
+        r = self.generate({"input_ids": input_ids, "sampling_params": sp, **extra})
+        r.raise_for_status()
+        return r.json()["output_ids"]
