@@ -69,6 +69,12 @@ class MuxConfig:
     observation_window: int = _knob(
         32, "Last prompt tokens whose attention scores heavy hitters at prefill (SnapKV-style).", "TOKENS"
     )
+    slo_ttft: float = _knob(
+        2000.0, "Time-to-first-token objective in ms: the PD placement policy and goodput count against it.", "MS"
+    )
+    slo_tpot: float = _knob(
+        200.0, "Time-per-output-token objective in ms: the PD placement policy and goodput count against it.", "MS"
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,6 +89,9 @@ class MuxConfig:
             elif f.type in ("int", int):
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise MuxConfigError(f"{_flag(f.name)}: expected an integer, got {v!r}")
+            elif f.type in ("float", float):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise MuxConfigError(f"{_flag(f.name)}: expected a number, got {v!r}")
             elif f.type in ("str", str) and not isinstance(v, str):
                 raise MuxConfigError(f"{_flag(f.name)}: expected a string, got {v!r}")
         if self.budget <= 0:
@@ -103,6 +112,10 @@ class MuxConfig:
             )
         if self.observation_window < 1:
             raise MuxConfigError(f"--mux-observation-window: must be >= 1, got {self.observation_window}")
+        for name in ("slo_ttft", "slo_tpot"):
+            v = getattr(self, name)
+            if not (0 < v < float("inf")):
+                raise MuxConfigError(f"{_flag(name)}: must be a positive number of milliseconds, got {v!r}")
         # Parsing the leaf spec validates it (names, numbers, total within the budget).
         self.leaf_split(self.budget)
 
@@ -238,6 +251,16 @@ def _parse_int(flag: str):
     return conv
 
 
+def _parse_float(flag: str):
+    def conv(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+    return conv
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """Add one ``--mux-*`` flag per MuxConfig field (bool fields are switches taking an optional value)."""
     defaults = MuxConfig()
@@ -252,6 +275,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         elif f.type in ("int", int):
             parser.add_argument(
                 flag, dest=f.name, default=default, type=_parse_int(flag), metavar=f.metadata["metavar"],
+                help=help_text,
+            )
+        elif f.type in ("float", float):
+            parser.add_argument(
+                flag, dest=f.name, default=default, type=_parse_float(flag), metavar=f.metadata["metavar"],
                 help=help_text,
             )
         else:
