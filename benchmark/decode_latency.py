@@ -1,0 +1,186 @@
+"""Decode latency vs context length: stock SGLang (torch_native) against mux at a fixed budget, one run.
+
+    .venv/bin/python benchmark/decode_latency.py --out benchmark/out/decode_latency
+    .venv/bin/python benchmark/decode_latency.py --contexts 1K,4K --batches 1 --repeats 1 --output-tokens 16
+
+For each system (started here, one at a time, on a free port, with the same SGLang flags) and each
+(context, batch, repeat): a fresh random prefix of ``context - 32`` tokens is prefilled once (one-token request,
+not timed), then ``batch`` requests of that prefix plus 32 request-specific tokens stream ``--output-tokens``
+tokens at the same time. The time per decode step is measured from client-side stream timestamps while every
+request of the batch is decoding (see common.decode_time_per_token); the reported value is the median over the
+repeats. Stock and mux get the very same prompts. Every request still attends over its whole context: stock
+reads all of it, mux reads the pages its router picks (at most budget / page size + 1 per layer).
+
+Prints TPOT(ctx)/TPOT(smallest ctx) for both systems and the mux/stock ratio per length, then one summary line.
+Writes decode_latency.json and decode_latency.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+SUFFIX_TOKENS = 32
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=C.positive_ints, default=C.positive_ints("1K,2K,4K,8K,16K,32K"),
+                   help="context lengths in tokens, comma-separated, K suffix allowed (default 1K..32K)")
+    p.add_argument("--batches", type=C.positive_ints, default=[1, 8], help="batch sizes (default 1,8)")
+    p.add_argument("--output-tokens", type=C.positive_int, default=64, help="decode steps timed per request")
+    p.add_argument("--repeats", type=C.positive_int, default=3, help="repeats per point (median reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("benchmark/out/decode_latency"))
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    C.add_server_args(p, default_mode="keep")
+    a = p.parse_args(argv)
+    if min(a.contexts) <= SUFFIX_TOKENS:
+        p.error(f"--contexts: every context must be > {SUFFIX_TOKENS} tokens, got {min(a.contexts)}")
+    if a.output_tokens < 4:
+        p.error(f"--output-tokens: must be >= 4 (time per token needs several tokens), got {a.output_tokens}")
+    a.contexts = sorted(set(a.contexts))
+    a.batches = sorted(set(a.batches))
+    return a
+
+
+def case_prompts(ctx: int, batch: int, rep: int, seed: int) -> tuple[list[int], list[list[int]]]:
+    """(shared prefix, one prompt per batch member); identical for every system."""
+    prefix = C.prompt_ids(ctx - SUFFIX_TOKENS, seed=C.stable_seed(seed, "prefix", ctx, batch, rep))
+    prompts = [prefix + C.prompt_ids(SUFFIX_TOKENS, seed=C.stable_seed(seed, "suffix", ctx, batch, rep, i))
+               for i in range(batch)]
+    return prefix, prompts
+
+
+def run_system(system: str, a: argparse.Namespace) -> dict:
+    flags = C.server_flags(a, context_length=max(a.contexts) + a.output_tokens + 64,
+                           max_running=max(a.batches), chunked_prefill=16384)
+    points: dict = {}
+    mux_stats = None
+    with C.start_server(system, flags, a) as srv:
+        for batch in a.batches:
+            for ctx in a.contexts:
+                tpots, ttfts, steps = [], [], []
+                for rep in range(a.repeats):
+                    prefix, prompts = case_prompts(ctx, batch, rep, a.seed)
+                    C.flush_cache(srv.url)
+                    warm = C.stream_generate(srv.url, prefix, 1)
+                    if warm.error:
+                        raise RuntimeError(f"{system}: prefill of the {ctx}-token prefix failed: {warm.error}")
+                    res = C.concurrent_streams(srv.url, prompts, a.output_tokens + 8)
+                    errs = [r.error for r in res if r.error]
+                    if errs:
+                        raise RuntimeError(f"{system}: ctx={ctx} batch={batch}: {errs[0]}")
+                    tpot, n = C.decode_time_per_token(res)
+                    tpots.append(tpot)
+                    steps.append(n)
+                    ttfts.append(C.median([r.ttft for r in res]))
+                    C.progress(f"{system} batch={batch} ctx={ctx} rep={rep}: {tpot * 1e3:.2f} ms/step over {n} steps")
+                points[f"{batch}:{ctx}"] = {
+                    "batch": batch, "context": ctx, "tpot_s": C.median(tpots), "tpot_repeats_s": tpots,
+                    "steps_timed": steps, "ttft_after_prefix_s": C.median(ttfts),
+                }
+        if system == "mux":
+            mux_stats = C.get_json(srv.url, "/mux/stats")["mux"]
+    return {"points": points, "mux_stats": mux_stats, "flags": flags + (C.mux_flags(a) if system == "mux" else [])}
+
+
+def analyse(a: argparse.Namespace, systems: dict) -> dict:
+    """Growth TPOT(ctx)/TPOT(smallest) per system and batch, and mux/stock per point."""
+    table = []
+    base_ctx = a.contexts[0]
+    for batch in a.batches:
+        for ctx in a.contexts:
+            row = {"batch": batch, "context": ctx}
+            for name, res in systems.items():
+                pt = res["points"][f"{batch}:{ctx}"]
+                base = res["points"][f"{batch}:{base_ctx}"]
+                row[f"{name}_tpot_ms"] = pt["tpot_s"] * 1e3
+                row[f"{name}_growth"] = pt["tpot_s"] / base["tpot_s"]
+            if "stock" in systems and "mux" in systems:
+                row["mux_over_stock"] = row["mux_tpot_ms"] / row["stock_tpot_ms"]
+            table.append(row)
+    return {"table": table, "base_context": base_ctx}
+
+
+def print_table(a, analysis: dict, systems: dict) -> None:
+    names = list(systems)
+    head = f"{'batch':>5} {'ctx':>7} " + " ".join(f"{n + ' ms/step':>15} {n + ' growth':>13}" for n in names)
+    if len(names) == 2:
+        head += f" {'mux/stock':>10}"
+    print(head)
+    for row in analysis["table"]:
+        line = f"{row['batch']:>5} {row['context']:>7} " + " ".join(
+            f"{row[n + '_tpot_ms']:>15.2f} {row[n + '_growth']:>12.2f}x" for n in names)
+        if "mux_over_stock" in row:
+            line += f" {row['mux_over_stock']:>9.2f}x"
+        print(line)
+
+
+def summary_line(a, analysis: dict, systems: dict) -> str:
+    top, base = a.contexts[-1], a.contexts[0]
+    parts = []
+    for batch in a.batches:
+        row = next(r for r in analysis["table"] if r["batch"] == batch and r["context"] == top)
+        g = " ".join(f"{n} {row[n + '_growth']:.2f}x" for n in systems)
+        ratio = f", mux/stock {row['mux_over_stock']:.2f}x" if "mux_over_stock" in row else ""
+        parts.append(f"batch {batch}: TPOT {_k(top)}/{_k(base)} {g}{ratio}")
+    return "SUMMARY decode_latency | " + " | ".join(parts)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def plot(a, systems: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(a.batches), figsize=(5.5 * len(a.batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], a.batches):
+        for name, res in systems.items():
+            ys = [res["points"][f"{batch}:{c}"]["tpot_s"] * 1e3 for c in a.contexts]
+            label = "stock SGLang (torch_native)" if name == "stock" else f"mux (budget {a.mux_budget}, {a.mux_mode})"
+            ax.plot(a.contexts, ys, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(a.contexts, [_k(c) for c in a.contexts])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("time per decode step (ms)")
+        ax.set_title(f"batch {batch}")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Decode latency vs context (median of repeats)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    C.progress(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    systems = {}
+    for system in a.systems:
+        systems[system] = run_system(system, a)
+    analysis = analyse(a, systems)
+    payload = {"benchmark": "decode_latency", "machine": C.machine_info(), "config": {
+        "contexts": a.contexts, "batches": a.batches, "output_tokens": a.output_tokens, "repeats": a.repeats,
+        "mux_budget": a.mux_budget, "mux_page_size": a.mux_page_size, "mux_mode": a.mux_mode, "dtype": a.dtype,
+        "suffix_tokens": SUFFIX_TOKENS}, "systems": systems, **analysis}
+    payload["summary"] = summary_line(a, analysis, systems)
+    C.write_result(a.out, "decode_latency", payload)
+    if not a.no_plot:
+        plot(a, systems, a.out / "decode_latency.png")
+    print_table(a, analysis, systems)
+    print(payload["summary"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
