@@ -11,7 +11,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Both servers run the bundled model in float32 so that greedy outputs can be compared token for token
 # with HF transformers (also float32).
-SERVER_COMMON = ["--dtype", "float32", "--max-running-requests", "16", "--log-level", "warning"]
+SERVER_COMMON = [
+    "--dtype", "float32", "--max-running-requests", "16", "--max-total-tokens", "131072", "--log-level", "warning",
+]
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,23 @@ class MuxConfig:
         "Free the device KV of pages outside a request's hot leaves (its own unshared tail only), "
         "so device memory really shrinks. Default keeps every exact page.",
     )
+    host_bytes: int = _knob(
+        0,
+        "Host-DRAM tier capacity in bytes (0: no host tier). With a tier, a routed request's cold pages leave the "
+        "device (exact copies kept below) and are fetched into a staging area when retrieval selects them.",
+        "BYTES",
+    )
+    disk_path: str = _knob("", "Directory of the disk tier (one CRC-checked file per page); needs --mux-disk-bytes.", "DIR")
+    disk_bytes: int = _knob(0, "Disk tier capacity in bytes (0: no disk tier).", "BYTES")
+    staging_pages: int = _knob(
+        -1, "Device staging area per request, in pages, for pages fetched from lower tiers; -1: budget/page size.", "PAGES"
+    )
+    missing_page: str = _knob(
+        "wait",
+        "A selected page not yet in the staging area when attention runs: 'wait' (fetch it now, exact) or 'skip' "
+        "(attend without it this step, fetch it in the background; counted in the stats).",
+        "wait|skip",
+    )
     inner_backend: str = _knob(
         "auto",
         "Attention backend that mux wraps for exact attention: 'auto' (flashinfer on GPU, torch_native on CPU) "
@@ -110,6 +127,20 @@ class MuxConfig:
                 f"--mux-sink-tokens + --mux-window-tokens: must be <= --mux-budget ({self.budget}), "
                 f"got {self.sink} + {self.window}"
             )
+        if self.host_bytes < 0:
+            raise MuxConfigError(f"--mux-host-bytes: must be >= 0, got {self.host_bytes}")
+        if self.disk_bytes < 0:
+            raise MuxConfigError(f"--mux-disk-bytes: must be >= 0, got {self.disk_bytes}")
+        if bool(self.disk_path) != (self.disk_bytes > 0):
+            raise MuxConfigError("--mux-disk-path and --mux-disk-bytes: give both (a directory and a size > 0) or neither")
+        if self.staging_pages < -1:
+            raise MuxConfigError(f"--mux-staging-pages: must be >= 0 (or -1 for auto), got {self.staging_pages}")
+        if self.missing_page not in ("wait", "skip"):
+            raise MuxConfigError(f"--mux-missing-page: allowed: wait, skip; got {self.missing_page!r}")
+        if self.drop_cold and self.tiered:
+            raise MuxConfigError(
+                "--mux-drop-cold: cannot be combined with --mux-host-bytes/--mux-disk-path (tiers keep every exact page)"
+            )
         if self.observation_window < 1:
             raise MuxConfigError(f"--mux-observation-window: must be >= 1, got {self.observation_window}")
         for name in ("slo_ttft", "slo_tpot"):
@@ -118,6 +149,16 @@ class MuxConfig:
                 raise MuxConfigError(f"{_flag(name)}: must be a positive number of milliseconds, got {v!r}")
         # Parsing the leaf spec validates it (names, numbers, total within the budget).
         self.leaf_split(self.budget)
+
+    @property
+    def tiered(self) -> bool:
+        """Cold pages of routed requests leave the device for the host/disk tiers."""
+        return self.host_bytes > 0 or self.disk_bytes > 0
+
+    @property
+    def staging(self) -> int:
+        """Staging pages per request after resolving auto (-1)."""
+        return max(self.budget // self.page_size, 1) if self.staging_pages == -1 else self.staging_pages
 
     @property
     def sink(self) -> int:

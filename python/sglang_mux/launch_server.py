@@ -90,6 +90,13 @@ def build_sglang_argv(argv: list[str], env: dict | None = None) -> tuple[MuxConf
         args = _drop_flag(args, "--attention-backend") + ["--attention-backend", "mux"]
     elif not gpu and not _has_flag(args, "--attention-backend"):
         args += ["--attention-backend", "torch_native"]
+    if cfg.disk_path and not cfg.disable:
+        from sglang_mux.memory.tiers import DiskTier, TierConfigError
+
+        try:
+            DiskTier.check_startup(cfg.disk_path, cfg.disk_bytes)
+        except TierConfigError as e:
+            raise MuxConfigError(str(e)) from None
     env[ENV_VAR] = cfg.to_env()
     return cfg, args
 

@@ -26,6 +26,14 @@ class MuxStats:
     last_pages_by_leaf: dict = field(default_factory=dict)
     dropped_tokens: int = 0
     max_routed_kv_tokens_held: int = 0
+    demoted_pages: int = 0
+    staging_hits: int = 0
+    staging_waited: int = 0
+    staging_skipped: int = 0
+    checksum_failures: int = 0
+    tier_bytes: dict = field(default_factory=dict)
+    staging_bytes: int = 0
+    last_tiered_request: dict = field(default_factory=dict)
     pool_free_tokens: int = 0
     device_kv_tokens_held: dict = field(default_factory=dict)
 
@@ -35,7 +43,11 @@ class MuxStats:
             "summaries": self.summary_bytes,
             "kv_per_token": self.kv_bytes_per_token,
         }
-        d["tiers"] = {"device": {"kv_tokens_held_by_running_requests": sum(self.device_kv_tokens_held.values())}}
+        held = sum(self.device_kv_tokens_held.values())
+        d["tiers"] = {
+            "device": {"kv_tokens_held_by_running_requests": held, "kv_bytes": held * self.kv_bytes_per_token},
+            **{name: {"kv_bytes": b} for name, b in self.tier_bytes.items()},
+        }
         return d
 
 

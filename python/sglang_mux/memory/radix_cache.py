@@ -20,6 +20,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache
 
 from sglang_mux.config import MuxConfig
 from sglang_mux.memory.page_table import PageTable
+from sglang_mux.memory.tiers import shared_tier_manager
 from sglang_mux.router.requests import REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class MuxRadixCache(RadixCache):
         self.mux_config = mux_config or MuxConfig(page_size=params.page_size or 1)
         self.num_layers = num_layers
         self.registry = REGISTRY
+        self.tiers = None  # the TierManager, shared with the attention backend (set by the plugin wiring)
         super().__init__(params)
 
     # ------------------------------------------------------------------ page tables
@@ -66,9 +68,10 @@ class MuxRadixCache(RadixCache):
     def checkpoint(self, req, *, up_to: int):
         st = self.registry.peek(req.rid)
         if st is not None:
-            if st.dropped_pages:
-                # Only the exact prefix (before the first dropped page) may enter the tree.
-                up_to = min(up_to, min(st.dropped_pages) * self.page_size)
+            off = st.off_device_pages()
+            if off:
+                # Only the device-resident exact prefix (before the first page that left) may enter the tree.
+                up_to = min(up_to, min(off) * self.page_size)
             elif not req.finished() and self._may_drop(st, up_to):
                 # Drop mode frees a routed request's own tail; publishing it to the tree would make it shared.
                 up_to = min(up_to, req.kv.cache_protected_len)
@@ -82,7 +85,7 @@ class MuxRadixCache(RadixCache):
         if st.options.exact:
             return False
         cfg = st.options.effective_config(self.mux_config)
-        return cfg.drop_cold and seq_len > cfg.budget // 2
+        return (cfg.drop_cold or cfg.tiered) and seq_len > cfg.budget // 2
 
     def _fold_importance(self, last_node, scores: torch.Tensor) -> None:
         path = []
@@ -108,7 +111,10 @@ class MuxRadixCache(RadixCache):
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
-        self.registry.release(req.rid)
+        st = self.registry.release(req.rid)
+        if st is not None and st.demoted and self.tiers is not None:
+            for key in st.demoted.values():
+                self.tiers.evict(key)
 
 
 def _subtract_ranges(ranges, holes):
@@ -133,5 +139,6 @@ def build_mux_radix_cache(ctx) -> MuxRadixCache:
     pool = ctx.tp_worker.model_runner.token_to_kv_pool if ctx.tp_worker is not None else None
     num_layers = getattr(pool, "layer_num", 1) if pool is not None else 1
     cache = MuxRadixCache(ctx.params, cfg, num_layers=num_layers)
+    cache.tiers = shared_tier_manager(cfg)
     logger.info("sglang-mux: radix cache 'mux' (page_size=%d, budget=%d)", cfg.page_size, cfg.budget)
     return cache

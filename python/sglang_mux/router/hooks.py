@@ -2,6 +2,8 @@
 
 * ``admit_request``  BEFORE ``Scheduler.handle_generate_request``: record the request's mux options
   (``sampling_params.custom_params``) in the registry, keyed by request id, before it can be scheduled.
+* ``abort_failed_requests``  BEFORE ``Scheduler.process_batch_result``: finish a request whose memory failed it
+  with an error to its client, the others go on.
 * ``add_mux_stats``  AFTER ``Scheduler.get_internal_state``: add ``MuxStats`` under the key ``mux``, so
   ``/server_info`` carries it and ``/mux/stats`` can serve it (the HTTP server lives in another process).
 """
@@ -29,10 +31,26 @@ def add_mux_stats(result, scheduler, *args, **kwargs):
         alloc = getattr(scheduler, "token_to_kv_pool_allocator", None)
         if alloc is not None:
             STATS.pool_free_tokens = int(alloc.available_size())
+        tiers = getattr(getattr(scheduler, "tree_cache", None), "tiers", None)
+        if tiers is not None:
+            STATS.tier_bytes = tiers.bytes_by_tier()
+        STATS.staging_bytes = sum(
+            st.staging.nbytes() for st in REGISTRY.states() if st.staging is not None
+        )
         stats = STATS.as_dict()
         stats["running_requests_tracked"] = len(REGISTRY)
         state["mux"] = stats
     return result
+
+
+def abort_failed_requests(scheduler, batch, *args, **kwargs):
+    """BEFORE ``Scheduler.process_batch_result``: a request whose memory failed it (e.g. a lower-tier page that
+    failed its checksum) is finished with an error to its client; the others go on."""
+    for req in getattr(batch, "reqs", None) or ():
+        st = REGISTRY.peek(req.rid)
+        if st is not None and st.error and not req.finished() and req.to_finish is None:
+            req.set_finish_with_abort(st.error, status_code=500, err_type="PageIntegrityError")
+    return None
 
 
 def install_scheduler_hooks() -> None:
@@ -40,3 +58,4 @@ def install_scheduler_hooks() -> None:
 
     HookRegistry.register(f"{SCHEDULER}.handle_generate_request", admit_request, HookType.BEFORE)
     HookRegistry.register(f"{SCHEDULER}.get_internal_state", add_mux_stats, HookType.AFTER)
+    HookRegistry.register(f"{SCHEDULER}.process_batch_result", abort_failed_requests, HookType.BEFORE)

@@ -33,6 +33,18 @@ class RequestState:
     # False for a request whose KV arrived without an extend here (PD decode side): its summaries are
     # rebuilt from the KV at its first decode step
     summarized: bool = False
+    # tiered mode: logical page -> key in the TierManager (its exact copy left the device), the page summaries
+    # of those pages ([num_layers, capacity, H_kv, D], kept on the device), and the staging area
+    demoted: dict = field(default_factory=dict)
+    cold_kmin: Optional[torch.Tensor] = None
+    cold_kmax: Optional[torch.Tensor] = None
+    staging: Optional[object] = None
+    # set when the request cannot continue (e.g. a lower-tier page failed its checksum); the scheduler aborts it
+    error: Optional[str] = None
+
+    def off_device_pages(self) -> set:
+        """Pages whose device slots were given back (dropped or demoted)."""
+        return self.dropped_pages | set(self.demoted)
     routed_steps: int = 0
     exact_steps: int = 0
 
@@ -71,18 +83,22 @@ class RequestRegistry:
             st = self._states[rid] = RequestState()
         return st
 
+    def states(self):
+        return list(self._states.values())
+
     def peek(self, rid: str) -> Optional[RequestState]:
         return self._states.get(rid)
 
-    def release(self, rid: str) -> None:
-        self._states.pop(rid, None)
+    def release(self, rid: str) -> RequestState | None:
+        st = self._states.pop(rid, None)
         STATS.device_kv_tokens_held.pop(rid, None)
+        return st
 
     def dropped_in_row(self, row: int) -> set:
-        """Logical pages already freed (drop mode) by the running request in req_to_token row ``row``."""
+        """Logical pages whose slots the running request in req_to_token row ``row`` already gave back."""
         for st in self._states.values():
-            if st.row == row and st.dropped_pages:
-                return st.dropped_pages
+            if st.row == row and (st.dropped_pages or st.demoted):
+                return st.off_device_pages()
         return set()
 
 

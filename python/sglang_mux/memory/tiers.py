@@ -1,0 +1,305 @@
+"""Tiers below the device: host DRAM and local disk, behind one TierManager.
+
+A *page record* is the exact KV of one page for every layer: a tensor ``[num_layers, 2, P, H_kv, D]`` (K and V).
+The device tier is SGLang's KV pool itself (owned by SGLang; the attention backend frees and refills its slots);
+this module holds what left it.
+
+    Tier contract (each tier owns its bytes, nothing else reaches into them):
+      put(key, record) -> bool      store a copy; False when it does not fit (caller keeps the page elsewhere)
+      get(key) -> tensor            the exact record; raises PageIntegrityError if it cannot be trusted
+      evict(key)                    forget it (idempotent)
+      size_info() -> SizeInfo       used + free == capacity
+      check_integrity()             conservation: used bytes == sum of the records' bytes
+
+``TierManager.demote(key, record)`` puts a page in the highest tier with room (host, then disk) and returns the
+tier's name, or None when no tier can take it. Disk pages carry a CRC32 of their bytes; a mismatch on read is
+detected, counted and raised, never silently used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_MAGIC = b"MUXPAGE1"
+_HEADER = struct.Struct("<8sIQ")  # magic, crc32 of payload, payload length
+
+
+class PageIntegrityError(RuntimeError):
+    """A page read from a tier does not match what was written (checksum mismatch, short read, missing file)."""
+
+
+class TierConfigError(ValueError):
+    """A bad tier setting at startup (one line, naming the flag)."""
+
+
+@dataclass(frozen=True)
+class SizeInfo:
+    capacity_bytes: int
+    used_bytes: int
+    pages: int
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+
+def record_nbytes(record: torch.Tensor) -> int:
+    return record.numel() * record.element_size()
+
+
+class HostTier:
+    """DRAM (pinned on GPU machines, plain on CPU), bounded by ``capacity_bytes``."""
+
+    name = "host"
+
+    def __init__(self, capacity_bytes: int, pin: bool = False):
+        self.capacity = capacity_bytes
+        self.pin = pin
+        self._pages: dict[object, torch.Tensor] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def put(self, key, record: torch.Tensor) -> bool:
+        n = record_nbytes(record)
+        with self._lock:
+            if key in self._pages:
+                return True
+            if self._used + n > self.capacity:
+                return False
+            copy = record.detach().to("cpu", copy=True)
+            if self.pin:
+                copy = copy.pin_memory()
+            self._pages[key] = copy
+            self._used += n
+        return True
+
+    def get(self, key) -> torch.Tensor:
+        with self._lock:
+            rec = self._pages.get(key)
+        if rec is None:
+            raise PageIntegrityError(f"host tier has no page {key!r}")
+        return rec
+
+    def pop_oldest(self):
+        """(key, record) of the page stored first, removed from this tier; None when empty."""
+        with self._lock:
+            if not self._pages:
+                return None
+            key = next(iter(self._pages))
+            rec = self._pages.pop(key)
+            self._used -= record_nbytes(rec)
+            return key, rec
+
+    def evict(self, key) -> None:
+        with self._lock:
+            rec = self._pages.pop(key, None)
+            if rec is not None:
+                self._used -= record_nbytes(rec)
+
+    def size_info(self) -> SizeInfo:
+        return SizeInfo(self.capacity, self._used, len(self._pages))
+
+    def check_integrity(self) -> None:
+        total = sum(record_nbytes(r) for r in self._pages.values())
+        assert total == self._used, (total, self._used)
+        assert self._used <= self.capacity
+
+
+class DiskTier:
+    """Files under ``path`` (one per page, CRC32-checked), bounded by ``capacity_bytes``."""
+
+    name = "disk"
+
+    def __init__(self, path: str, capacity_bytes: int):
+        self.path = Path(path)
+        self.capacity = capacity_bytes
+        self._meta: dict[object, tuple[Path, tuple, torch.dtype, int]] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+        self.write_failures = 0
+        self.checksum_failures = 0
+
+    @staticmethod
+    def check_startup(path: str, capacity_bytes: int) -> None:
+        """One-line errors for a disk tier that cannot work: unwritable path, or less free space than asked."""
+        p = Path(path)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            probe = p / ".mux-write-probe"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise TierConfigError(f"--mux-disk-path: {path!r} is not writable ({e.strerror or e})") from None
+        free = shutil.disk_usage(p).free
+        if free < capacity_bytes:
+            raise TierConfigError(
+                f"--mux-disk-bytes: {capacity_bytes} bytes asked but only {free} free under {path!r}"
+            )
+
+    def _file(self, key) -> Path:
+        return self.path / ("page-" + "-".join(str(k) for k in (key if isinstance(key, tuple) else (key,))) + ".kv")
+
+    def put(self, key, record: torch.Tensor) -> bool:
+        rec = record.detach().to("cpu").contiguous()
+        payload = rec.reshape(-1).view(torch.uint8).numpy().tobytes()
+        n = len(payload)
+        with self._lock:
+            if key in self._meta:
+                return True
+            if self._used + n > self.capacity:
+                return False
+            self._used += n
+        f = self._file(key)
+        try:
+            with open(f, "wb") as fh:
+                fh.write(_HEADER.pack(_MAGIC, zlib.crc32(payload), n))
+                fh.write(payload)
+        except OSError as e:
+            with self._lock:
+                self._used -= n
+                self.write_failures += 1
+            try:
+                f.unlink()
+            except OSError:
+                pass
+            logger.warning("disk tier: cannot write %s (%s); keeping the page in a higher tier", f, e)
+            return False
+        with self._lock:
+            self._meta[key] = (f, tuple(rec.shape), rec.dtype, n)
+        return True
+
+    def get(self, key) -> torch.Tensor:
+        with self._lock:
+            meta = self._meta.get(key)
+        if meta is None:
+            raise PageIntegrityError(f"disk tier has no page {key!r}")
+        f, shape, dtype, n = meta
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            self.checksum_failures += 1
+            raise PageIntegrityError(f"disk page {f.name}: unreadable ({e})") from None
+        hdr = data[: _HEADER.size]
+        payload = data[_HEADER.size :]
+        ok = len(hdr) == _HEADER.size
+        if ok:
+            magic, crc, length = _HEADER.unpack(hdr)
+            ok = magic == _MAGIC and length == n == len(payload) and zlib.crc32(payload) == crc
+        if not ok:
+            self.checksum_failures += 1
+            logger.error("disk tier: checksum mismatch in %s; the page is not used", f)
+            raise PageIntegrityError(f"disk page {f.name}: checksum mismatch")
+        return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).view(shape).clone()
+
+    def evict(self, key) -> None:
+        with self._lock:
+            meta = self._meta.pop(key, None)
+            if meta is not None:
+                self._used -= meta[3]
+        if meta is not None:
+            try:
+                meta[0].unlink()
+            except OSError:
+                pass
+
+    def size_info(self) -> SizeInfo:
+        return SizeInfo(self.capacity, self._used, len(self._meta))
+
+    def check_integrity(self) -> None:
+        total = sum(m[3] for m in self._meta.values())
+        assert total == self._used, (total, self._used)
+        assert self._used <= self.capacity
+
+
+class TierManager:
+    """Host, then disk: where a page that leaves the device goes, and where it is read back from."""
+
+    def __init__(self, host_bytes: int, disk_path: str = "", disk_bytes: int = 0, pin: bool = False):
+        self.host = HostTier(host_bytes, pin=pin) if host_bytes > 0 else None
+        self.disk = DiskTier(disk_path, disk_bytes) if disk_path and disk_bytes > 0 else None
+        self._where: dict[object, str] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.host is not None or self.disk is not None
+
+    def tiers(self):
+        return [t for t in (self.host, self.disk) if t is not None]
+
+    def demote(self, key, record: torch.Tensor) -> str | None:
+        """Store the page in the highest tier with room; host pages spill to disk to make room. None: no room."""
+        if self.host is not None:
+            if self.host.put(key, record):
+                self._where[key] = "host"
+                return "host"
+            # make room on host by moving its oldest pages down, if the disk takes them
+            while self.disk is not None:
+                old = self.host.pop_oldest()
+                if old is None:
+                    break
+                okey, orec = old
+                if not self.disk.put(okey, orec):
+                    self.host.put(okey, orec)  # disk full: it stays on host
+                    break
+                self._where[okey] = "disk"
+                if self.host.put(key, record):
+                    self._where[key] = "host"
+                    return "host"
+        if self.disk is not None and self.disk.put(key, record):
+            self._where[key] = "disk"
+            return "disk"
+        return None
+
+    def get(self, key) -> torch.Tensor:
+        tier = self._where.get(key)
+        if tier is None:
+            raise PageIntegrityError(f"no tier holds page {key!r}")
+        return (self.host if tier == "host" else self.disk).get(key)
+
+    def tier_of(self, key) -> str | None:
+        return self._where.get(key)
+
+    def evict(self, key) -> None:
+        tier = self._where.pop(key, None)
+        if tier == "host":
+            self.host.evict(key)
+        elif tier == "disk":
+            self.disk.evict(key)
+
+    def bytes_by_tier(self) -> dict[str, int]:
+        return {t.name: t.size_info().used_bytes for t in self.tiers()}
+
+    def check_integrity(self) -> None:
+        for t in self.tiers():
+            t.check_integrity()
+        counts = {t.name: t.size_info().pages for t in self.tiers()}
+        for name, n in counts.items():
+            assert sum(1 for v in self._where.values() if v == name) == n, (name, n)
+
+
+_SHARED: dict[tuple, TierManager] = {}
+
+
+def shared_tier_manager(cfg) -> TierManager | None:
+    """The process's TierManager for this config (the attention backend and the cache share it); None if untiered."""
+    if not cfg.tiered:
+        return None
+    key = (cfg.host_bytes, cfg.disk_path, cfg.disk_bytes)
+    if key not in _SHARED:
+        if cfg.disk_path:
+            os.makedirs(cfg.disk_path, exist_ok=True)
+        import torch as _t
+
+        _SHARED[key] = TierManager(cfg.host_bytes, cfg.disk_path, cfg.disk_bytes, pin=_t.cuda.is_available())
+    return _SHARED[key]
