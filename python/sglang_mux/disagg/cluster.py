@@ -123,17 +123,25 @@ class PDCluster:
         decode_args: list[str] | None = None,
         router_args: list[str] | None = None,
         timeout: float = 240.0,
+        ports: dict[str, int] | None = None,
     ):
+        """``ports``: optional fixed ports, keys ``prefill``, ``decode``, ``router``, ``bootstrap`` (else free ones)."""
         common = list(common_args or [])
+        ports = dict(ports or {})
+        unknown = sorted(set(ports) - {"prefill", "decode", "router", "bootstrap"})
+        if unknown:
+            raise ValueError(f"ports: unknown keys {unknown}; allowed: prefill, decode, router, bootstrap")
         self.stock = stock
-        self.bootstrap_port = free_port()
+        self.bootstrap_port = ports.get("bootstrap") or free_port()
         self.prefill = ServerProcess(
-            common + pd_server_args("prefill", self.bootstrap_port, prefill_args), stock=stock, timeout=timeout
+            common + pd_server_args("prefill", self.bootstrap_port, prefill_args), stock=stock, timeout=timeout,
+            port=ports.get("prefill"),
         )
         self.decode = ServerProcess(
-            common + pd_server_args("decode", self.bootstrap_port, decode_args), stock=stock, timeout=timeout
+            common + pd_server_args("decode", self.bootstrap_port, decode_args), stock=stock, timeout=timeout,
+            port=ports.get("decode"),
         )
-        port = free_port()
+        port = ports.get("router") or free_port()
         self.router = RouterProcess(router_argv(self.prefill.url, self.bootstrap_port, self.decode.url, port, router_args), port)
         self.url = self.router.url
 
