@@ -9,11 +9,7 @@ import pytest
 # Tests share 2 cores with servers they start: keep torch in this process to one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Both servers run the bundled model in float32 so that greedy outputs can be compared token for token
-# with HF transformers (also float32).
-SERVER_COMMON = [
-    "--dtype", "float32", "--max-running-requests", "16", "--max-total-tokens", "131072", "--log-level", "warning",
-]
+from mux_test_support import SERVER_COMMON  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import requests
 
 from sglang_mux.server_process import ServerProcess
 
-from conftest import SERVER_COMMON
+from mux_test_support import SERVER_COMMON
 
 pytestmark = pytest.mark.server
 BUDGET, PAGE = 256, 16
