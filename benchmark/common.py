@@ -153,6 +153,13 @@ def _free_port_in_range() -> int:
     raise RuntimeError("no free port in 31000-39999")
 
 
+def stop_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so ``with start_server(...)`` blocks stop their server on the way out."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -346,3 +353,51 @@ def median(vals: list[float]) -> float:
 
 def fmt_ratio(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{x:.2f}x"
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+def word_prompt(tokenizer, target_tokens: int, rng: random.Random) -> tuple[str, int]:
+    """Text of random vocabulary words whose token count is ``target_tokens`` (within a word) for ``tokenizer``."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from build_default_model import WORDS
+
+    words: list[str] = []
+    n = 0
+    while n < target_tokens:
+        more = max(1, int((target_tokens - n) / 2.2))
+        words += [rng.choice(WORDS) for _ in range(more)]
+        n = len(tokenizer.encode(" ".join(words), add_special_tokens=False))
+    while n > target_tokens and len(words) > 1:  # trim a word at a time near the target
+        cut = max(1, int((n - target_tokens) / 2.5))
+        trial = words[:-cut]
+        m = len(tokenizer.encode(" ".join(trial), add_special_tokens=False))
+        if m < target_tokens:
+            break
+        words, n = trial, m
+    return " ".join(words), n
+
+
+def write_long_dataset(path: Path, *, num: int, min_tokens: int, max_tokens: int, output_tokens: int, seed: int,
+                       model_path: str | Path) -> list[int]:
+    """Write a ShareGPT-format file (what ``--dataset-name sharegpt`` reads) of ``num`` prompts whose lengths are
+    spread evenly over [min_tokens, max_tokens] tokens; returns the prompt token counts. Deterministic."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    rng = random.Random(seed)
+    records, lengths = [], []
+    for i in range(num):
+        target = min_tokens if num == 1 else min_tokens + (max_tokens - min_tokens) * i // (num - 1)
+        text, n = word_prompt(tok, target, rng)
+        answer = " ".join(["ok"] * output_tokens)
+        records.append({"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]})
+        lengths.append(n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return lengths
+
+
+def has_gpu() -> bool:
+    from sglang_mux.platform import has_cuda_gpu
+
+    return has_cuda_gpu()

@@ -7,8 +7,9 @@ For each system (started here, one at a time, on a free port, with the same SGLa
 (context, batch, repeat): a fresh random prefix of ``context - 32`` tokens is prefilled once (one-token request,
 not timed), then ``batch`` requests of that prefix plus 32 request-specific tokens stream ``--output-tokens``
 tokens at the same time. The time per decode step is measured from client-side stream timestamps while every
-request of the batch is decoding (see common.decode_time_per_token); the reported value is the median over the
-repeats. Stock and mux get the very same prompts. Every request still attends over its whole context: stock
+request of the batch is decoding (see common.decode_time_per_token). Repeats are the outer loop (every length
+once per repeat); a point's TPOT is the median over repeats, and its growth is the median over repeats of
+TPOT(ctx) / TPOT(smallest ctx) within the same repeat (robust to slow drifts in machine load). Stock and mux get the very same prompts. Every request still attends over its whole context: stock
 reads all of it, mux reads the pages its router picks (at most budget / page size + 1 per layer).
 
 Prints TPOT(ctx)/TPOT(smallest ctx) for both systems and the mux/stock ratio per length, then one summary line.
@@ -59,13 +60,17 @@ def case_prompts(ctx: int, batch: int, rep: int, seed: int) -> tuple[list[int], 
 def run_system(system: str, a: argparse.Namespace) -> dict:
     flags = C.server_flags(a, context_length=max(a.contexts) + a.output_tokens + 64,
                            max_running=max(a.batches), chunked_prefill=16384)
-    points: dict = {}
+    raw: dict = {(b, c): [] for b in a.batches for c in a.contexts}
     mux_stats = None
     with C.start_server(system, flags, a) as srv:
-        for batch in a.batches:
-            for ctx in a.contexts:
-                tpots, ttfts, steps = [], [], []
-                for rep in range(a.repeats):
+        # Untimed warm-up at the largest batch: the first requests after start-up pay one-off costs.
+        _, warm_prompts = case_prompts(a.contexts[0], max(a.batches), -1, a.seed)
+        C.concurrent_streams(srv.url, warm_prompts, 8)
+        # Repeats are the outer loop, so a burst of load from other processes hits every length of one repeat
+        # rather than every repeat of one length; growth ratios are taken within a repeat.
+        for rep in range(a.repeats):
+            for batch in a.batches:
+                for ctx in a.contexts:
                     prefix, prompts = case_prompts(ctx, batch, rep, a.seed)
                     C.flush_cache(srv.url)
                     warm = C.stream_generate(srv.url, prefix, 1)
@@ -76,14 +81,18 @@ def run_system(system: str, a: argparse.Namespace) -> dict:
                     if errs:
                         raise RuntimeError(f"{system}: ctx={ctx} batch={batch}: {errs[0]}")
                     tpot, n = C.decode_time_per_token(res)
-                    tpots.append(tpot)
-                    steps.append(n)
-                    ttfts.append(C.median([r.ttft for r in res]))
-                    C.progress(f"{system} batch={batch} ctx={ctx} rep={rep}: {tpot * 1e3:.2f} ms/step over {n} steps")
-                points[f"{batch}:{ctx}"] = {
-                    "batch": batch, "context": ctx, "tpot_s": C.median(tpots), "tpot_repeats_s": tpots,
-                    "steps_timed": steps, "ttft_after_prefix_s": C.median(ttfts),
-                }
+                    raw[(batch, ctx)].append({"tpot_s": tpot, "steps": n, "ttft_s": C.median([r.ttft for r in res])})
+                    C.progress(f"{system} rep={rep} batch={batch} ctx={ctx}: {tpot * 1e3:.2f} ms/step over {n} steps")
+        points = {}
+        for (batch, ctx), reps in raw.items():
+            base = raw[(batch, a.contexts[0])]
+            points[f"{batch}:{ctx}"] = {
+                "batch": batch, "context": ctx, "tpot_s": C.median([r["tpot_s"] for r in reps]),
+                "tpot_repeats_s": [r["tpot_s"] for r in reps], "steps_timed": [r["steps"] for r in reps],
+                "ttft_after_prefix_s": C.median([r["ttft_s"] for r in reps]),
+                "growth_repeats": [r["tpot_s"] / b["tpot_s"] for r, b in zip(reps, base)],
+                "growth": C.median([r["tpot_s"] / b["tpot_s"] for r, b in zip(reps, base)]),
+            }
         if system == "mux":
             mux_stats = C.get_json(srv.url, "/mux/stats")["mux"]
     return {"points": points, "mux_stats": mux_stats, "flags": flags + (C.mux_flags(a) if system == "mux" else [])}
@@ -98,9 +107,8 @@ def analyse(a: argparse.Namespace, systems: dict) -> dict:
             row = {"batch": batch, "context": ctx}
             for name, res in systems.items():
                 pt = res["points"][f"{batch}:{ctx}"]
-                base = res["points"][f"{batch}:{base_ctx}"]
                 row[f"{name}_tpot_ms"] = pt["tpot_s"] * 1e3
-                row[f"{name}_growth"] = pt["tpot_s"] / base["tpot_s"]
+                row[f"{name}_growth"] = pt["growth"]  # median over repeats of TPOT(ctx)/TPOT(base) in that repeat
             if "stock" in systems and "mux" in systems:
                 row["mux_over_stock"] = row["mux_tpot_ms"] / row["stock_tpot_ms"]
             table.append(row)
@@ -165,6 +173,7 @@ def plot(a, systems: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    C.stop_cleanly_on_sigterm()
     systems = {}
     for system in a.systems:
         systems[system] = run_system(system, a)

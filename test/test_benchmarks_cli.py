@@ -1,0 +1,144 @@
+"""The serving benchmarks (benchmark/decode_latency.py, memory_scaling.py, offline_throughput.py, goodput.py):
+``--help``, one-line errors for bad flags, the measurement helpers against hand-computed values, and one tiny
+end-to-end run of memory_scaling.py against real stock and mux servers, checked against the KV the requests
+must hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmark"
+SCRIPTS = ["decode_latency.py", "memory_scaling.py", "offline_throughput.py", "goodput.py"]
+
+sys.path.insert(0, str(BENCH))
+import common as C  # noqa: E402
+
+
+def _run(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SGLANG_MUX_CONFIG", None)
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    p = _run(script, "--help")
+    assert p.returncode == 0, p.stderr
+    assert "--out" in p.stdout and "--systems" in p.stdout and "--mux-budget" in p.stdout
+
+
+@pytest.mark.parametrize("script,args,flag", [
+    ("decode_latency.py", ["--contexts", "1K,abc"], "--contexts"),
+    ("decode_latency.py", ["--contexts", "16"], "--contexts"),
+    ("decode_latency.py", ["--batches", "0"], "--batches"),
+    ("decode_latency.py", ["--systems", "stock,vllm"], "--systems"),
+    ("decode_latency.py", ["--output-tokens", "2"], "--output-tokens"),
+    ("memory_scaling.py", ["--mux-mode", "evict"], "--mux-mode"),
+    ("memory_scaling.py", ["--poll-interval", "0"], "--poll-interval"),
+    ("offline_throughput.py", ["--min-prompt-tokens", "8K", "--max-prompt-tokens", "4K"], "--min-prompt-tokens"),
+    ("offline_throughput.py", ["--min-prompt-tokens", "1K", "--max-prompt-tokens", "8K", "--max-total-tokens", "4096"], "--max-total-tokens"),
+    ("offline_throughput.py", ["--num-prompts", "-3"], "--num-prompts"),
+    ("goodput.py", ["--mix", "1K:0.5,2K:heavy"], "--mix"),
+    ("goodput.py", ["--rate", "0"], "--rate"),
+    ("goodput.py", ["--server-arg", "max-total-tokens=9"], "--server-arg"),
+])
+def test_bad_flag_is_one_clear_line(script, args, flag):
+    p = _run(script, *args)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert flag in last and "error" in last, p.stderr
+
+
+def test_positive_ints_accepts_k_suffix():
+    assert C.positive_ints("1K,2k,4096") == [1024, 2048, 4096]
+
+
+def _stream(sent, pairs):
+    r = C.StreamResult(sent=sent)
+    for t, n in pairs:
+        r.times.append(t)
+        r.tokens.append(n)
+    return r
+
+
+def test_decode_time_single_request_is_plain_tpot():
+    # 1 token at t=2.0, then one token every 0.1 s up to 11 tokens: TPOT = 0.1.
+    r = _stream(0.0, [(2.0 + 0.1 * i, i + 1) for i in range(11)])
+    tpot, steps = C.decode_time_per_token([r])
+    assert tpot == pytest.approx(0.1)
+    assert steps == 10
+    assert r.ttft == pytest.approx(2.0)
+
+
+def test_decode_time_batch_uses_only_the_window_where_all_decode():
+    # Request a decodes fast (0.01 s/token) alone before b's first token at t=1.0; from then on both decode at
+    # 0.05 s/step until a ends at t=1.5. Only the shared window counts: 0.05 s per step.
+    a_pairs = [(0.01 * i, i + 1) for i in range(100)] + [(1.0 + 0.05 * k, 101 + k) for k in range(0, 11)]
+    b_pairs = [(1.0 + 0.05 * k, 1 + k) for k in range(0, 16)]
+    tpot, steps = C.decode_time_per_token([_stream(0.0, a_pairs), _stream(0.5, b_pairs)])
+    assert tpot == pytest.approx(0.05)
+    assert steps == 10
+
+
+def test_decode_time_without_shared_window_says_so():
+    a = _stream(0.0, [(0.1, 1), (0.2, 2)])
+    b = _stream(0.0, [(0.5, 1), (0.6, 2)])
+    with pytest.raises(RuntimeError, match="more output tokens"):
+        C.decode_time_per_token([a, b])
+
+
+def test_long_dataset_prompt_lengths_match_the_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from sglang_mux.models import default_model_path
+
+    path = tmp_path / "d.json"
+    lengths = C.write_long_dataset(path, num=3, min_tokens=300, max_tokens=900, output_tokens=5, seed=1,
+                                   model_path=default_model_path())
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    data = json.loads(path.read_text())
+    assert len(data) == 3
+    for target, n, rec in zip([300, 600, 900], lengths, data):
+        measured = len(tok.encode(rec["conversations"][0]["value"], add_special_tokens=False))
+        assert measured == n
+        assert target <= n <= target + 8  # within one word of the target
+        assert rec["conversations"][1]["value"].split() == ["ok"] * 5
+
+
+def test_prompts_are_the_same_in_every_process():
+    code = f"import sys; sys.path.insert(0, {str(BENCH)!r}); import common as C; " \
+           "print(C.prompt_ids(20, C.stable_seed(0, 'prefix', 1024, 1, 0)))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONHASHSEED=str(s))).stdout for s in (1, 2)}
+    assert len(outs) == 1 and outs.pop().startswith("[")
+
+
+@pytest.mark.server
+def test_memory_scaling_tiny_run_against_real_servers(tmp_path):
+    """Two short lengths, both systems. Stock holds the whole context while decoding; mux (drop mode, budget
+    128) holds at most budget + a page or two at the longer length, by the allocator's own count."""
+    budget, page, out_tokens = 128, 16, 24
+    p = _run("memory_scaling.py", "--contexts", "256,1024", "--ratio-base", "256", "--output-tokens",
+             str(out_tokens), "--mux-budget", str(budget), "--mux-page-size", str(page), "--out", str(tmp_path),
+             "--poll-interval", "0.02", timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1].startswith("SUMMARY memory_scaling")
+    res = json.loads((tmp_path / "memory_scaling.json").read_text())
+    assert (tmp_path / "memory_scaling.png").stat().st_size > 5_000
+    stock, mux = res["systems"]["stock"], res["systems"]["mux"]
+    assert stock["kv_bytes_per_token"] == mux["mux_reported_kv_bytes_per_token"] == 2 * 2 * 2 * 64 * 4
+    for ctx in (256, 1024):
+        used = stock["points"][str(ctx)]["decode_used_tokens"]
+        assert ctx <= used <= ctx + out_tokens + 1, (ctx, used)
+    held = mux["points"]["1024"]["decode_used_tokens"]
+    assert 0 < held <= budget + 2 * page, held
+    assert res["table"][-1]["mux_over_stock"] < 0.25
