@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmark.quality.tasks import TaskError, make_sample  # noqa: E402
-from benchmark.quality.vocab import FILLER_WORDS, KEY_WORDS, VAR_NAMES  # noqa: E402
+from benchmark.quality.haystack import filler_phrases, insert_at_depths  # noqa: E402
+from benchmark.quality.vocab import FILLER_WORDS, KEY_WORDS, VAR_NAMES, number  # noqa: E402
 
 DEFAULT_OUT = ROOT / "python" / "sglang_mux" / "models" / "default"
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
@@ -35,16 +36,17 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-# Copy warm-up mixture of the first stage: short retrieval tasks only.
-WARMUP_MIXTURE = {"niah_single": 0.4, "niah_multikey": 0.4, "vt": 0.2}
+# Copy warm-up mixture of the first stage: short retrieval tasks only ("dense": see dense_recall).
+WARMUP_MIXTURE = {"dense": 0.7, "niah_multikey": 0.15, "vt": 0.15}
 # Training mixture (task -> weight). Aggregation tasks are in it at a small weight: the suite reports them.
 MIXTURE = {
-    "niah_single": 0.18,
-    "niah_multikey": 0.2,
-    "niah_multivalue": 0.1,
-    "niah_multiquery": 0.1,
-    "vt": 0.24,
-    "kv": 0.1,
+    "dense": 0.25,
+    "niah_single": 0.1,
+    "niah_multikey": 0.12,
+    "niah_multivalue": 0.08,
+    "niah_multiquery": 0.08,
+    "vt": 0.22,
+    "kv": 0.07,
     "cwe": 0.04,
     "fwe": 0.04,
 }
@@ -133,6 +135,25 @@ def stage_for(step: int, steps: int) -> tuple[int, int]:
     return STAGES[-1][1:]
 
 
+def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[int], bool]]:
+    """A training-only variant of the needle tasks: 2-8 needles in a filler haystack, then every needle
+    asked for in turn (same question and answer wording as the suite), so each sample holds several
+    retrievals. Returned as token segments, answer segments flagged."""
+    n = rng.randint(2, max(2, min(8, length // 40)))
+    keys = rng.sample(KEY_WORDS, n)
+    values = [number(rng, 6) for _ in keys]
+    n_phrases = max(2, (length - 34 * n) // 6)
+    needles = [(rng.uniform(0.0, 1.0), f"The magic number for {k} is {v}.") for k, v in zip(keys, values)]
+    haystack = " ".join(insert_at_depths(filler_phrases(rng, n_phrases), needles))
+    segments = [(tokenizer.encode(haystack), False)]
+    for i in rng.sample(range(n), n):
+        q = f"\nWhat is the magic number for {keys[i]}? The magic number for {keys[i]} is"
+        segments.append((tokenizer.encode(q, add_special_tokens=False), False))
+        segments.append((tokenizer.encode(f" {values[i]}.", add_special_tokens=False), True))
+    segments.append(([tokenizer.eos_token_id], True))
+    return segments
+
+
 def make_batch(tokenizer, rng: random.Random, step: int, steps: int, tokens_per_step: int, seed: int):
     """Token ids, next-token loss mask and answer mask for one step: same-length samples padded on the right."""
     import torch
@@ -144,23 +165,99 @@ def make_batch(tokenizer, rng: random.Random, step: int, steps: int, tokens_per_
     for b in range(max(1, tokens_per_step // length)):
         while True:
             task = rng.choices(list(mixture), weights=list(mixture.values()))[0]
+            if task == "dense":
+                rows.append(dense_recall(tokenizer, rng, length))
+                break
             try:
                 s = make_sample(task, tokenizer, length, step * 64 + b, seed + 1_000_000)
-                break
             except TaskError:
                 continue
-        prompt = tokenizer.encode(s.prompt)
-        answer = tokenizer.encode(s.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
-        rows.append((prompt, answer))
-    width = max(len(p) + len(a) for p, a in rows)
+            answer = tokenizer.encode(s.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+            rows.append([(tokenizer.encode(s.prompt), False), (answer, True)])
+            break
+    width = max(sum(len(t) for t, _ in row) for row in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     valid = torch.zeros((len(rows), width), dtype=torch.bool)
     is_answer = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (p, a) in enumerate(rows):
-        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-        valid[i, : len(p) + len(a)] = True
-        is_answer[i, len(p) : len(p) + len(a)] = True
-    return ids, valid, is_answer
+    pairs = []
+    for i, row in enumerate(rows):
+        pos = 0
+        for toks, answer_flag in row:
+            ids[i, pos : pos + len(toks)] = torch.tensor(toks)
+            valid[i, pos : pos + len(toks)] = True
+            is_answer[i, pos : pos + len(toks)] = answer_flag
+            pos += len(toks)
+        pairs += [(i, t, src) for t, src in copy_pairs(row)]
+    return ids, valid, is_answer, pairs
+
+
+def copy_pairs(row: list[tuple[list[int], bool]]) -> list[tuple[int, int]]:
+    """(query position, source position) pairs: the position that predicts an answer token, and the
+    earlier position of that token in the context it is copied from.
+
+    An answer run (the tokens between separators such as ',' '.' '"' and a lone space) is looked up as a
+    whole in the text before the answer: its j-th token's source is the match start + j. A run not found
+    whole (variable names listed with spaces) maps each token to its first occurrence (for a variable, the
+    statement that assigns it).
+    """
+    flat: list[int] = []
+    spans = []
+    for toks, answer_flag in row:
+        if answer_flag:
+            spans.append((len(flat), len(flat) + len(toks)))
+        flat += toks
+    out = []
+    for a, b in spans:
+        run_start = a
+        for j in range(a, b + 1):
+            if j == b or flat[j] in SEPARATOR_IDS:
+                run = flat[run_start:j]
+                if run:
+                    src = _find(flat[:a], run)
+                    if src is not None:
+                        out += [(run_start + k - 1, src + k) for k in range(len(run))]
+                    else:  # e.g. variable names listed with spaces: each token from its first occurrence
+                        for k, tok in enumerate(run):
+                            src = _find(flat[:a], [tok])
+                            if src is not None:
+                                out.append((run_start + k - 1, src))
+                run_start = j + 1
+    return out
+
+
+def _find(hay: list[int], needle: list[int]) -> int | None:
+    n = len(needle)
+    for i in range(len(hay) - n + 1):
+        if hay[i : i + n] == needle:
+            return i
+    return None
+
+
+SEPARATOR_IDS: set[int] = set()  # filled once the tokenizer exists: ids of ',', '.', '</s>' and the like
+
+
+def pointer_loss(model, captured: dict, pairs: list[tuple[int, int, int]], device):
+    """Attention supervision of head 0 of the last layer: -log of its attention weight from each query
+    position to the copy source of the answer token it predicts (mean over pairs). The model stays a plain
+    Llama; this only tells one head where the answer is while it learns to find it."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = model.model.layers[-1].self_attn
+    h, (cos, sin) = captured["h"], captured["pe"]
+    cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+    b = torch.tensor([p[0] for p in pairs], device=device)
+    t = torch.tensor([p[1] for p in pairs], device=device)
+    src = torch.tensor([p[2] for p in pairs], device=device)
+    hd = attn.head_dim
+    q = attn.q_proj(h[b, t])[:, :hd]  # head 0 at each query position: [P, hd]
+    k = attn.k_proj(h[b])[..., :hd]  # kv head 0 of each row: [P, T, hd]
+    q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], cos[b, t][:, None], sin[b, t][:, None])
+    k, _ = apply_rotary_pos_emb(k[:, None], k[:, None], cos[b], sin[b])
+    scores = (q[:, 0] @ k[:, 0].transpose(-1, -2))[:, 0] * attn.scaling  # [P, T]
+    causal = torch.arange(scores.shape[1], device=device)[None] > t[:, None]
+    logp = torch.log_softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
+    return -logp[torch.arange(len(pairs), device=device), src].mean()
 
 
 def train(model, tokenizer, args, log):
@@ -178,17 +275,24 @@ def train(model, tokenizer, args, log):
         p = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
-    t0, ema, ema_ans = time.time(), None, None
+    t0, ema, ema_ans, ema_ptr = time.time(), None, None, None
+    captured: dict = {}
+    last_attn = model.model.layers[-1].self_attn
+    last_attn.register_forward_pre_hook(lambda mod, a, kw: captured.update(h=kw["hidden_states"], pe=kw["position_embeddings"]), with_kwargs=True)
     for step in range(args.steps):
-        ids, valid, is_answer = make_batch(tokenizer, rng, step, args.steps, args.tokens_per_step, args.seed)
+        ids, valid, is_answer, pairs = make_batch(tokenizer, rng, step, args.steps, args.tokens_per_step, args.seed)
         ids, valid, is_answer = ids.to(device), valid.to(device), is_answer.to(device)
+        captured.clear()
         logits = model(input_ids=ids).logits[:, :-1].float()
         target, mask, amask = ids[:, 1:], valid[:, 1:], is_answer[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").view_as(target)
         lm = (nll * mask).sum() / mask.sum()
         ans = (nll * amask).sum() / amask.sum()
         loss = lm + args.answer_weight * ans
-        for g in opt.param_groups:
+        point = pointer_loss(model, captured, pairs, device) if pairs and args.pointer_weight > 0 else None
+        if point is not None:
+            loss = loss + args.pointer_weight * point
+            ema_ptr = point.item() if ema_ptr is None else 0.98 * ema_ptr + 0.02 * point.item()
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,7 +301,8 @@ def train(model, tokenizer, args, log):
         ema = lm.item() if ema is None else 0.98 * ema + 0.02 * lm.item()
         ema_ans = ans.item() if ema_ans is None else 0.98 * ema_ans + 0.02 * ans.item()
         if step % 50 == 0 or step == args.steps - 1:
-            log(f"step {step} len {ids.shape[1]} lm {ema:.3f} answer {ema_ans:.3f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
+            ptr = f"{ema_ptr:.3f}" if ema_ptr is not None else "-"
+            log(f"step {step} len {ids.shape[1]} lm {ema:.3f} answer {ema_ans:.3f} pointer {ptr} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
     model.eval()
     return model
 
@@ -211,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--answer-weight", type=float, default=2.0)
+    ap.add_argument("--pointer-weight", type=float, default=1.0, help="weight of the attention supervision (0: off)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=384)
@@ -243,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     tok = build_tokenizer(args.out, args.seed, args.vocab_size)
     log(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.0f}s)")
+    SEPARATOR_IDS.update(i for t, i in tok.get_vocab().items() if t in {",", ".", "Ġ,", "Ġ.", '"', 'Ġ"', "Ġ", "Ċ", "</s>"})
     model = build_model(tok, args)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     train(model, tok, args, log)
@@ -267,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "log")},
         "training_lengths": [list(s) for s in STAGES],
-        "mixture": MIXTURE,
+        "mixture": {"warmup": WARMUP_MIXTURE, "main": MIXTURE},
         "hf_greedy_accuracy": {"eval_seed": EVAL_SEED, "samples_per_cell": args.eval_samples, "table": table},
     }
     (args.out / "mux_model_card.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -50,6 +50,15 @@ def evaluate(model, tokenizer, tasks: list[str], lengths: list[int], n: int, see
     return table
 
 
+def markdown(table: dict, metric: str = "exact") -> str:
+    """Rows: tasks; columns: lengths; cells: ``metric`` (``n`` samples each)."""
+    lengths = sorted({int(n) for cells in table.values() for n in cells})
+    lines = ["| task | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for task, cells in table.items():
+        lines.append(f"| {task} | " + " | ".join(f"{cells[str(n)][metric]:.2f}" if str(n) in cells else "-" for n in lengths) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF model directory or name")
@@ -70,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     table = evaluate(model, tok, parse_task_list(args.tasks), lengths, args.samples, args.seed)
     print(json.dumps(table, indent=1))
+    print("exact match:\n" + markdown(table, "exact") + "\nrecall:\n" + markdown(table, "recall"))
     print(f"{time.time() - t0:.0f}s")
     if args.out:
         with open(args.out, "w") as f:

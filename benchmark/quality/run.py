@@ -49,7 +49,21 @@ def score_cell(samples, outputs, budgets) -> tuple[dict, list[dict]]:
         "n": len(records),
         "mean_budget": round(mean(budgets), 1) if budgets[0] is not None else None,
     }
+    if all(r["depth"] is not None for r in records):
+        summary["recall_by_depth"] = by_depth(records)
     return summary, records
+
+
+DEPTH_BINS = ((0.0, 0.25), (0.25, 0.75), (0.75, 1.0))
+
+
+def by_depth(records: list[dict]) -> dict:
+    """Recall per depth band of the queried item: ``{"0.25-0.75": (recall, n), ...}`` (mid-context in the middle)."""
+    out = {}
+    for lo, hi in DEPTH_BINS:
+        rs = [r["recall"] for r in records if lo <= r["depth"] < hi or (hi == 1.0 and r["depth"] == 1.0)]
+        out[f"{lo:.2f}-{hi:.2f}"] = [round(mean(rs), 4) if rs else None, len(rs)]
+    return out
 
 
 def run_suite(args, tokenizer, send=generate, progress=True) -> dict:
@@ -142,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=int, help="device-KV budget in tokens (same for every request)")
     g.add_argument("--budget-frac", type=float, help="device-KV budget as a fraction of each prompt (e.g. 0.125)")
     ap.add_argument("--tokenizer", help="HF tokenizer path/name (default: the model the server serves)")
+    ap.add_argument("--launch", metavar="ARGS", help="start a mux server for the run with these extra flags "
+                    "(quoted, e.g. \"--dtype float32\"; the bundled model unless --model-path is among them), "
+                    "stop it afterwards; --url is then ignored")
     ap.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     ap.add_argument("--out", default="benchmark/out/quality", help="output directory")
     ap.add_argument("--title", default="synthetic long-context suite")
@@ -164,8 +181,18 @@ def main(argv: list[str] | None = None) -> int:
             budget_tokens(1, args.budget, args.budget_frac)  # validate once, before any request
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.tokenizer or model_path(args.url))
-        result = run_suite(args, tok)
+        if args.launch is not None:
+            import shlex
+
+            from sglang_mux.server_process import ServerProcess
+
+            with ServerProcess(shlex.split(args.launch)) as srv:
+                args.url = srv.url
+                tok = AutoTokenizer.from_pretrained(args.tokenizer or model_path(args.url))
+                result = run_suite(args, tok)
+        else:
+            tok = AutoTokenizer.from_pretrained(args.tokenizer or model_path(args.url))
+            result = run_suite(args, tok)
     except (TaskError, PolicyError, ServerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
