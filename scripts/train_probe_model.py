@@ -293,6 +293,7 @@ def train(model, tokenizer, args, log):
         if point is not None:
             loss = loss + args.pointer_weight * point
             ema_ptr = point.item() if ema_ptr is None else 0.98 * ema_ptr + 0.02 * point.item()
+        for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
