@@ -50,8 +50,13 @@ MIXTURE = {
     "cwe": 0.04,
     "fwe": 0.04,
 }
-# Curriculum: (fraction of steps where the stage ends, min length, max length) in tokens (word-count units).
-STAGES = ((0.15, 64, 192), (0.45, 128, 1024), (1.0, 256, 2048))
+# Curriculum: (fraction of steps where the stage ends, min length, max length) in tokens, for the default
+# training length; --train-length L scales the last two stages to (L/8, L/2) and (L/4, L).
+STAGES = ((0.15, 64, 192), (0.45, 128, 512), (1.0, 256, 1024))
+
+
+def stages(train_length: int) -> tuple:
+    return ((0.15, 64, 192), (0.45, 128, train_length // 2), (1.0, train_length // 4, train_length))
 EVAL_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "kv", "cwe", "fwe")
 EVAL_SEED = 12345  # held out: training samples use --seed + 1_000_000
 
@@ -133,6 +138,11 @@ def stage_for(step: int, steps: int) -> tuple[int, int]:
         if step < end * steps:
             return lo, hi
     return STAGES[-1][1:]
+
+
+def set_train_length(train_length: int) -> None:
+    global STAGES
+    STAGES = stages(train_length)
 
 
 def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[int], bool]]:
@@ -312,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=1100)
+    ap.add_argument("--train-length", type=int, default=1024, help="longest training context in tokens")
     ap.add_argument("--tokens-per-step", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=150)
@@ -328,8 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-positions", type=int, default=65536)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval-samples", type=int, default=50)
-    ap.add_argument("--eval-lengths", default="2048")
+    ap.add_argument("--eval-samples", type=int, default=25)
+    ap.add_argument("--eval-lengths", default="1024")
     ap.add_argument("--log", type=Path, help="also append progress lines to this file")
     args = ap.parse_args(argv)
     if args.max_positions < 32768:
@@ -337,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    set_train_length(args.train_length)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
 
