@@ -124,8 +124,10 @@ class PDCluster:
         router_args: list[str] | None = None,
         timeout: float = 240.0,
         ports: dict[str, int] | None = None,
+        env: dict[str, str] | None = None,
     ):
-        """``ports``: optional fixed ports, keys ``prefill``, ``decode``, ``router``, ``bootstrap`` (else free ones)."""
+        """``ports``: optional fixed ports, keys ``prefill``, ``decode``, ``router``, ``bootstrap`` (else free ones);
+        ``env``: extra environment of both servers (e.g. SGLang's ``SGLANG_DISAGGREGATION_*`` timeouts)."""
         common = list(common_args or [])
         ports = dict(ports or {})
         unknown = sorted(set(ports) - {"prefill", "decode", "router", "bootstrap"})
@@ -135,11 +137,11 @@ class PDCluster:
         self.bootstrap_port = ports.get("bootstrap") or free_port()
         self.prefill = ServerProcess(
             common + pd_server_args("prefill", self.bootstrap_port, prefill_args), stock=stock, timeout=timeout,
-            port=ports.get("prefill"),
+            port=ports.get("prefill"), env=env,
         )
         self.decode = ServerProcess(
             common + pd_server_args("decode", self.bootstrap_port, decode_args), stock=stock, timeout=timeout,
-            port=ports.get("decode"),
+            port=ports.get("decode"), env=env,
         )
         port = ports.get("router") or free_port()
         self.router = RouterProcess(router_argv(self.prefill.url, self.bootstrap_port, self.decode.url, port, router_args), port)
