@@ -11,18 +11,21 @@ quest       ``mux_budget`` + ``sink=16,retrieval=rest``  Quest-style query-aware
 mux         ``mux_budget`` only                          the combined mux default split
 =========== ============================================ ==========================================
 
-The budget is in tokens: a fixed ``--budget`` or a fraction of each prompt (``--budget-frac``).
+The budget is in tokens: a fixed ``--budget`` or a fraction of each prompt (``--budget-frac``). Under a
+budget below 4x the sink size the sink shrinks to a quarter of the budget (``sink=15,recent=rest`` at 62
+tokens), so short prompts stay valid requests.
 """
 
 from __future__ import annotations
 
 import math
 
-POLICIES: dict[str, str | None] = {
+# policy -> (sink tokens, the leaf that takes the rest of the budget); None: no leaf split of our own.
+POLICIES: dict[str, tuple[int, str] | None] = {
     "full": None,
-    "streaming": "sink=64,recent=rest",
-    "snapkv": "sink=16,heavy=rest",
-    "quest": "sink=16,retrieval=rest",
+    "streaming": (64, "recent"),
+    "snapkv": (16, "heavy"),
+    "quest": (16, "retrieval"),
     "mux": None,
 }
 
@@ -58,6 +61,13 @@ def custom_params(policy: str, budget: int) -> dict:
     if policy == "full":
         return {"mux_exact": True}
     params: dict = {"mux_budget": budget}
-    if POLICIES[policy] is not None:
-        params["mux_leaves"] = POLICIES[policy]
+    split = POLICIES[policy]
+    if split is not None:
+        sink, rest = split
+        params["mux_leaves"] = f"sink={min(sink, budget // 4)},{rest}=rest"
     return params
+
+
+def leaves_spec(policy: str, budget: int) -> str | None:
+    """The ``mux_leaves`` string a policy sends at ``budget`` (None: the server's default split)."""
+    return custom_params(policy, budget).get("mux_leaves")

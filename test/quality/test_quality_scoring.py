@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from benchmark.quality.policies import POLICIES, PolicyError, budget_tokens, custom_params, parse_policies
+from benchmark.quality.policies import POLICIES, PolicyError, budget_tokens, custom_params, leaves_spec, parse_policies
 from benchmark.quality.run import main, markdown_table, run_suite
 from benchmark.quality.scoring import exact, recall
 from benchmark.quality.tasks import generate_tasks
@@ -59,7 +59,7 @@ def test_runner_scores_scripted_outputs(tmp_path):
     assert cells[("streaming", "cwe")]["recall"] == 0.5
     # budgets: 1/8 of each prompt, sent with the StreamingLLM split
     stream = [p for p in seen if "mux_budget" in p]
-    assert all(p["mux_leaves"] == "sink=64,recent=rest" for p in stream)
+    assert all(p["mux_leaves"] == leaves_spec("streaming", p["mux_budget"]) for p in stream)
     per_cell = json.loads((tmp_path / "streaming" / "niah_single_512.json").read_text())
     assert [r["budget"] for r in per_cell["samples"]] == [-(-r["n_tokens"] // 8) for r in per_cell["samples"]]
     md = markdown_table(result["results"])
@@ -69,11 +69,17 @@ def test_runner_scores_scripted_outputs(tmp_path):
 def test_policy_fields_accepted_by_the_server_parser():
     from sglang_mux.request_options import parse_request_options
 
-    for policy in POLICIES:
-        opts = parse_request_options(custom_params(policy, 256))
-        assert opts.exact == (policy == "full")
-        if policy != "full":
-            assert opts.budget == 256 and opts.leaves == POLICIES[policy]
+    for budget in (40, 256, 4096):
+        for policy in POLICIES:
+            opts = parse_request_options(custom_params(policy, budget))
+            assert opts.exact == (policy == "full")
+            if policy != "full":
+                assert opts.budget == budget and opts.leaves == leaves_spec(policy, budget)
+    assert leaves_spec("streaming", 4096) == "sink=64,recent=rest"
+    assert leaves_spec("streaming", 62) == "sink=15,recent=rest"
+    assert leaves_spec("snapkv", 256) == "sink=16,heavy=rest"
+    assert leaves_spec("quest", 256) == "sink=16,retrieval=rest"
+    assert leaves_spec("mux", 256) is None
 
 
 def test_budget_and_policy_errors():
