@@ -159,6 +159,9 @@ def test_openai_names():
 def test_tokenized_prompt_ids():
     validate_prompt_token_ids("text", array("q", [0, 511]), 512)
     validate_prompt_token_ids("text", None, 512)
+    validate_prompt_token_ids("text", [], 512, allow_empty=True)
+    with pytest.raises(RequestValidationError, match=r"^text: the prompt has no tokens"):
+        validate_prompt_token_ids("text", array("q"), 512)
     with pytest.raises(RequestValidationError, match=r"^text\[1\]: token id 512"):
         validate_prompt_token_ids("text", array("q", [0, 512]), 512)
 
@@ -168,8 +171,10 @@ def test_scheduled_request_second_line():
           "stop_token_ids": {2, 3}, "logit_bias": None, "top_k": 1 << 30, "n": 1, "stream_interval": None,
           "custom_params": {"mux_budget": 64}}
     validate_scheduled_request(ok, LIMITS)
+    validate_scheduled_request({**ok, "input_ids": [], "session": True}, LIMITS)
     for key, bad, field in [
         ("input_ids", array("q", [1, 512]), "input_ids[1]"),
+        ("input_ids", array("q"), "input_ids"),
         ("logprob_start_len", -3, "logprob_start_len"),
         ("top_logprobs_num", 10**5, "top_logprobs_num"),
         ("token_ids_logprob", [-1], "token_ids_logprob[0]"),

@@ -49,12 +49,13 @@ CRASH_CLASSES = [
      "input_ids[1][1]"),
     ("id-streamed", GENERATE, {"input_ids": [1, VOCAB], "stream": True, "sampling_params": {"max_new_tokens": 2}},
      "input_ids[1]"),
-    ("logprob_start_len<-1", GENERATE, {"text": "hello", "return_logprob": True, "logprob_start_len": -5,
+    ("logprob_start_len<-1", GENERATE, {"input_ids": [1, 2, 3, 4, 5], "return_logprob": True, "logprob_start_len": -2,
                                         "sampling_params": {"max_new_tokens": 2}}, "logprob_start_len"),
     ("top_logprobs_num>vocab", GENERATE, {"text": "hello", "return_logprob": True, "top_logprobs_num": 100000,
                                           "sampling_params": {"max_new_tokens": 2}}, "top_logprobs_num"),
     ("text+list-sampling_params", GENERATE, {"text": "hello", "sampling_params": [{"max_new_tokens": 2}] * 2},
      "sampling_params"),
+    ("empty-text", GENERATE, {"text": "", "sampling_params": {"max_new_tokens": 2}}, "text"),
     ("n-huge", GENERATE, {"text": "hello", "sampling_params": {"max_new_tokens": 2, "n": 100000}}, "sampling_params.n"),
     ("stop_token_ids>vocab", GENERATE, {"text": "hello", "sampling_params": {"max_new_tokens": 3, "min_new_tokens": 2,
                                                                              "stop_token_ids": [VOCAB + 3]}},
@@ -83,7 +84,7 @@ CRASH_CLASSES = [
 # guard names: it sees one tokenized prompt under SGLang's internal names.
 SCHEDULER_CLASSES = {
     "id=vocab": "input_ids[2]", "id>vocab": "input_ids[1]", "id<0": "input_ids[0]", "id-in-batch": "input_ids[1]",
-    "id-streamed": "input_ids[1]", "logprob_start_len<-1": "logprob_start_len",
+    "id-streamed": "input_ids[1]", "empty-text": "input_ids", "logprob_start_len<-1": "logprob_start_len",
     "top_logprobs_num>vocab": "top_logprobs_num", "stop_token_ids>vocab": "sampling_params.stop_token_ids[0]",
     "stream_interval=0": "sampling_params.stream_interval", "mux_budget=0": "sampling_params.custom_params.mux_budget",
     "mux_leaves-bad": "sampling_params.custom_params.mux_leaves", "completions-id": "input_ids[2]",

@@ -32,11 +32,12 @@ CLASSES = [
     ("negative token id", GENERATE, {"input_ids": [-1, 2, 3], "sampling_params": {"max_new_tokens": 2}}),
     ("bad id inside a batch", GENERATE, {"input_ids": [[1, 2, 3], [4, VOCAB + 7]], "sampling_params": {"max_new_tokens": 2}}),
     ("bad id, streamed", GENERATE, {"input_ids": [1, VOCAB], "stream": True, "sampling_params": {"max_new_tokens": 2}}),
-    ("logprob_start_len = -5", GENERATE, {"text": "hello", "return_logprob": True, "logprob_start_len": -5,
-                                          "sampling_params": {"max_new_tokens": 2}}),
+    ("logprob_start_len = -2, 5-token prompt", GENERATE, {"input_ids": [1, 2, 3, 4, 5], "return_logprob": True,
+                                                          "logprob_start_len": -2, "sampling_params": {"max_new_tokens": 2}}),
     ("top_logprobs_num = 100000", GENERATE, {"text": "hello", "return_logprob": True, "top_logprobs_num": 100000,
                                              "sampling_params": {"max_new_tokens": 2}}),
     ("text + list of sampling_params", GENERATE, {"text": "hello", "sampling_params": [{"max_new_tokens": 2}] * 2}),
+    ("empty text (0-token prompt)", GENERATE, {"text": "", "sampling_params": {"max_new_tokens": 2}}),
     ("n = 100000", GENERATE, {"text": "hello", "sampling_params": {"max_new_tokens": 2, "n": 100000}}),
     ("stop_token_ids > vocab with min_new_tokens", GENERATE,
      {"text": "hello", "sampling_params": {"max_new_tokens": 3, "min_new_tokens": 2, "stop_token_ids": [VOCAB + 3]}}),
@@ -50,7 +51,7 @@ CLASSES = [
 GREEDY = {"input_ids": [1, 5, 9, 33, 70, 101], "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
 
 
-def run(stock: bool) -> list[tuple[str, str, str]]:
+def run(stock: bool, classes: list) -> list[tuple[str, str, str]]:
     from sglang_mux.server_process import ServerProcess
 
     args = ["--dtype", "float32", "--log-level", "warning"]
@@ -58,7 +59,7 @@ def run(stock: bool) -> list[tuple[str, str, str]]:
     srv = ServerProcess(args, stock=stock).start()
     reference = requests.post(srv.url + "/generate", json=GREEDY, timeout=60).json()["output_ids"]
     try:
-        for name, endpoint, body in CLASSES:
+        for k, (name, endpoint, body) in enumerate(classes):
             try:
                 r = requests.post(srv.url + endpoint, json=body, timeout=30)
                 answer = f"HTTP {r.status_code}"
@@ -77,7 +78,7 @@ def run(stock: bool) -> list[tuple[str, str, str]]:
                     state = "exited" if not srv.alive() else "hung"
             rows.append((name, answer, state))
             print(f"{'stock' if stock else 'mux'} | {name} | {answer} | {state}", flush=True)
-            if state != "serving":
+            if state != "serving" and k + 1 < len(classes):
                 srv.stop()
                 srv = ServerProcess(args, stock=stock).start()
     finally:
@@ -89,15 +90,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["stock", "mux"])
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--match", default="", help="only the classes whose name contains this text")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    classes = [c for c in CLASSES if a.match in c[0]]
     out = {}
     for kind in ("stock", "mux"):
         if a.only in (None, kind):
-            out[kind] = run(stock=kind == "stock")
+            out[kind] = run(stock=kind == "stock", classes=classes)
     print("\n| request | " + " | ".join(f"{k}: answer | {k}: after" for k in out) + " |")
     print("|---|" + "---|---|" * len(out))
-    for i, (name, _, _) in enumerate(CLASSES):
+    for i, (name, _, _) in enumerate(classes):
         print(f"| {name} | " + " | ".join(f"{out[k][i][1]} | {out[k][i][2]}" for k in out) + " |")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

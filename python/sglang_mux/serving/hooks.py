@@ -163,7 +163,7 @@ def validate_at_tokenizer_entry(original, self, obj, *args, **kwargs):
 
 
 def validate_tokenized_prompt(result, self, obj, input_ids=None, *args, **kwargs):
-    """AFTER ``TokenizerManager._validate_one_request``: ids from text or a chat template are in the vocab.
+    """AFTER ``TokenizerManager._validate_one_request``: the prompt has tokens, all in the vocabulary.
 
     Why here: it runs once per prompt, right after tokenization, for single and batch requests; a tokenizer
     whose added tokens lie beyond the model's embedding table would otherwise crash the forward pass.
@@ -173,7 +173,8 @@ def validate_tokenized_prompt(result, self, obj, input_ids=None, *args, **kwargs
     limits = _limits(getattr(self, "model_config", None))
     if limits is not None:
         field = "input_ids" if getattr(obj, "input_ids", None) is not None else "text"
-        validate_prompt_token_ids(field, input_ids, limits.vocab_size)
+        session = bool(getattr(obj, "session_params", None))
+        validate_prompt_token_ids(field, input_ids, limits.vocab_size, allow_empty=session)
     return None
 
 
@@ -182,6 +183,7 @@ def _scheduled_fields(recv_req: Any) -> dict[str, Any]:
     sp = getattr(recv_req, "sampling_params", None)
     return {
         "input_ids": getattr(recv_req, "input_ids", None),
+        "session": getattr(recv_req, "session_params", None) is not None,
         "logprob_start_len": getattr(recv_req, "logprob_start_len", None),
         "top_logprobs_num": getattr(recv_req, "top_logprobs_num", None),
         "token_ids_logprob": getattr(recv_req, "token_ids_logprob", None),

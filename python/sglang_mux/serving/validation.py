@@ -398,30 +398,36 @@ def validate_generate_request(req: Mapping[str, Any], limits: RequestLimits) -> 
             check_bool(name, req[name])
 
 
-def validate_prompt_token_ids(field: str, input_ids: Any, vocab_size: int) -> None:
-    """Token ids of one tokenized prompt (from text, a chat template, or given): each in ``[0, vocab_size)``.
+def validate_prompt_token_ids(field: str, input_ids: Any, vocab_size: int, *, allow_empty: bool = False) -> None:
+    """Token ids of one tokenized prompt (from text, a chat template, or given): at least one (a 0-token
+    prompt crashes the forward pass; ``text: ""`` tokenizes to that with a tokenizer that adds no BOS),
+    each in ``[0, vocab_size)``.
 
-    ``input_ids`` may be ``None`` (embeddings-only prompt: nothing to check).
+    ``input_ids`` may be ``None`` (embeddings-only prompt: nothing to check). ``allow_empty``: a session
+    continuation, whose prompt the session history supplies.
     """
     if input_ids is None:
         return
     ids = _token_id_seq(input_ids)
     if ids is None:
         _fail(field, f"must be a list of token ids, got {_show(input_ids)}")
+    if not ids and not allow_empty:
+        _fail(field, "the prompt has no tokens; give at least one token")
     check_token_ids(field, ids, vocab_size, allow_empty=True)
 
 
 def validate_scheduled_request(fields: Mapping[str, Any], limits: RequestLimits) -> None:
     """One tokenized request as the scheduler receives it: the fields that reach tensors.
 
-    ``fields`` keys (missing ones are skipped): ``input_ids`` (list or array of ints), ``return_logprob``,
+    ``fields`` keys (missing ones are skipped): ``input_ids`` (list or array of ints), ``session`` (true for a
+    session continuation: an empty ``input_ids`` is then allowed), ``return_logprob``,
     ``logprob_start_len``, ``top_logprobs_num``, ``token_ids_logprob``, and the sampling values
     ``stop_token_ids`` (set or list), ``logit_bias``, ``top_k``, ``n``, ``stream_interval``, ``custom_params``.
     SGLang has already filled defaults here (e.g. ``top_k`` is 1<<30 for "whole vocabulary").
     """
     vocab = limits.vocab_size
     g = fields.get
-    validate_prompt_token_ids("input_ids", g("input_ids"), vocab)
+    validate_prompt_token_ids("input_ids", g("input_ids"), vocab, allow_empty=bool(g("session")))
     if g("logprob_start_len") is not None:
         check_int("logprob_start_len", g("logprob_start_len"), -1,
                   allowed="-1 (output tokens only) or a prompt position >= 0")
