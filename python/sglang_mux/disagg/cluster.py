@@ -3,6 +3,7 @@
     with PDCluster(common_args=["--dtype", "float32"]) as pd:        # mux on in both roles
         requests.post(pd.url + "/generate", json={...})             # the router's address
     with PDCluster(stock=True) as pd: ...                          # stock SGLang PD, same settings
+                                                                   # (CPU: --mux-disable, see __init__)
 
 Both servers are real SGLang servers (``sglang_mux.launch_server``, or stock ``sglang.launch_server``) in
 ``--disaggregation-mode prefill`` / ``decode``; KV crosses over SGLang's transfer engine (``mooncake_tcp`` on
@@ -129,6 +130,13 @@ class PDCluster:
         """``ports``: optional fixed ports, keys ``prefill``, ``decode``, ``router``, ``bootstrap`` (else free ones);
         ``env``: extra environment of both servers (e.g. SGLang's ``SGLANG_DISAGGREGATION_*`` timeouts)."""
         common = list(common_args or [])
+        if stock and not has_cuda_gpu():
+            # Stock SGLang's PD prefill cannot run on CPU without the Mooncake patch of platform/cpu_pd.py,
+            # which lives in our plugin: stock PD on CPU is SGLang's own memory and attention (--mux-disable:
+            # torch_native, no mux cache) with the plugin loaded for that patch (and request validation).
+            common = ["--mux-disable", *common]
+            stock = False
+        self.stock_memory = stock or "--mux-disable" in common
         ports = dict(ports or {})
         unknown = sorted(set(ports) - {"prefill", "decode", "router", "bootstrap"})
         if unknown:
