@@ -106,3 +106,50 @@ def test_tier_flags_validated(argv, needle):
 def test_tiered_property():
     assert not MuxConfig().tiered and MuxConfig(host_bytes=1).tiered
     assert MuxConfig(budget=512, page_size=16).staging == 32
+
+
+def test_evicted_tree_pages_are_matched_from_host_and_loaded_back_exactly():
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    from sglang_mux.memory.page_summaries import PageSummaryStore
+    from sglang_mux.memory.radix_cache import MuxRadixCache
+
+    P, size = 4, 256
+    kv = MHATokenToKVPool(size=size, page_size=P, dtype=torch.float32, head_num=2, head_dim=8, layer_num=2,
+                          device="cpu", enable_memory_saver=False)
+    alloc = PagedTokenToKVPoolAllocator(size=size, page_size=P, dtype=torch.float32, device="cpu", kvcache=kv,
+                                        need_sort=False)
+    cache = MuxRadixCache(CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=alloc,
+                                          page_size=P), num_layers=2)
+    cache.tiers = TierManager(host_bytes=1 << 20)
+    toks = list(range(100, 100 + 6 * P))
+    slots = alloc.alloc(6 * P).long()
+    g = torch.Generator().manual_seed(0)
+    for layer in range(2):
+        kv.get_key_buffer(layer)[slots] = torch.randn(6 * P, 2, 8, generator=g)
+        kv.get_value_buffer(layer)[slots] = torch.randn(6 * P, 2, 8, generator=g)
+    want_k = [kv.get_key_buffer(layer)[slots].clone() for layer in range(2)]
+    want_v = [kv.get_value_buffer(layer)[slots].clone() for layer in range(2)]
+    cache.insert(InsertParams(key=RadixKey(toks), value=slots))
+    cache.evict(EvictParams(num_tokens=6 * P))
+    assert alloc.available_size() == size and sum(1 for _ in cache.iter_nodes()) == 0
+    assert cache.tiers.bytes_by_tier()["host"] > 0
+    # overwrite the freed device pages, as other requests would
+    for layer in range(2):
+        kv.get_key_buffer(layer)[:] = 0
+    m = cache.match_prefix(MatchPrefixParams(key=RadixKey(toks + [7, 7])))
+    assert m.device_prefix_len == 6 * P and cache.loaded_back_pages == 6
+    got = cache.path_device_indices(m.last_device_node).long()
+    for layer in range(2):
+        assert torch.equal(kv.get_key_buffer(layer)[got], want_k[layer])
+        assert torch.equal(kv.get_value_buffer(layer)[got], want_v[layer])
+    store = PageSummaryStore.for_pool(kv, P)
+    kmin, kmax = store.get(1, got[::P])
+    assert torch.equal(kmin, want_k[1].view(6, P, 2, 8).amin(1)) and torch.equal(kmax, want_k[1].view(6, P, 2, 8).amax(1))
+    # an unrelated prefix matches nothing
+    m2 = cache.match_prefix(MatchPrefixParams(key=RadixKey(list(range(500, 500 + 2 * P)))))
+    assert m2.device_prefix_len == 0

@@ -86,3 +86,17 @@ def test_budget_covering_context_is_exact_with_tiers(tier_server, stock_server, 
     want = stock_server.greedy_ids(ids, 12)
     got = tier_server.greedy_ids(ids, 12, sampling_params={"custom_params": {"mux_budget": 2048}})
     assert got == want
+
+
+def test_finished_tiered_prompt_is_reused_from_lower_tiers(tier_server, tokenizer):
+    requests.post(tier_server.url + "/flush_cache", timeout=30)
+    ids = ids_of(tokenizer, 2500, seed=21)
+    first_ids, first_lp = run(tier_server, ids, n=8)
+    body = {"input_ids": ids, "return_logprob": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}}
+    again = tier_server.generate(body).json()
+    # the device kept only the prefix before the first demoted page; the rest came back from host/disk (all but
+    # the observation window, which is always recomputed so that the routed output does not depend on caching)
+    assert again["meta_info"]["cached_tokens"] >= len(ids) - 32 - 2 * PAGE
+    assert again["output_ids"] == first_ids
+    assert max(abs(a[0] - b) for a, b in zip(again["meta_info"]["output_token_logprobs"], first_lp)) < 1e-4

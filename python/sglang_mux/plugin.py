@@ -43,6 +43,6 @@ def register() -> None:
 
         install_stats_route()
     from sglang_mux.serving.hooks import install_request_validation; install_request_validation()
-    from sglang_mux.platform.cpu_pd import install_cpu_pd_workarounds; install_cpu_pd_workarounds()
+    from sglang_mux.disagg.hooks import install_pd_hooks; install_pd_hooks()
     _registered = True
     logger.debug("sglang-mux plugin registered")

@@ -61,8 +61,8 @@ class MuxAttentionBackend(AttentionBackend):
         self.page_size = mux_config.page_size
         start = getattr(self.kv_pool, "start_layer", 0) or 0
         self.num_layers = self.kv_pool.layer_num
-        k_buffers = [self.kv_pool.get_key_buffer(start + i) for i in range(self.num_layers)]
-        self.summaries = PageSummaryStore(k_buffers, self.page_size, start_layer=start)
+        self.summaries = PageSummaryStore.for_pool(self.kv_pool, self.page_size)
+        k_buffers = self.summaries.k_buffers
         self.start_layer = start
         self.tiers = shared_tier_manager(mux_config)
         self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mux-fetch") if self.tiers else None
@@ -233,7 +233,9 @@ class MuxAttentionBackend(AttentionBackend):
         kvb = STATS.kv_bytes_per_token
         per_tier = {"host": 0, "disk": 0}
         for key in st.demoted.values():
-            per_tier[self.tiers.tier_of(key)] += self.page_size * kvb
+            tier = self.tiers.tier_of(key) if key is not None else None
+            if tier is not None:
+                per_tier[tier] += self.page_size * kvb
         cold_summary_bytes = 2 * len(st.demoted) * self.num_layers * self.summaries.k_buffers[0][0].numel() * self.summaries.k_buffers[0].element_size()
         return {
             "context_tokens": seq_len,

@@ -17,7 +17,22 @@ from __future__ import annotations
 import torch
 
 
+_SHARED: dict[int, "PageSummaryStore"] = {}
+
+
 class PageSummaryStore:
+    @classmethod
+    def for_pool(cls, kv_pool, page_size: int) -> "PageSummaryStore":
+        """The process's store for this KV pool (the attention backend and the radix cache share it)."""
+        key = id(kv_pool)
+        cur = _SHARED.get(key)
+        start0 = getattr(kv_pool, "start_layer", 0) or 0
+        if cur is None or cur.page_size != page_size or cur.k_buffers[0] is not kv_pool.get_key_buffer(start0):
+            start = getattr(kv_pool, "start_layer", 0) or 0
+            k_buffers = [kv_pool.get_key_buffer(start + i) for i in range(kv_pool.layer_num)]
+            _SHARED[key] = cls(k_buffers, page_size, start_layer=start)
+        return _SHARED[key]
+
     def __init__(self, k_buffers: list[torch.Tensor], page_size: int, start_layer: int = 0):
         self.page_size = page_size
         self.start_layer = start_layer

@@ -229,6 +229,9 @@ class TierManager:
         self.host = HostTier(host_bytes, pin=pin) if host_bytes > 0 else None
         self.disk = DiskTier(disk_path, disk_bytes) if disk_path and disk_bytes > 0 else None
         self._where: dict[object, str] = {}
+        # Pages kept only to serve future prefix hits (evicted/finished radix-tree pages), oldest first: they
+        # make room for pages of running requests, whose exact copies are needed.
+        self._reclaimable: dict[object, None] = {}
 
     @property
     def enabled(self) -> bool:
@@ -237,8 +240,20 @@ class TierManager:
     def tiers(self):
         return [t for t in (self.host, self.disk) if t is not None]
 
-    def demote(self, key, record: torch.Tensor) -> str | None:
-        """Store the page in the highest tier with room; host pages spill to disk to make room. None: no room."""
+    def demote(self, key, record: torch.Tensor, reclaimable: bool = False) -> str | None:
+        """Store the page in the highest tier with room; host pages spill to disk to make room, and reclaimable
+        pages (prefix-cache copies) are forgotten, oldest first, to make room for others. None: no room."""
+        while True:
+            where = self._place(key, record)
+            if where is not None:
+                if reclaimable:
+                    self._reclaimable[key] = None
+                return where
+            if reclaimable or not self._reclaimable:
+                return None
+            self.evict(next(iter(self._reclaimable)))
+
+    def _place(self, key, record: torch.Tensor) -> str | None:
         if self.host is not None:
             if self.host.put(key, record):
                 self._where[key] = "host"
@@ -270,7 +285,17 @@ class TierManager:
     def tier_of(self, key) -> str | None:
         return self._where.get(key)
 
+    def rename(self, old, new, reclaimable: bool = True) -> bool:
+        """Re-key a stored page (a request's page adopted by the prefix cache); False if ``old`` is not stored."""
+        tier = self._where.get(old)
+        if tier is None or new in self._where:
+            return False
+        rec = self.get(old)
+        self.evict(old)
+        return self.demote(new, rec, reclaimable=reclaimable) is not None
+
     def evict(self, key) -> None:
+        self._reclaimable.pop(key, None)
         tier = self._where.pop(key, None)
         if tier == "host":
             self.host.evict(key)
