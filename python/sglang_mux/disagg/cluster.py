@@ -57,7 +57,10 @@ def router_argv(prefill_url: str, bootstrap_port: int, decode_url: str, port: in
     return [
         sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
         "--prefill", prefill_url, str(bootstrap_port), "--decode", decode_url,
-        "--host", "127.0.0.1", "--port", str(port), *(extra or []),
+        "--host", "127.0.0.1", "--port", str(port),
+        # The router's metrics exporter listens on 29000 by default: two routers on one machine collide.
+        *([] if "--prometheus-port" in (extra or []) else ["--prometheus-port", str(free_port())]),
+        *(extra or []),
     ]
 
 
