@@ -132,3 +132,17 @@ def test_heavy_hitters_come_from_scores():
 
 def test_page_positions_worked_example():
     assert page_positions(torch.tensor([0, 2]), 10, 4).tolist() == [0, 1, 2, 3, 8, 9]
+
+
+def test_a_failing_request_is_marked_and_the_batch_goes_on():
+    cfg = MuxConfig(budget=64, page_size=8)
+    L = 300
+    be, layer, kv, r2t, slots = make_backend(cfg, L, seed=6)
+    grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
+    good, bad = RequestState(), RequestState()
+    bad.demoted = {5: ("gone", 5)}  # a page said to be off the device, with no tier behind it
+    q = torch.randn(2, HQ * D, generator=torch.Generator().manual_seed(1))
+    plan = [_ReqPlan("bad", 1, L, grant, bad), _ReqPlan("good", 1, L, grant, good)]
+    out = be._routed_decode(q, layer, plan)
+    assert bad.error is not None and "bad" not in (good.error or "")
+    assert torch.all(out[0] == 0) and torch.isfinite(out[1]).all() and out[1].abs().sum() > 0

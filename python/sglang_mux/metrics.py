@@ -31,6 +31,7 @@ class MuxStats:
     staging_waited: int = 0
     staging_skipped: int = 0
     checksum_failures: int = 0
+    failed_requests: int = 0
     tier_bytes: dict = field(default_factory=dict)
     staging_bytes: int = 0
     last_tiered_request: dict = field(default_factory=dict)

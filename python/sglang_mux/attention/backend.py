@@ -120,10 +120,13 @@ class MuxAttentionBackend(AttentionBackend):
             plan.append(p)
             if not p.grant.exact:
                 cfg = self.router.effective_config(st.options)
-                if cfg.drop_cold:
-                    self._drop_cold_pages(p)
-                elif self.tiers is not None:
-                    self._demote_cold_pages(p, cfg)
+                try:
+                    if cfg.drop_cold:
+                        self._drop_cold_pages(p)
+                    elif self.tiers is not None:
+                        self._demote_cold_pages(p, cfg)
+                except Exception as e:
+                    self._fail_request(p, e)
             held = L - len(st.off_device_pages()) * self.page_size
             STATS.device_kv_tokens_held[rid] = held
             if st.demoted:
@@ -368,9 +371,14 @@ class MuxAttentionBackend(AttentionBackend):
                 o[i] = out.reshape(-1).to(o.dtype)
                 max_pages = max(max_pages, num_pages_of(p.seq_len, self.page_size))
                 continue
-            pages, by_leaf = self.select_pages(qv[i], lidx, req_row, p)
-            k_sel, v_sel, positions = self._gather_kv(p, pages, lidx, k_buf, v_buf, req_row)
-            out, probs = attend(qv[i], k_sel, v_sel, layer.scaling)
+            try:
+                pages, by_leaf = self.select_pages(qv[i], lidx, req_row, p)
+                k_sel, v_sel, positions = self._gather_kv(p, pages, lidx, k_buf, v_buf, req_row)
+                out, probs = attend(qv[i], k_sel, v_sel, layer.scaling)
+            except Exception as e:  # one request's failure must not take the batch (or the server) down
+                self._fail_request(p, e)
+                o[i] = 0
+                continue
             o[i] = out.reshape(-1).to(o.dtype)
             if p.state.heavy_scores is not None:
                 accumulate_decode_mass(p.state.heavy_scores[lidx], positions, probs, self.page_size)
@@ -408,6 +416,14 @@ class MuxAttentionBackend(AttentionBackend):
             vs.append(rec[lidx, 1].to(v_buf.dtype))
             poss.append(torch.arange(page * P, page * P + P, device=pages.device))
         return torch.cat(ks), torch.cat(vs), torch.cat(poss)
+
+    def _fail_request(self, p: _ReqPlan, err: Exception) -> None:
+        """Second line of defence: the request is finished with an error by the scheduler hook
+        (``router/hooks.py::abort_failed_requests``); the rest of the batch goes on. Logged once per request."""
+        if p.state.error is None:
+            logger.exception("mux: routed decode failed for request %s; aborting it", p.rid, exc_info=err)
+            p.state.error = f"mux routed decode failed for this request: {type(err).__name__}: {err}"
+        STATS.failed_requests += 1
 
     def select_pages(self, q_req, lidx: int, req_row, p: _ReqPlan) -> tuple[torch.Tensor, dict]:
         """The sorted logical pages one routed request reads at one layer, and how many each leaf chose."""
