@@ -153,3 +153,32 @@ def test_evicted_tree_pages_are_matched_from_host_and_loaded_back_exactly():
     # an unrelated prefix matches nothing
     m2 = cache.match_prefix(MatchPrefixParams(key=RadixKey(list(range(500, 500 + 2 * P)))))
     assert m2.device_prefix_len == 0
+
+
+def test_remote_tier_over_sglang_hicache_file_backend(tmp_path):
+    from sglang_mux.memory.remote_tier import RemoteTier
+
+    remote = RemoteTier.from_hicache("file", str(tmp_path / "store"), 10 * NB)
+    m = TierManager(host_bytes=NB, remote=remote)
+    assert m.demote(("prefix", 1), rec(1), reclaimable=True) == "host"
+    assert m.demote(("prefix", 2), rec(2), reclaimable=True) == "remote"  # host full: the store takes the copy
+    assert m.demote(("req", 3), rec(3)) is None or m.tier_of(("req", 3)) != "remote"  # never a running page
+    assert torch.equal(m.get(("prefix", 2)), rec(2))
+    (f,) = [p for p in (tmp_path / "store").iterdir() if p.suffix == ".bin"]
+    data = bytearray(f.read_bytes())
+    data[0] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(PageIntegrityError, match="checksum"):
+        m.get(("prefix", 2))
+    with pytest.raises(TierConfigError, match="--mux-remote-backend"):
+        RemoteTier.from_hicache("bogus", "", 1)
+
+
+def test_prefix_hashes_are_stable_and_chained():
+    from sglang_mux.memory.prefix_tiers import page_hashes
+
+    a = page_hashes(list(range(12)), None, 4)
+    assert a == page_hashes(list(range(12)), None, 4) and len(a) == 3
+    b = page_hashes([99] + list(range(1, 12)), None, 4)
+    assert a[0] != b[0] and a[1] != b[1]  # a change in page 0 changes every later key
+    assert page_hashes(list(range(12)), ("lora", None), 4)[0] != a[0]

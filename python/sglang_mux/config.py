@@ -68,6 +68,14 @@ class MuxConfig:
     )
     disk_path: str = _knob("", "Directory of the disk tier (one CRC-checked file per page); needs --mux-disk-bytes.", "DIR")
     disk_bytes: int = _knob(0, "Disk tier capacity in bytes (0: no disk tier).", "BYTES")
+    remote_backend: str = _knob(
+        "",
+        "Lowest tier through one of SGLang's HiCache storage backends ('file', 'mooncake', 'hf3fs', 'nixl'); holds "
+        "copies of radix-tree prefix pages (the store may evict them). Empty: none.",
+        "NAME",
+    )
+    remote_path: str = _knob("", "Directory for --mux-remote-backend file (other stores read their own config).", "DIR")
+    remote_bytes: int = _knob(1 << 34, "Bytes of prefix pages sglang-mux keeps in the remote tier.", "BYTES")
     staging_pages: int = _knob(
         -1, "Device staging area per request, in pages, for pages fetched from lower tiers; -1: budget/page size.", "PAGES"
     )
@@ -133,6 +141,12 @@ class MuxConfig:
             raise MuxConfigError(f"--mux-disk-bytes: must be >= 0, got {self.disk_bytes}")
         if bool(self.disk_path) != (self.disk_bytes > 0):
             raise MuxConfigError("--mux-disk-path and --mux-disk-bytes: give both (a directory and a size > 0) or neither")
+        if self.remote_backend not in ("", "file", "mooncake", "hf3fs", "nixl"):
+            raise MuxConfigError(
+                f"--mux-remote-backend: allowed: file, mooncake, hf3fs, nixl; got {self.remote_backend!r}"
+            )
+        if self.remote_bytes < 0:
+            raise MuxConfigError(f"--mux-remote-bytes: must be >= 0, got {self.remote_bytes}")
         if self.staging_pages < -1:
             raise MuxConfigError(f"--mux-staging-pages: must be >= 0 (or -1 for auto), got {self.staging_pages}")
         if self.missing_page not in ("wait", "skip"):
@@ -153,7 +167,7 @@ class MuxConfig:
     @property
     def tiered(self) -> bool:
         """Cold pages of routed requests leave the device for the host/disk tiers."""
-        return self.host_bytes > 0 or self.disk_bytes > 0
+        return self.host_bytes > 0 or self.disk_bytes > 0 or bool(self.remote_backend)
 
     @property
     def staging(self) -> int:

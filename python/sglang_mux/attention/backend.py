@@ -123,7 +123,7 @@ class MuxAttentionBackend(AttentionBackend):
                 try:
                     if cfg.drop_cold:
                         self._drop_cold_pages(p)
-                    elif self.tiers is not None:
+                    elif self.tiers is not None and self.tiers.takes_running_pages:
                         self._demote_cold_pages(p, cfg)
                 except Exception as e:
                     self._fail_request(p, e)

@@ -3,8 +3,9 @@
 When the tree evicts a node from the device, or a tiered request finishes with pages already off the device,
 those pages are kept in the lower tiers under a key that names their whole token prefix:
 
-    h_0 = hash(namespace)                    namespace: the RadixKey's extra key and cache salt
-    h_j = hash((h_{j-1}, tokens of page j))  page j of the prefix, P tokens
+    h_0 = xxh64(namespace)                   namespace: the RadixKey's extra key and cache salt
+    h_j = xxh64(h_{j-1} || tokens of page j)  page j of the prefix, P tokens (int64 little endian)
+(a stable hash, so keys mean the same in every process that shares a remote store)
 
 A later match that stops on the device continues here page by page (h_m, h_{m+1}, ... while present); those pages
 are loaded back into freshly allocated device slots, their summaries rebuilt, and inserted into the tree like any
@@ -19,10 +20,14 @@ from collections.abc import Sequence
 
 def page_hashes(tokens: Sequence[int], namespace, page_size: int, upto_pages: int | None = None) -> list[int]:
     """``[h_1 .. h_n]``: the chained hash after each full page of ``tokens``."""
+    import numpy as np
+    import xxhash
+
     n = len(tokens) // page_size if upto_pages is None else min(upto_pages, len(tokens) // page_size)
-    out, h = [], hash(("mux-prefix", namespace))
+    arr = np.asarray(tokens[: n * page_size], dtype="<i8")
+    out, h = [], xxhash.xxh64(repr(("mux-prefix", namespace)).encode()).intdigest()
     for j in range(n):
-        h = hash((h, tuple(tokens[j * page_size : (j + 1) * page_size])))
+        h = xxhash.xxh64(h.to_bytes(8, "little") + arr[j * page_size : (j + 1) * page_size].tobytes()).intdigest()
         out.append(h)
     return out
 

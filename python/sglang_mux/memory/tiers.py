@@ -225,26 +225,30 @@ class DiskTier:
 class TierManager:
     """Host, then disk: where a page that leaves the device goes, and where it is read back from."""
 
-    def __init__(self, host_bytes: int, disk_path: str = "", disk_bytes: int = 0, pin: bool = False):
+    def __init__(self, host_bytes: int, disk_path: str = "", disk_bytes: int = 0, pin: bool = False, remote=None):
         self.host = HostTier(host_bytes, pin=pin) if host_bytes > 0 else None
         self.disk = DiskTier(disk_path, disk_bytes) if disk_path and disk_bytes > 0 else None
+        self.remote = remote  # a RemoteTier (SGLang HiCache storage backend), reclaimable pages only
         self._where: dict[object, str] = {}
         # Pages kept only to serve future prefix hits (evicted/finished radix-tree pages), oldest first: they
         # make room for pages of running requests, whose exact copies are needed.
         self._reclaimable: dict[object, None] = {}
 
     @property
-    def enabled(self) -> bool:
+    def takes_running_pages(self) -> bool:
+        """Host or disk exists: a running request's only copy of a page may leave the device."""
         return self.host is not None or self.disk is not None
 
     def tiers(self):
-        return [t for t in (self.host, self.disk) if t is not None]
+        return [t for t in (self.host, self.disk, self.remote) if t is not None]
 
     def demote(self, key, record: torch.Tensor, reclaimable: bool = False) -> str | None:
         """Store the page in the highest tier with room; host pages spill to disk to make room, and reclaimable
         pages (prefix-cache copies) are forgotten, oldest first, to make room for others. None: no room."""
         while True:
             where = self._place(key, record)
+            if where is None and reclaimable and self.remote is not None and self.remote.put(key, record):
+                self._where[key] = where = "remote"
             if where is not None:
                 if reclaimable:
                     self._reclaimable[key] = None
@@ -280,7 +284,10 @@ class TierManager:
         tier = self._where.get(key)
         if tier is None:
             raise PageIntegrityError(f"no tier holds page {key!r}")
-        return (self.host if tier == "host" else self.disk).get(key)
+        return self._tier(tier).get(key)
+
+    def _tier(self, name: str):
+        return {"host": self.host, "disk": self.disk, "remote": self.remote}[name]
 
     def tier_of(self, key) -> str | None:
         return self._where.get(key)
@@ -297,10 +304,8 @@ class TierManager:
     def evict(self, key) -> None:
         self._reclaimable.pop(key, None)
         tier = self._where.pop(key, None)
-        if tier == "host":
-            self.host.evict(key)
-        elif tier == "disk":
-            self.disk.evict(key)
+        if tier is not None:
+            self._tier(tier).evict(key)
 
     def bytes_by_tier(self) -> dict[str, int]:
         return {t.name: t.size_info().used_bytes for t in self.tiers()}
@@ -320,11 +325,16 @@ def shared_tier_manager(cfg) -> TierManager | None:
     """The process's TierManager for this config (the attention backend and the cache share it); None if untiered."""
     if not cfg.tiered:
         return None
-    key = (cfg.host_bytes, cfg.disk_path, cfg.disk_bytes)
+    key = (cfg.host_bytes, cfg.disk_path, cfg.disk_bytes, cfg.remote_backend, cfg.remote_path, cfg.remote_bytes)
     if key not in _SHARED:
         if cfg.disk_path:
             os.makedirs(cfg.disk_path, exist_ok=True)
-        import torch as _t
+        remote = None
+        if cfg.remote_backend:
+            from sglang_mux.memory.remote_tier import RemoteTier
 
-        _SHARED[key] = TierManager(cfg.host_bytes, cfg.disk_path, cfg.disk_bytes, pin=_t.cuda.is_available())
+            remote = RemoteTier.from_hicache(cfg.remote_backend, cfg.remote_path, cfg.remote_bytes)
+        _SHARED[key] = TierManager(
+            cfg.host_bytes, cfg.disk_path, cfg.disk_bytes, pin=torch.cuda.is_available(), remote=remote
+        )
     return _SHARED[key]
