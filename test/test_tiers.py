@@ -182,3 +182,14 @@ def test_prefix_hashes_are_stable_and_chained():
     b = page_hashes([99] + list(range(1, 12)), None, 4)
     assert a[0] != b[0] and a[1] != b[1]  # a change in page 0 changes every later key
     assert page_hashes(list(range(12)), ("lora", None), 4)[0] != a[0]
+
+
+def test_disk_tier_after_a_killed_server_starts_clean(tmp_path):
+    d = DiskTier(str(tmp_path), 10 * NB)
+    d.put(("old", 1), rec(1))
+    d.put(("old", 2), rec(2))
+    # the process dies here (no evict); a new server starts on the same directory
+    d2 = DiskTier(str(tmp_path), 10 * NB)
+    assert d2.stale_removed == 2 and not list(tmp_path.glob("page-*.kv"))
+    assert d2.size_info().used_bytes == 0 and d2.put(("new", 1), rec(3))
+    assert torch.equal(d2.get(("new", 1)), rec(3))

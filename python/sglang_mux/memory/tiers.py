@@ -129,6 +129,22 @@ class DiskTier:
         self._lock = threading.Lock()
         self.write_failures = 0
         self.checksum_failures = 0
+        self.stale_removed = self._remove_stale_pages()
+
+    def _remove_stale_pages(self) -> int:
+        """Page files left by a process that died (killed server): their keys meant nothing outside it, and
+        counting them would make the capacity lie. Removed at start; returns how many."""
+        n = 0
+        if self.path.is_dir():
+            for f in self.path.glob("page-*.kv"):
+                try:
+                    f.unlink()
+                    n += 1
+                except OSError:
+                    pass
+        if n:
+            logger.info("disk tier: removed %d stale page files from %s", n, self.path)
+        return n
 
     @staticmethod
     def check_startup(path: str, capacity_bytes: int) -> None:
