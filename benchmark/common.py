@@ -114,7 +114,8 @@ def server_flags(args: argparse.Namespace, *, context_length: int, max_running: 
                  chunked_prefill: int = 16384) -> list[str]:
     """SGLang flags both systems get (mux flags are added by ``start_server``)."""
     flags = ["--dtype", args.dtype, "--context-length", str(context_length),
-             "--max-running-requests", str(max_running), "--chunked-prefill-size", str(chunked_prefill)]
+             "--max-running-requests", str(max_running), "--chunked-prefill-size", str(chunked_prefill),
+             "--max-prefill-tokens", str(chunked_prefill)]
     if args.model_path:
         flags += ["--model-path", args.model_path]
     return flags + extra_flags(args.server_arg)

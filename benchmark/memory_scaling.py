@@ -93,7 +93,10 @@ def measure_request(srv, ctx: int, a: argparse.Namespace, mux: bool) -> dict:
 
 
 def run_system(system: str, a: argparse.Namespace) -> dict:
-    flags = C.server_flags(a, context_length=max(a.contexts) + a.output_tokens + 64, max_running=4)
+    # One prefill chunk per prompt: torch_native's extend attends from every position of the sequence (not just the
+    # new tokens), so a second chunk costs a whole second prefill on CPU.
+    flags = C.server_flags(a, context_length=max(a.contexts) + a.output_tokens + 64, max_running=4,
+                           chunked_prefill=max(a.contexts) + 256)
     kv_bpt = C.kv_bytes_per_token(a)
     points = {}
     with C.start_server(system, flags, a) as srv:

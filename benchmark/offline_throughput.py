@@ -44,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-total-tokens", type=C.positive_int, default=None,
                    help="device KV capacity in tokens for BOTH systems (default: two longest requests)")
     p.add_argument("--max-running-requests", type=C.positive_int, default=16, help="for both systems")
-    p.add_argument("--chunked-prefill-size", type=C.positive_int, default=16384, help="for both systems")
+    p.add_argument("--chunked-prefill-size", type=C.positive_int, default=None,
+                   help="for both systems (default: the longest prompt + 256, one chunk per prompt: torch_native's "
+                        "extend attends from every position, so each extra chunk costs another full prefill on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=C.positive_int, default=3600, help="seconds allowed per system")
     p.add_argument("--out", type=Path, default=Path("benchmark/out/offline_throughput"))
@@ -57,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.output_tokens < 4:
         p.error(f"--output-tokens: SGLang's benchmark needs >= 4, got {a.output_tokens}")
     longest = a.max_prompt_tokens + a.output_tokens
+    if a.chunked_prefill_size is None:
+        a.chunked_prefill_size = a.max_prompt_tokens + 256
     if a.max_total_tokens is None:
         a.max_total_tokens = 2 * longest + 1024
     if a.max_total_tokens < longest:
@@ -72,6 +76,7 @@ def bench_argv(system: str, a: argparse.Namespace, dataset: Path, result: Path) 
         "--sharegpt-context-len", str(context), "--result-filename", str(result), "--skip-warmup",
         "--dtype", a.dtype, "--context-length", str(context), "--max-total-tokens", str(a.max_total_tokens),
         "--max-running-requests", str(a.max_running_requests), "--chunked-prefill-size", str(a.chunked_prefill_size),
+        "--max-prefill-tokens", str(a.chunked_prefill_size),
         "--seed", str(a.seed), *C.extra_flags(a.server_arg),
     ]
     if not C.has_gpu():
