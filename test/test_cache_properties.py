@@ -134,3 +134,21 @@ def test_subtract_ranges_worked_example():
     assert _subtract_ranges([(0, 10)], [(2, 4)]) == [(0, 2), (4, 10)]
     assert _subtract_ranges([(0, 8), (12, 20)], [(4, 16)]) == [(0, 4), (16, 20)]
     assert _subtract_ranges([(0, 4)], [(0, 4)]) == []
+
+
+def test_page_table_folds_importance_and_leaf_views_along_the_path():
+    from sglang_mux.memory.page_table import LEAF_BITS
+
+    kv, alloc, cache, store = make()
+    cache.num_layers = 1
+    slots = alloc.alloc(3 * P).long()
+    cache.insert(InsertParams(key=RadixKey(list(range(3 * P))), value=slots))
+    more = alloc.alloc(2 * P).long()
+    res = cache.insert(InsertParams(key=RadixKey(list(range(3 * P)) + [7] * (2 * P)), value=torch.cat([slots, more])))
+    scores = torch.tensor([[1.0, 0.0, 3.0, 5.0, 2.0]])
+    views = torch.tensor([LEAF_BITS["recent"], 0, LEAF_BITS["sink_heavy"], 0, LEAF_BITS["retrieval"]], dtype=torch.uint8)
+    cache._fold_importance(res.last_device_node, scores, views)
+    head = res.last_device_node.parent
+    assert head.mux_pages.importance[0].tolist() == [1.0, 0.0, 3.0]
+    assert res.last_device_node.mux_pages.importance[0].tolist() == [5.0, 2.0]
+    assert head.mux_pages.leaf_mask.tolist() == [1, 0, 2] and res.last_device_node.mux_pages.leaf_mask.tolist() == [0, 4]

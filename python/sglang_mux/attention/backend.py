@@ -28,6 +28,7 @@ from sglang_mux.attention.routed_decode import attend, num_pages_of, page_positi
 from sglang_mux.config import MuxConfig
 from sglang_mux.leaves import LEAVES, LeafContext
 from sglang_mux.memory.page_summaries import PageSummaryStore
+from sglang_mux.memory.page_table import LEAF_BITS
 from sglang_mux.memory.staging import StagingArea
 from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
 from sglang_mux.metrics import STATS
@@ -454,6 +455,8 @@ class MuxAttentionBackend(AttentionBackend):
             by_leaf[name] = int(pages.numel())
             ctx.taken[pages] = True
             chosen.append(pages)
+            if lidx == 0:
+                p.state.note_leaf_views(pages, LEAF_BITS[name], n)
         return torch.sort(torch.cat(chosen)).values, by_leaf
 
     def support_triton(self):

@@ -9,7 +9,7 @@ A node owns ``len(node.value)`` tokens (a multiple of the page size ``P``: keys 
     tier         uint8   where the exact copy lives (TIER_DEVICE for now; lower tiers come with the TierManager)
     importance   float32 [num_layers, n]: accumulated attention (heavy-hitter scores) folded in from the
                          requests that read this page
-    leaf_mask    uint8   bit per leaf holding a view of the page (hot copy in the window/sinks/heavy set)
+    leaf_mask    uint8   bit per leaf that read the page for some request (LEAF_BITS), OR-ed in on checkpoint
 
 Splits slice every column at the same page boundary; shared prefixes share the node and so the table.
 """
@@ -57,6 +57,12 @@ class PageTable:
         n = min(scores.shape[1], len(self))
         if n:
             self.importance[:, :n] = torch.maximum(self.importance[:, :n], scores[:, :n].float().cpu())
+
+    def fold_leaf_views(self, masks: torch.Tensor) -> None:
+        """OR in the leaf bits a request recorded for these pages (``masks [<= n]`` uint8)."""
+        n = min(masks.numel(), len(self))
+        if n:
+            self.leaf_mask[:n] |= masks[:n].to(torch.uint8).cpu()
 
     def agrees_with(self, value: torch.Tensor, page_size: int) -> bool:
         """The table describes exactly this node span (used by the invariant checks)."""

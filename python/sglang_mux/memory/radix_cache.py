@@ -227,8 +227,8 @@ class MuxRadixCache(RadixCache):
             self._checkpointing = False
         if st is not None:
             st.protected_len = req.kv.cache_protected_len
-            if st.heavy_scores is not None:
-                self._fold_importance(req.last_node, st.heavy_scores)
+            if st.heavy_scores is not None or st.leaf_views is not None:
+                self._fold_importance(req.last_node, st.heavy_scores, st.leaf_views)
 
     def _may_drop(self, st, seq_len: int) -> bool:
         if st.options.exact:
@@ -236,7 +236,8 @@ class MuxRadixCache(RadixCache):
         cfg = st.options.effective_config(self.mux_config)
         return (cfg.drop_cold or cfg.tiered) and seq_len > cfg.budget // 2
 
-    def _fold_importance(self, last_node, scores: torch.Tensor) -> None:
+    def _fold_importance(self, last_node, scores, leaf_views=None) -> None:
+        """Fold a request's per-page importances and leaf views into the tables of the nodes on its path."""
         path = []
         n = last_node
         while n is not None and n is not self.root_node:
@@ -245,9 +246,10 @@ class MuxRadixCache(RadixCache):
         page = 0
         for node in reversed(path):
             pt = self.page_table(node)
-            if page >= scores.shape[1]:
-                break
-            pt.fold_importance(scores[:, page : page + len(pt)])
+            if scores is not None and page < scores.shape[1]:
+                pt.fold_importance(scores[:, page : page + len(pt)])
+            if leaf_views is not None and page < leaf_views.numel():
+                pt.fold_leaf_views(leaf_views[page : page + len(pt)])
             page += len(pt)
 
     def free_kv_row(self, kv, ranges):
