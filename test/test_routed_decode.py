@@ -146,3 +146,51 @@ def test_a_failing_request_is_marked_and_the_batch_goes_on():
     out = be._routed_decode(q, layer, plan)
     assert bad.error is not None and "bad" not in (good.error or "")
     assert torch.all(out[0] == 0) and torch.isfinite(out[1]).all() and out[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["wait", "skip"])
+def test_demoted_pages_are_read_through_staging(mode):
+    """Tiered routed step: demoted pages give the same attention as resident ones (wait), or are left out this step
+    and fetched in the background (skip), and then served from staging."""
+    import time
+
+    from sglang_mux.memory.staging import StagingArea
+    from sglang_mux.memory.tiers import TierManager
+    from sglang_mux.metrics import STATS
+
+    cfg = MuxConfig(budget=64, page_size=8, leaves="sink=8,recent=8,retrieval=rest", host_bytes=1 << 20,
+                    missing_page=mode)
+    L = 400
+    be, layer, kv, r2t, slots = make_backend(cfg, L, seed=7)
+    q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(2))
+    grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
+    ref_state = RequestState()
+    pages, _ = be.select_pages(q[0], 0, r2t.req_to_token[1], _ReqPlan("r", 1, L, grant, ref_state))
+    want = be._routed_decode(q.reshape(1, -1), layer, [_ReqPlan("r", 1, L, grant, ref_state)])
+
+    # demote every chosen retrieval page by hand (what ColdPageMover.demote does), then poison its device slots
+    be.cold.tiers = be.tiers = TierManager(host_bytes=1 << 20)
+    st = RequestState()
+    st.staging = StagingArea(8, "cpu")
+    retrieved = [int(x) for x in pages.tolist() if 1 <= x < (L // 8) - 1]
+    be.cold._grow_cold_summaries(st, (L + 7) // 8, "cpu")
+    for page in retrieved:
+        s = slots[page * 8 : (page + 1) * 8]
+        rec = torch.stack([torch.stack([kv.get_key_buffer(0)[s], kv.get_value_buffer(0)[s]])])
+        be.tiers.demote(("r", page), rec)
+        st.demoted[page] = ("r", page)
+        kmin, kmax = be.summaries.get(0, s[:1])
+        st.cold_kmin[0, page], st.cold_kmax[0, page] = kmin[0], kmax[0]
+        kv.get_key_buffer(0)[s] = 1e3  # the device page is reused by someone else
+    plan = [_ReqPlan("r", 1, L, grant, st)]
+    before = (STATS.staging_waited, STATS.staging_skipped)
+    got = be._routed_decode(q.reshape(1, -1), layer, plan)
+    if mode == "wait":
+        assert torch.allclose(got, want, atol=1e-5) and STATS.staging_waited > before[0]
+    else:
+        assert STATS.staging_skipped >= before[1] + len(retrieved)
+        deadline = time.time() + 10
+        while len(st.staging) < len(retrieved) and time.time() < deadline:
+            time.sleep(0.05)
+        again = be._routed_decode(q.reshape(1, -1), layer, plan)
+        assert torch.allclose(again, want, atol=1e-5)

@@ -13,7 +13,6 @@ Anything else SGLang asks of an attention backend is answered by the wrapped bac
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from sglang_mux.config import MuxConfig
 from sglang_mux.leaves import LEAVES, LeafContext
 from sglang_mux.memory.page_summaries import PageSummaryStore
 from sglang_mux.memory.page_table import LEAF_BITS
-from sglang_mux.memory.staging import StagingArea
+from sglang_mux.memory.cold_pages import ColdPageMover
 from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
 from sglang_mux.metrics import STATS
 from sglang_mux.platform import platform_attention_backend
@@ -57,7 +56,6 @@ class MuxAttentionBackend(AttentionBackend):
         self.router = StaticSpineRouter(mux_config)
         self.registry = REGISTRY
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
-        self.allocator = getattr(model_runner, "token_to_kv_pool_allocator", None)
         self.kv_pool = model_runner.token_to_kv_pool
         self.page_size = mux_config.page_size
         start = getattr(self.kv_pool, "start_layer", 0) or 0
@@ -66,7 +64,10 @@ class MuxAttentionBackend(AttentionBackend):
         k_buffers = self.summaries.k_buffers
         self.start_layer = start
         self.tiers = shared_tier_manager(mux_config)
-        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mux-fetch") if self.tiers else None
+        self.cold = ColdPageMover(
+            kv_pool=self.kv_pool, allocator=getattr(model_runner, "token_to_kv_pool_allocator", None), req_to_token=self.req_to_token, summaries=self.summaries,
+            tiers=self.tiers, page_size=self.page_size, num_layers=self.num_layers, start_layer=start,
+        )
         self._plan: list[_ReqPlan] | None = None
         self._all_exact = True
         STATS.page_size = self.page_size
@@ -123,15 +124,15 @@ class MuxAttentionBackend(AttentionBackend):
                 cfg = self.router.effective_config(st.options)
                 try:
                     if cfg.drop_cold:
-                        self._drop_cold_pages(p)
+                        self.cold.drop(p)
                     elif self.tiers is not None and self.tiers.takes_running_pages:
-                        self._demote_cold_pages(p, cfg)
+                        self.cold.demote(p, cfg)
                 except Exception as e:
                     self._fail_request(p, e)
             held = L - len(st.off_device_pages()) * self.page_size
             STATS.device_kv_tokens_held[rid] = held
             if st.demoted:
-                STATS.last_tiered_request = self._tier_accounting(st, L, held)
+                STATS.last_tiered_request = self.cold.accounting(st, L, held)
             if not p.grant.exact:
                 STATS.max_routed_kv_tokens_held = max(STATS.max_routed_kv_tokens_held, held)
         self._plan = plan
@@ -157,139 +158,6 @@ class MuxAttentionBackend(AttentionBackend):
             self.summaries.rebuild_from_keys(self.start_layer + i, req_row, 0, n_tokens)
 
     # ------------------------------------------------------------------ drop mode
-    def _cold_pages(self, p: _ReqPlan, hot_pages: int) -> list[int]:
-        """The request's own full pages outside its hot set, still on the device.
-
-            pages  [ tree-owned prefix | own tail .............................. | tail page ]
-            hot     (never touched)      sinks, window, top `hot_pages` by heavy score   always
-        Heavy score here is the max over layers: the pages some layer still wants.
-        """
-        st, g, P = p.state, p.grant, self.page_size
-        if st.protected_len is None or self.allocator is None:
-            return []  # ownership not known yet: touch nothing
-        n = num_pages_of(p.seq_len, P)
-        first_own = -(-st.protected_len // P)
-        gone = st.off_device_pages()
-        keep = set(range(g.sink_pages)) | set(range(max(n - max(g.recent_pages, 1), 0), n))
-        if st.heavy_scores is not None and hot_pages > 0:
-            scores = st.scores(self.num_layers, n, st.heavy_scores.device)[:, :n].amax(dim=0)
-            if gone:
-                scores[list(gone)] = float("-inf")
-            scores[list(keep)] = float("-inf")
-            keep |= set(torch.topk(scores, min(hot_pages, n)).indices.tolist())
-        return [q for q in range(first_own, n - 1) if q not in keep and q not in gone]
-
-    def _page_slots(self, row: int, pages: list[int]) -> torch.Tensor:
-        req_row = self.req_to_token[row]
-        idx = torch.tensor(pages, dtype=torch.long, device=req_row.device)
-        return req_row[(idx.view(-1, 1) * self.page_size + torch.arange(self.page_size, device=req_row.device)).flatten()].long()
-
-    def _drop_cold_pages(self, p: _ReqPlan) -> None:
-        """``--mux-drop-cold``: free the device KV of the request's cold pages for good (sinks, window and the
-        ``heavy + retrieval`` best pages stay). A dropped page is never read again."""
-        cold = self._cold_pages(p, p.grant.heavy_pages + p.grant.retrieval_pages)
-        if not cold:
-            return
-        self.allocator.free(self._page_slots(p.row, cold))
-        p.state.dropped_pages.update(cold)
-        STATS.dropped_tokens += len(cold) * self.page_size
-
-    def _demote_cold_pages(self, p: _ReqPlan, cfg: MuxConfig) -> None:
-        """Tiered mode: copy the request's cold pages (sinks, window and heavy hitters stay) to the host/disk
-        tiers, keep their summaries on the device, and give their device slots back. Retrieval still scores
-        them and reads them through the staging area."""
-        st = p.state
-        cold = self._cold_pages(p, p.grant.heavy_pages)
-        if not cold:
-            return
-        P, L = self.page_size, self.num_layers
-        slots = self._page_slots(p.row, cold)
-        kv = torch.stack(
-            [
-                torch.stack([self.kv_pool.get_key_buffer(self.start_layer + i)[slots],
-                             self.kv_pool.get_value_buffer(self.start_layer + i)[slots]])
-                for i in range(L)
-            ]
-        )  # [L, 2, n*P, H, D]
-        kv = kv.view(L, 2, len(cold), P, *kv.shape[3:]).permute(2, 0, 1, 3, 4, 5)  # [n, L, 2, P, H, D]
-        first_slots = slots.view(len(cold), P)[:, 0]
-        n_total = num_pages_of(p.seq_len, P)
-        self._grow_cold_summaries(st, n_total, first_slots.device)
-        freed = []
-        for j, page in enumerate(cold):
-            key = (p.rid, page)
-            if self.tiers.demote(key, kv[j]) is None:
-                break  # no tier has room: the rest stay on the device
-            st.demoted[page] = key
-            for i in range(L):
-                kmin, kmax = self.summaries.get(self.start_layer + i, first_slots[j : j + 1])
-                st.cold_kmin[i, page], st.cold_kmax[i, page] = kmin[0], kmax[0]
-            freed.append(j)
-        if freed:
-            idx = torch.tensor(freed, dtype=torch.long)
-            self.allocator.free(slots.view(len(cold), P)[idx].flatten())
-            STATS.demoted_pages += len(freed)
-        if st.staging is None:
-            st.staging = StagingArea(cfg.staging, first_slots.device)
-
-    def _tier_accounting(self, st, seq_len: int, held: int) -> dict:
-        """Bytes of one tiered request by tier: device (resident KV) + host + disk == its whole context's KV."""
-        kvb = STATS.kv_bytes_per_token
-        per_tier = {"host": 0, "disk": 0}
-        for key in st.demoted.values():
-            tier = self.tiers.tier_of(key) if key is not None else None
-            if tier is not None:
-                per_tier[tier] += self.page_size * kvb
-        cold_summary_bytes = 2 * len(st.demoted) * self.num_layers * self.summaries.k_buffers[0][0].numel() * self.summaries.k_buffers[0].element_size()
-        return {
-            "context_tokens": seq_len,
-            "context_kv_bytes": seq_len * kvb,
-            "device_kv_bytes": held * kvb,
-            "host_kv_bytes": per_tier["host"],
-            "disk_kv_bytes": per_tier["disk"],
-            "staging_bytes": st.staging.nbytes() if st.staging is not None else 0,
-            "demoted_page_summary_bytes": cold_summary_bytes,
-        }
-
-    def _grow_cold_summaries(self, st, n_pages: int, device) -> None:
-        cur = st.cold_kmin
-        if cur is not None and cur.shape[1] >= n_pages:
-            return
-        ref = self.summaries.k_buffers[0]
-        cap = max(n_pages, 2 * (0 if cur is None else cur.shape[1]), 64)
-        shape = (self.num_layers, cap) + tuple(ref.shape[1:])
-        new_min, new_max = ref.new_zeros(shape), ref.new_zeros(shape)
-        if cur is not None:
-            new_min[:, : cur.shape[1]], new_max[:, : cur.shape[1]] = st.cold_kmin, st.cold_kmax
-        st.cold_kmin, st.cold_kmax = new_min, new_max
-
-    def _staged_record(self, st, page: int, wait: bool):
-        """The exact KV record of a demoted page from the staging area, fetching it if ``wait``; None when skipped."""
-        rec = st.staging.get(page)
-        if rec is not None:
-            STATS.staging_hits += 1
-            return rec
-        key = st.demoted[page]
-        if not wait:
-            STATS.staging_skipped += 1
-            if page not in st.staging.pending:
-                st.staging.pending.add(page)
-                self._fetcher.submit(self._fetch_into_staging, st, page, key)
-            return None
-        STATS.staging_waited += 1
-        rec = self.tiers.get(key)
-        st.staging.put(page, rec)
-        return st.staging.get(page)
-
-    def _fetch_into_staging(self, st, page: int, key) -> None:
-        try:
-            st.staging.put(page, self.tiers.get(key))
-        except PageIntegrityError as e:
-            st.error = f"request {key[0]}: {e}"
-            STATS.checksum_failures += 1
-        except Exception as e:  # a background fetch must never take the scheduler down
-            logger.warning("background fetch of page %s failed: %s", key, e)
-
     # ------------------------------------------------------------------ extend (exact)
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         o = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
@@ -406,7 +274,7 @@ class MuxAttentionBackend(AttentionBackend):
         wait = self.mux_config.missing_page == "wait"
         for page in pages[off].tolist():
             try:
-                rec = self._staged_record(st, page, wait)
+                rec = self.cold.staged_record(st, page, wait)
             except PageIntegrityError as e:
                 st.error = f"request {p.rid}: {e}"
                 STATS.checksum_failures += 1

@@ -1,0 +1,172 @@
+"""ColdPageMover: what happens to a routed request's cold pages — dropped for good, or demoted to lower tiers.
+
+Owned by the attention backend (which calls it at plan time, before the step's forward) and working only on
+the request's *own* full pages outside its hot set; the radix tree's pages are never touched here.
+
+    drop    (--mux-drop-cold)  free the device slots; the page is gone (never read again)
+    demote  (tiers)            copy the page (all layers, K and V) to host/disk, keep its summaries on the device
+                               with the request, free the device slots; retrieval reads it back through the
+                               request's staging area (``staged_record``)
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from mux_kernels.reference import num_pages_of
+from sglang_mux.config import MuxConfig
+from sglang_mux.memory.staging import StagingArea
+from sglang_mux.memory.tiers import PageIntegrityError
+from sglang_mux.metrics import STATS
+
+logger = logging.getLogger(__name__)
+
+
+class ColdPageMover:
+    def __init__(self, *, kv_pool, allocator, req_to_token, summaries, tiers, page_size, num_layers, start_layer):
+        self.kv_pool = kv_pool
+        self.allocator = allocator
+        self.req_to_token = req_to_token
+        self.summaries = summaries
+        self.tiers = tiers
+        self.page_size = page_size
+        self.num_layers = num_layers
+        self.start_layer = start_layer
+        # background fetches into staging areas (skip mode)
+        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mux-fetch") if tiers else None
+
+    def cold_pages(self, p, hot_pages: int) -> list[int]:
+        """The request's own full pages outside its hot set, still on the device.
+
+            pages  [ tree-owned prefix | own tail .............................. | tail page ]
+            hot     (never touched)      sinks, window, top `hot_pages` by heavy score   always
+        Heavy score here is the max over layers: the pages some layer still wants.
+        """
+        st, g, P = p.state, p.grant, self.page_size
+        if st.protected_len is None or self.allocator is None:
+            return []  # ownership not known yet: touch nothing
+        n = num_pages_of(p.seq_len, P)
+        first_own = -(-st.protected_len // P)
+        gone = st.off_device_pages()
+        keep = set(range(g.sink_pages)) | set(range(max(n - max(g.recent_pages, 1), 0), n))
+        if st.heavy_scores is not None and hot_pages > 0:
+            scores = st.scores(self.num_layers, n, st.heavy_scores.device)[:, :n].amax(dim=0)
+            if gone:
+                scores[list(gone)] = float("-inf")
+            scores[list(keep)] = float("-inf")
+            keep |= set(torch.topk(scores, min(hot_pages, n)).indices.tolist())
+        return [q for q in range(first_own, n - 1) if q not in keep and q not in gone]
+
+    def _page_slots(self, row: int, pages: list[int]) -> torch.Tensor:
+        req_row = self.req_to_token[row]
+        idx = torch.tensor(pages, dtype=torch.long, device=req_row.device)
+        return req_row[(idx.view(-1, 1) * self.page_size + torch.arange(self.page_size, device=req_row.device)).flatten()].long()
+
+    def drop(self, p) -> None:
+        """``--mux-drop-cold``: free the device KV of the request's cold pages for good (sinks, window and the
+        ``heavy + retrieval`` best pages stay). A dropped page is never read again."""
+        cold = self.cold_pages(p, p.grant.heavy_pages + p.grant.retrieval_pages)
+        if not cold:
+            return
+        self.allocator.free(self._page_slots(p.row, cold))
+        p.state.dropped_pages.update(cold)
+        STATS.dropped_tokens += len(cold) * self.page_size
+
+    def demote(self, p, cfg: MuxConfig) -> None:
+        """Tiered mode: copy the request's cold pages (sinks, window and heavy hitters stay) to the host/disk
+        tiers, keep their summaries on the device, and give their device slots back. Retrieval still scores
+        them and reads them through the staging area."""
+        st = p.state
+        cold = self.cold_pages(p, p.grant.heavy_pages)
+        if not cold:
+            return
+        P, L = self.page_size, self.num_layers
+        slots = self._page_slots(p.row, cold)
+        kv = torch.stack(
+            [
+                torch.stack([self.kv_pool.get_key_buffer(self.start_layer + i)[slots],
+                             self.kv_pool.get_value_buffer(self.start_layer + i)[slots]])
+                for i in range(L)
+            ]
+        )  # [L, 2, n*P, H, D]
+        kv = kv.view(L, 2, len(cold), P, *kv.shape[3:]).permute(2, 0, 1, 3, 4, 5)  # [n, L, 2, P, H, D]
+        first_slots = slots.view(len(cold), P)[:, 0]
+        n_total = num_pages_of(p.seq_len, P)
+        self._grow_cold_summaries(st, n_total, first_slots.device)
+        freed = []
+        for j, page in enumerate(cold):
+            key = (p.rid, page)
+            if self.tiers.demote(key, kv[j]) is None:
+                break  # no tier has room: the rest stay on the device
+            st.demoted[page] = key
+            for i in range(L):
+                kmin, kmax = self.summaries.get(self.start_layer + i, first_slots[j : j + 1])
+                st.cold_kmin[i, page], st.cold_kmax[i, page] = kmin[0], kmax[0]
+            freed.append(j)
+        if freed:
+            idx = torch.tensor(freed, dtype=torch.long)
+            self.allocator.free(slots.view(len(cold), P)[idx].flatten())
+            STATS.demoted_pages += len(freed)
+        if st.staging is None:
+            st.staging = StagingArea(cfg.staging, first_slots.device)
+
+    def accounting(self, st, seq_len: int, held: int) -> dict:
+        """Bytes of one tiered request by tier: device (resident KV) + host + disk == its whole context's KV."""
+        kvb = STATS.kv_bytes_per_token
+        per_tier = {"host": 0, "disk": 0}
+        for key in st.demoted.values():
+            tier = self.tiers.tier_of(key) if key is not None else None
+            if tier is not None:
+                per_tier[tier] += self.page_size * kvb
+        cold_summary_bytes = 2 * len(st.demoted) * self.num_layers * self.summaries.k_buffers[0][0].numel() * self.summaries.k_buffers[0].element_size()
+        return {
+            "context_tokens": seq_len,
+            "context_kv_bytes": seq_len * kvb,
+            "device_kv_bytes": held * kvb,
+            "host_kv_bytes": per_tier["host"],
+            "disk_kv_bytes": per_tier["disk"],
+            "staging_bytes": st.staging.nbytes() if st.staging is not None else 0,
+            "demoted_page_summary_bytes": cold_summary_bytes,
+        }
+
+    def _grow_cold_summaries(self, st, n_pages: int, device) -> None:
+        cur = st.cold_kmin
+        if cur is not None and cur.shape[1] >= n_pages:
+            return
+        ref = self.summaries.k_buffers[0]
+        cap = max(n_pages, 2 * (0 if cur is None else cur.shape[1]), 64)
+        shape = (self.num_layers, cap) + tuple(ref.shape[1:])
+        new_min, new_max = ref.new_zeros(shape), ref.new_zeros(shape)
+        if cur is not None:
+            new_min[:, : cur.shape[1]], new_max[:, : cur.shape[1]] = st.cold_kmin, st.cold_kmax
+        st.cold_kmin, st.cold_kmax = new_min, new_max
+
+    def staged_record(self, st, page: int, wait: bool):
+        """The exact KV record of a demoted page from the staging area, fetching it if ``wait``; None when skipped."""
+        rec = st.staging.get(page)
+        if rec is not None:
+            STATS.staging_hits += 1
+            return rec
+        key = st.demoted[page]
+        if not wait:
+            STATS.staging_skipped += 1
+            if page not in st.staging.pending:
+                st.staging.pending.add(page)
+                self._fetcher.submit(self._fetch_into_staging, st, page, key)
+            return None
+        STATS.staging_waited += 1
+        rec = self.tiers.get(key)
+        st.staging.put(page, rec)
+        return st.staging.get(page)
+
+    def _fetch_into_staging(self, st, page: int, key) -> None:
+        try:
+            st.staging.put(page, self.tiers.get(key))
+        except PageIntegrityError as e:
+            st.error = f"request {key[0]}: {e}"
+            STATS.checksum_failures += 1
+        except Exception as e:  # a background fetch must never take the scheduler down
+            logger.warning("background fetch of page %s failed: %s", key, e)
