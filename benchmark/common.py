@@ -38,7 +38,7 @@ from sglang_mux.server_process import ServerProcess  # noqa: E402
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "half": 2, "float": 4}
 PROMPT_TOKEN_RANGE = (10, 500)  # token ids used for synthetic prompts (all plain BPE pieces of the bundled model)
-MUX_MODES = ("keep", "drop")
+MUX_MODES = ("keep", "drop", "tier")
 
 
 # ------------------------------------------------------------------------------------------- argument helpers
@@ -82,7 +82,10 @@ def add_server_args(p: argparse.ArgumentParser, *, default_mode: str, default_bu
     g.add_argument("--mux-budget", type=positive_int, default=default_budget, help="mux token budget per request")
     g.add_argument("--mux-page-size", type=positive_int, default=16, help="mux page size (tokens)")
     g.add_argument("--mux-mode", choices=MUX_MODES, default=default_mode,
-                   help="keep: exact KV stays on the device, reads are bounded; drop: --mux-drop-cold")
+                   help="keep: exact KV stays on the device, reads are bounded; drop: --mux-drop-cold (cold pages "
+                        "freed); tier: --mux-host-bytes (cold pages move to the host-DRAM tier)")
+    g.add_argument("--mux-host-bytes", type=positive_int, default=4 << 30,
+                   help="host tier capacity for --mux-mode tier (default 4 GiB)")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES), help="model dtype for both servers")
     g.add_argument("--model-path", default=None, help="model (default: the bundled tiny model)")
     g.add_argument("--server-arg", action="append", default=[], metavar="FLAG=VALUE",
@@ -125,6 +128,8 @@ def mux_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--mux-budget", str(args.mux_budget), "--mux-page-size", str(args.mux_page_size)]
     if args.mux_mode == "drop":
         flags.append("--mux-drop-cold")
+    elif args.mux_mode == "tier":
+        flags += ["--mux-host-bytes", str(args.mux_host_bytes)]
     return flags
 
 

@@ -13,11 +13,12 @@ polls the allocator's own accounting through SGLang's ``/v1/loads``: ``num_used_
 
 Bytes = tokens x KV bytes per token (K and V of every layer, from the model config and --dtype). Mux adds its page
 summaries (``/mux/stats`` ``summary_bytes``, a pool-wide store of 1/page_size of the KV's size) pro rata to the
-slots the request holds, as device overhead. Tiers: every byte is on the device; host and disk tiers hold nothing
-(no tier manager is installed in this build; the JSON says so per point).
+slots the request holds, as device overhead. Lower tiers: with ``--mux-mode tier`` (host-DRAM tier) the host and
+disk bytes are the growth of ``/mux/stats`` ``tiers.<name>.kv_bytes`` since the request started (median while
+decoding); stock and the other modes have no lower tier (0).
 
 Mux runs in drop mode by default (``--mux-drop-cold``): in keep mode all exact KV stays in the device pool and
-memory does not shrink. Prints bytes per request and growth vs the first context, then one summary line.
+memory does not shrink; in tier mode the cold pages move to host memory instead of being freed. Prints bytes per request and growth vs the first context, then one summary line.
 Writes memory_scaling.json and memory_scaling.png under --out.
 """
 
@@ -60,18 +61,20 @@ def measure_request(srv, ctx: int, a: argparse.Namespace, mux: bool) -> dict:
     idle = C.used_tokens(srv.url)
     prompt = C.prompt_ids(ctx, seed=C.stable_seed(a.seed, "memory", ctx))
     box: dict = {}
-    samples: list[tuple[float, int, int | None]] = []  # (time, used tokens, mux held tokens)
+    samples: list[tuple[float, int, int | None, dict]] = []  # (time, used tokens, mux held tokens, tier bytes)
+    tiers0 = _tier_bytes(srv.url) if mux else {}
     t = threading.Thread(target=lambda: box.update(res=C.stream_generate(srv.url, prompt, a.output_tokens)),
                          daemon=True)
     t0 = time.perf_counter()
     t.start()
     while t.is_alive():
         used = C.used_tokens(srv.url) - idle
-        held = None
+        held, tiers = None, {}
         if mux:
             stats = C.get_json(srv.url, "/mux/stats")["mux"]
             held = sum(stats["device_kv_tokens_held"].values()) if stats["device_kv_tokens_held"] else None
-        samples.append((time.perf_counter(), used, held))
+            tiers = {n: b - tiers0.get(n, 0) for n, b in _tier_bytes(srv.url, stats).items()}
+        samples.append((time.perf_counter(), used, held, tiers))
         time.sleep(a.poll_interval)
     t.join()
     res = box["res"]
@@ -89,7 +92,15 @@ def measure_request(srv, ctx: int, a: argparse.Namespace, mux: bool) -> dict:
     helds = [s[2] for s in decoding if s[2] is not None]
     if mux:
         out["mux_held_tokens"] = int(C.median(helds)) if helds else None
+        names = sorted({n for s in decoding for n in s[3]})
+        out["lower_tier_bytes"] = {n: int(C.median([s[3].get(n, 0) for s in decoding])) for n in names}
     return out
+
+
+def _tier_bytes(url: str, stats: dict | None = None) -> dict:
+    """KV bytes each lower tier (host, disk, ...) holds now, from ``/mux/stats``."""
+    stats = stats or C.get_json(url, "/mux/stats")["mux"]
+    return {n: int(t.get("kv_bytes", 0)) for n, t in stats.get("tiers", {}).items() if n != "device"}
 
 
 def run_system(system: str, a: argparse.Namespace) -> dict:
@@ -111,12 +122,14 @@ def run_system(system: str, a: argparse.Namespace) -> dict:
         for ctx in a.contexts:
             pt = measure_request(srv, ctx, a, system == "mux")
             per_tok = kv_bpt + summary_bpt
-            pt["decode_bytes"] = {"device": pt["decode_used_tokens"] * per_tok, "host": 0, "disk": 0}
-            pt["peak_bytes"] = {"device": pt["peak_used_tokens"] * per_tok, "host": 0, "disk": 0}
-            pt["tiers_note"] = "no host/disk tier in this build: everything is device memory"
+            lower = pt.get("lower_tier_bytes", {})
+            pt["decode_bytes"] = {"device": pt["decode_used_tokens"] * per_tok, "host": lower.get("host", 0),
+                                  "disk": lower.get("disk", 0)}
+            pt["peak_bytes"] = {"device": pt["peak_used_tokens"] * per_tok}
             points[ctx] = pt
             C.progress(f"{system} ctx={ctx}: decode {pt['decode_used_tokens']} tokens "
-                       f"({pt['decode_bytes']['device'] / 2**20:.2f} MiB), peak {pt['peak_used_tokens']} tokens")
+                       f"({pt['decode_bytes']['device'] / 2**20:.2f} MiB device, "
+                       f"{pt['decode_bytes']['host'] / 2**20:.2f} MiB host), peak {pt['peak_used_tokens']} tokens")
         if system == "mux":
             final = C.get_json(srv.url, "/mux/stats")["mux"]
         else:
@@ -134,6 +147,8 @@ def analyse(a, systems: dict) -> list[dict]:
             pt, base = res["points"][ctx], res["points"][a.ratio_base]
             row[f"{name}_decode_mib"] = pt["decode_bytes"]["device"] / 2**20
             row[f"{name}_peak_mib"] = pt["peak_bytes"]["device"] / 2**20
+            row[f"{name}_host_mib"] = pt["decode_bytes"]["host"] / 2**20
+            row[f"{name}_disk_mib"] = pt["decode_bytes"]["disk"] / 2**20
             row[f"{name}_growth"] = pt["decode_bytes"]["device"] / base["decode_bytes"]["device"]
         if len(systems) == 2:
             row["mux_over_stock"] = row["mux_decode_mib"] / row["stock_decode_mib"]
@@ -149,7 +164,11 @@ def print_table(rows: list[dict], systems: dict, base: int) -> None:
     names = list(systems)
     print(f"{'ctx':>7} " + " ".join(f"{n + ' MiB/req':>14} {n + ' peak':>11} {n + ' vs ' + _k(base):>13}" for n in names)
           + (f" {'mux/stock':>10}" if len(names) == 2 else ""))
+    tiered = [n for n in names if any(r[n + "_host_mib"] or r[n + "_disk_mib"] for r in rows)]
     for r in rows:
+        for n in tiered:
+            print(f"{'':>7} {n} lower tiers at {_k(r['context'])}: host {r[n + '_host_mib']:.3f} MiB, "
+                  f"disk {r[n + '_disk_mib']:.3f} MiB")
         print(f"{r['context']:>7} " + " ".join(
             f"{r[n + '_decode_mib']:>14.3f} {r[n + '_peak_mib']:>11.3f} {r[n + '_growth']:>12.2f}x" for n in names)
               + (f" {r['mux_over_stock']:>9.3f}x" if "mux_over_stock" in r else ""))
@@ -176,6 +195,9 @@ def plot(a, systems: dict, path: Path) -> None:
         ax.plot(a.contexts, ys, marker="o", label=label + ", decoding")
         ys = [res["points"][c]["peak_bytes"]["device"] / 2**20 for c in a.contexts]
         ax.plot(a.contexts, ys, marker="x", linestyle="--", alpha=0.6, label=label + ", peak (prefill)")
+        host = [res["points"][c]["decode_bytes"]["host"] / 2**20 for c in a.contexts]
+        if any(host):
+            ax.plot(a.contexts, [max(h, 1e-3) for h in host], marker="s", linestyle=":", label=label + ", host tier")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(a.contexts, [_k(c) for c in a.contexts])
