@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-samples", type=int, default=25)
     ap.add_argument("--eval-lengths", default="1024")
+    ap.add_argument("--init-from", type=Path, help="continue from a probe saved by this script (second stage)")
     ap.add_argument("--log", type=Path, help="also append progress lines to this file")
     args = ap.parse_args(argv)
     if args.max_positions < 32768:
@@ -360,10 +361,16 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    tok = build_tokenizer(args.out, args.seed, args.vocab_size)
+    if args.init_from:  # continue training a saved probe (its tokenizer and weights)
+        from transformers import AutoTokenizer, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(args.init_from)
+        tok.save_pretrained(args.out)
+    else:
+        tok = build_tokenizer(args.out, args.seed, args.vocab_size)
     log(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.0f}s)")
     SEPARATOR_IDS.update(i for t, i in tok.get_vocab().items() if t in {",", ".", "Ġ,", "Ġ.", '"', 'Ġ"', "Ġ", "Ċ", "</s>"})
-    model = build_model(tok, args)
+    model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32) if args.init_from else build_model(tok, args)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     train(model, tok, args, log)
     train_s = time.time() - t0
@@ -386,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": args.device,
         "threads": args.threads,
         "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "log")},
+        "init_card": json.loads((args.init_from / "mux_model_card.json").read_text()) if args.init_from else None,
         "training_lengths": [list(s) for s in STAGES],
         "mixture": {"warmup": WARMUP_MIXTURE, "main": MIXTURE},
         "hf_greedy_accuracy": {"eval_seed": EVAL_SEED, "samples_per_cell": args.eval_samples, "table": table},
