@@ -133,6 +133,22 @@ def build_model(tokenizer, args):
     return LlamaForCausalLM(config)
 
 
+def untie_and_reset_digits(model, tokenizer, seed: int) -> None:
+    """Give the model its own output head (a copy of the tied embeddings) and fresh, distinct input
+    embeddings for the digit tokens: under tied embeddings, next-token loss on unpredictable digits pulls
+    the ten digit embeddings together until a head that finds a number can no longer tell its digits."""
+    import torch
+
+    emb = model.get_input_embeddings().weight
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(emb.detach().clone())
+    digits = [i for t, i in tokenizer.get_vocab().items() if t.lstrip("Ġ").isdigit() and len(t.lstrip("Ġ")) == 1]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        fresh = torch.randn(len(digits), emb.shape[1], generator=g)
+        emb[digits] = fresh / fresh.norm(dim=-1, keepdim=True) * emb[digits].norm(dim=-1, keepdim=True).mean()
+
+
 def stage_for(step: int, steps: int) -> tuple[int, int]:
     for end, lo, hi in STAGES:
         if step < end * steps:
@@ -342,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-samples", type=int, default=25)
     ap.add_argument("--eval-lengths", default="1024")
     ap.add_argument("--init-from", type=Path, help="continue from a probe saved by this script (second stage)")
+    ap.add_argument("--untie-embeddings", action="store_true", help="with --init-from: own output head, fresh digit embeddings")
     ap.add_argument("--log", type=Path, help="also append progress lines to this file")
     args = ap.parse_args(argv)
     if args.max_positions < 32768:
@@ -371,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     log(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.0f}s)")
     SEPARATOR_IDS.update(i for t, i in tok.get_vocab().items() if t in {",", ".", "Ġ,", "Ġ.", '"', 'Ġ"', "Ġ", "Ċ", "</s>"})
     model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32) if args.init_from else build_model(tok, args)
+    if args.untie_embeddings:
+        untie_and_reset_digits(model, tok, args.seed)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     train(model, tok, args, log)
     train_s = time.time() - t0
