@@ -59,3 +59,20 @@ def test_sink_heavy_leaf_example():
 
 def test_leaves_registry_order_window_first():
     assert list(LEAVES) == ["recent", "sink_heavy", "retrieval"]
+
+
+def test_finished_request_without_kv_is_forgotten_but_one_holding_kv_waits_for_the_cache():
+    from types import SimpleNamespace
+
+    from sglang_mux.router.hooks import release_finished_without_kv
+    from sglang_mux.router.requests import REGISTRY
+
+    REGISTRY.admit("aborted", None)
+    REGISTRY.admit("holding", None)
+    reqs = [
+        SimpleNamespace(rid="aborted", finished=lambda: True, kv=SimpleNamespace(holds_kv=False)),
+        SimpleNamespace(rid="holding", finished=lambda: True, kv=SimpleNamespace(holds_kv=True)),
+    ]
+    release_finished_without_kv(None, None, reqs, False)  # AFTER hook: (result, self, reqs, return_logprob)
+    assert REGISTRY.peek("aborted") is None and REGISTRY.peek("holding") is not None
+    REGISTRY.release("holding")

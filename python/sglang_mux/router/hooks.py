@@ -4,15 +4,20 @@
   (``sampling_params.custom_params``) in the registry, keyed by request id, before it can be scheduled.
 * ``abort_failed_requests``  BEFORE ``Scheduler.process_batch_result``: finish a request whose memory failed it
   with an error to its client, the others go on.
+* ``release_finished_without_kv``  AFTER ``SchedulerOutputStreamer.stream_output``: drop the state of a request
+  that finished without ever holding KV (it never reaches the cache's release).
 * ``add_mux_stats``  AFTER ``Scheduler.get_internal_state``: add ``MuxStats`` under the key ``mux``, so
   ``/server_info`` carries it and ``/mux/stats`` can serve it (the HTTP server lives in another process).
 """
 
 from __future__ import annotations
 
+import logging
+
 from sglang_mux.metrics import STATS
 from sglang_mux.router.requests import REGISTRY
 
+logger = logging.getLogger(__name__)
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 
 
@@ -53,9 +58,27 @@ def abort_failed_requests(scheduler, batch, *args, **kwargs):
     return None
 
 
+def release_finished_without_kv(result, streamer, reqs, *args, **kwargs):
+    """AFTER ``SchedulerOutputStreamer.stream_output``: a request that finished without holding KV (aborted while
+    waiting, or on a PD bootstrap/transfer failure) never reaches the cache's release, so its mux state is dropped
+    here. Requests still holding KV are released by the cache (which needs their state to free it correctly)."""
+    try:
+        for req in reqs or ():
+            if req.finished() and not req.kv.holds_kv:
+                REGISTRY.release(req.rid)
+    except Exception:  # bookkeeping must never take the scheduler down
+        logger.exception("mux: releasing finished request states failed")
+    return None
+
+
 def install_scheduler_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(f"{SCHEDULER}.handle_generate_request", admit_request, HookType.BEFORE)
     HookRegistry.register(f"{SCHEDULER}.get_internal_state", add_mux_stats, HookType.AFTER)
     HookRegistry.register(f"{SCHEDULER}.process_batch_result", abort_failed_requests, HookType.BEFORE)
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
+        release_finished_without_kv,
+        HookType.AFTER,
+    )
