@@ -25,7 +25,7 @@ import time
 import pytest
 import requests
 
-from conftest import SERVER_COMMON
+from mux_test_support import SERVER_COMMON
 from sglang_mux.disagg.cluster import PDCluster, mooncake_unavailable_reason
 
 _why = mooncake_unavailable_reason()
