@@ -249,9 +249,13 @@ def record_costs(urls: dict, lengths: list[int], held_out: tuple[int, int]) -> d
 
     agg = {n: latency_ms(urls["aggregated"], n, 1, seed=100 + n) for n in lengths}
     pd = {n: latency_ms(urls["pd"], n, 1, seed=100 + n) for n in lengths}
-    _, step1 = ttft_tpot(urls["aggregated"], 64, 33, seed=200)
+    _, step_short = ttft_tpot(urls["aggregated"], 64, 33, seed=200)
+    _, step_long = ttft_tpot(urls["aggregated"], 2048, 33, seed=210)
+    # step(context) = fixed + per_ctx * context, context = prompt + half the output (16 here)
+    per_ctx = max(step_long - step_short, 0.0) / (2048 - 64)
+    step1 = max(step_short - per_ctx * (64 + 16), 0.0)
     batch = concurrent_streams(urls["aggregated"], [prompt_ids(32, seed=300 + i) for i in range(4)], 33)
-    step4 = decode_time_per_token([r for r in batch if not r.error])[0] * 1000
+    step4 = decode_time_per_token([r for r in batch if not r.error])[0] * 1000 - per_ctx * (32 + 16)
     # latency(n, 1 token) = prefill(n) + one step (aggregated); PD adds the transfer and the second hop.
     pre_a, pre_b = _fit(lengths, [agg[n] - step1 for n in lengths])
     tr_a, tr_b = _fit(lengths, [pd[n] - agg[n] for n in lengths])
@@ -260,11 +264,13 @@ def record_costs(urls: dict, lengths: list[int], held_out: tuple[int, int]) -> d
         "decode_step_fixed_ms": step1, "decode_step_per_request_ms": max(step4 - step1, 0.0) / 3,
         "transfer_fixed_ms": tr_a, "transfer_per_token_ms": tr_b,
         "device_kv_capacity_tokens": 65536,
+        "decode_step_per_context_token_ms": per_ctx,
         "source": "benchmark/goodput_pd.py (mux servers, bundled model, float32, "
                   f"{machine_info()['nproc']} CPU cores, end-to-end latencies)",
     }}
     out["calibration"] = {"lengths": lengths, "aggregated_latency_1_token_ms": agg, "pd_latency_1_token_ms": pd,
-                          "step_batch1_ms": step1, "step_batch4_ms": step4}
+                          "step_batch1_ctx80_ms": step_short, "step_batch1_ctx2064_ms": step_long,
+                          "step_batch4_ms": step4}
     n, m = held_out
     out["held_out"] = {}
     for path in ("aggregated", "pd"):

@@ -5,7 +5,8 @@ by ``benchmark/pd_costs.py``), the SLOs (``--mux-slo-ttft`` / ``--mux-slo-tpot``
 (queue depths). No server, no clock.
 
 Latency model (ms). ``prefill(n) = prefill_fixed + n * prefill_per_token``; ``step(b)`` is one decode step of a
-batch of ``b`` requests; ``transfer(n) = transfer_fixed + n * transfer_per_token`` (PD only)::
+batch of ``b`` requests (plus a per-context-token term, mean context of the request);
+``transfer(n) = transfer_fixed + n * transfer_per_token`` (PD only)::
 
     aggregated  TTFT = prefill(queued prompt tokens ahead + n) + step(running + 1)
                 TPOT = step(running + 1) + prefill(queued + n) / expected output tokens   (prefill stalls decode)
@@ -57,6 +58,7 @@ class RecordedCosts:
     transfer_fixed_ms: float             # PD: bootstrap + handshake + completion poll, per request
     transfer_per_token_ms: float         # PD: KV bytes of one token over the transfer engine
     device_kv_capacity_tokens: int = 0   # KV tokens a decode worker can hold (0: no memory limit)
+    decode_step_per_context_token_ms: float = 0.0  # ... plus this per token of the request's context
     source: str = ""                     # where the numbers came from (script, machine)
 
     def __post_init__(self) -> None:
@@ -70,8 +72,9 @@ class RecordedCosts:
     def prefill(self, tokens: float) -> float:
         return self.prefill_fixed_ms + tokens * self.prefill_per_token_ms if tokens > 0 else 0.0
 
-    def step(self, batch: int) -> float:
-        return self.decode_step_fixed_ms + max(batch - 1, 0) * self.decode_step_per_request_ms
+    def step(self, batch: int, context_tokens: int = 0) -> float:
+        return (self.decode_step_fixed_ms + max(batch - 1, 0) * self.decode_step_per_request_ms
+                + context_tokens * self.decode_step_per_context_token_ms)
 
     def transfer(self, tokens: int) -> float:
         return self.transfer_fixed_ms + tokens * self.transfer_per_token_ms
@@ -145,12 +148,13 @@ class Decision:
 
 def predict(path: str, prompt_tokens: int, output_tokens: int, load: Load, costs: RecordedCosts) -> Prediction:
     """TTFT and TPOT of one request on ``path`` under ``load`` (the model in the module docstring)."""
+    context = prompt_tokens + output_tokens // 2  # the request's mean context while it decodes
     if path == "aggregated":
         prefill = costs.prefill(load.aggregated_queued_tokens + prompt_tokens)
-        step = costs.step(load.aggregated_running + 1)
+        step = costs.step(load.aggregated_running + 1, context)
         return Prediction(prefill + step, step + prefill / max(output_tokens, 1))
     if path == "pd":
-        step = costs.step(load.decode_running + 1)
+        step = costs.step(load.decode_running + 1, context)
         ttft = costs.prefill(load.prefill_queued_tokens + prompt_tokens) + costs.transfer(prompt_tokens) + step
         return Prediction(ttft, step)
     raise PlacementError(f"path: allowed: {', '.join(PATHS)}; got {path!r}")
