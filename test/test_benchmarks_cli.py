@@ -126,7 +126,7 @@ def test_prompts_are_the_same_in_every_process():
 def test_memory_scaling_tiny_run_against_real_servers(tmp_path):
     """Two short lengths, both systems. Stock holds the whole context while decoding; mux (drop mode, budget
     128) holds at most budget + a page or two at the longer length, by the allocator's own count."""
-    budget, page, out_tokens = 128, 16, 24
+    budget, page, out_tokens = 128, 16, 256
     p = _run("memory_scaling.py", "--contexts", "256,1024", "--ratio-base", "256", "--output-tokens",
              str(out_tokens), "--mux-budget", str(budget), "--mux-page-size", str(page), "--out", str(tmp_path),
              "--poll-interval", "0.02", timeout=400)
