@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--out", type=Path, default=ROOT / "benchmark" / "results")
     p.add_argument("--costs-only", action="store_true", help="record pd_costs.json and stop")
+    p.add_argument("--rescore", action="store_true",
+                   help="no servers: re-score the requests recorded in goodput_pd.json at the given SLOs")
     args = p.parse_args(argv)
 
     from sglang_mux.config import MuxConfig
@@ -309,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         slo = SLO(args.mux_slo_ttft or defaults.slo_ttft, args.mux_slo_tpot or defaults.slo_tpot)
     except PlacementError as e:
         p.error(str(e))
+    if args.rescore:
+        return rescore(args.out / "goodput_pd.json", slo)
     why = mooncake_unavailable_reason()
     if why and any(s != "stock_agg" and s != "mux_agg" for s in systems):
         print(f"goodput_pd: cannot run the PD systems: {why}", file=sys.stderr)
@@ -362,22 +366,38 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"{system} failed: {result['systems'][system]['failed']}")
         write_result(args.out, "goodput_pd", result)  # partial results survive a later failure
 
-    print(f"\nGoodput on {len(trace)} requests, {args.rate} req/s, SLO TTFT <= {slo.ttft_ms:g} ms, "
+    print_table(result, slo)
+    for k, rec in result["recommendation"].items():
+        print(f"recommended prefill:decode for this trace ({k}): {rec.get('ratio', rec.get('why'))}")
+    write_result(args.out, "goodput_pd", result)
+    return 0
+
+
+def print_table(result: dict, slo) -> None:
+    t = result["trace"]
+    print(f"\nGoodput on {t['requests']} requests, {t['rate']} req/s, SLO TTFT <= {slo.ttft_ms:g} ms, "
           f"TPOT <= {slo.tpot_ms:g} ms")
     print(f"{'system':11s} {'TTFT p50':>9s} {'TTFT p95':>9s} {'TPOT p50':>9s} {'TPOT p95':>9s} {'SLO met':>8s} {'errors':>6s}")
-    f = lambda v: f"{v:9.0f}" if v is not None else f"{'-':>9s}"  # noqa: E731
+    f = lambda v: f"{v:9.1f}" if v is not None else f"{'-':>9s}"  # noqa: E731
     for system in SYSTEMS:
         if system not in result["systems"]:
             continue
         if "failed" in result["systems"][system]:
             print(f"{system:11s} failed: {result['systems'][system]['failed']}")
             continue
-        s = result["systems"][system]["summary"]
+        s = summarize(result["systems"][system]["requests"], slo)
         print(f"{system:11s} {f(s['ttft_p50_ms'])} {f(s['ttft_p95_ms'])} {f(s['tpot_p50_ms'])} {f(s['tpot_p95_ms'])} "
               f"{s['slo_attainment']:8.0%} {s['errors']:6d}")
-    for k, rec in result["recommendation"].items():
-        print(f"recommended prefill:decode for this trace ({k}): {rec.get('ratio', rec.get('why'))}")
-    write_result(args.out, "goodput_pd", result)
+
+
+def rescore(path: Path, slo) -> int:
+    """The table of a recorded run at other SLOs (the per-request TTFT/TPOT are in the JSON)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"goodput_pd: --rescore: cannot read {path}: {e}", file=sys.stderr)
+        return 2
+    print_table(result, slo)
     return 0
 
 
