@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmark"
-SCRIPTS = ["decode_latency.py", "memory_scaling.py", "offline_throughput.py", "goodput.py"]
+SCRIPTS = ["decode_latency.py", "memory_scaling.py", "offline_throughput.py", "goodput.py", "profile_decode.py"]
 
 sys.path.insert(0, str(BENCH))
 import common as C  # noqa: E402
