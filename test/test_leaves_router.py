@@ -76,3 +76,19 @@ def test_finished_request_without_kv_is_forgotten_but_one_holding_kv_waits_for_t
     release_finished_without_kv(None, None, reqs, False)  # AFTER hook: (result, self, reqs, return_logprob)
     assert REGISTRY.peek("aborted") is None and REGISTRY.peek("holding") is not None
     REGISTRY.release("holding")
+
+
+def test_batch_reopens_only_after_mux_freed_slots():
+    from types import SimpleNamespace
+
+    from sglang_mux.metrics import STATS
+    from sglang_mux.router.hooks import reopen_batch_after_freeing
+
+    sched = SimpleNamespace(running_batch=SimpleNamespace(batch_is_full=True))
+    reopen_batch_after_freeing(sched)  # sync with the counter
+    sched.running_batch.batch_is_full = True
+    reopen_batch_after_freeing(sched)
+    assert sched.running_batch.batch_is_full is True  # nothing freed since: SGLang's mark stands
+    STATS.freed_device_tokens += 16
+    reopen_batch_after_freeing(sched)
+    assert sched.running_batch.batch_is_full is False

@@ -25,6 +25,7 @@ class MuxStats:
     last_max_context_tokens: int = 0
     last_pages_by_leaf: dict = field(default_factory=dict)
     dropped_tokens: int = 0
+    freed_device_tokens: int = 0  # device slots given back by drop or demotion (both modes)
     max_routed_kv_tokens_held: int = 0
     demoted_pages: int = 0
     staging_hits: int = 0

@@ -74,6 +74,7 @@ class ColdPageMover:
         self.allocator.free(self._page_slots(p.row, cold))
         p.state.dropped_pages.update(cold)
         STATS.dropped_tokens += len(cold) * self.page_size
+        STATS.freed_device_tokens += len(cold) * self.page_size
 
     def demote(self, p, cfg: MuxConfig) -> None:
         """Tiered mode: copy the request's cold pages (sinks, window and heavy hitters stay) to the host/disk
@@ -110,6 +111,7 @@ class ColdPageMover:
             idx = torch.tensor(freed, dtype=torch.long)
             self.allocator.free(slots.view(len(cold), P)[idx].flatten())
             STATS.demoted_pages += len(freed)
+            STATS.freed_device_tokens += len(freed) * P
         if st.staging is None:
             st.staging = StagingArea(cfg.staging, first_slots.device)
 

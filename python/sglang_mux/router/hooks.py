@@ -6,6 +6,8 @@
   with an error to its client, the others go on.
 * ``release_finished_without_kv``  AFTER ``SchedulerOutputStreamer.stream_output``: drop the state of a request
   that finished without ever holding KV (it never reaches the cache's release).
+* ``reopen_batch_after_freeing``  BEFORE ``Scheduler.get_next_batch_to_run``: after mux freed device slots, let
+  the scheduler try to admit waiting requests again.
 * ``add_mux_stats``  AFTER ``Scheduler.get_internal_state``: add ``MuxStats`` under the key ``mux``, so
   ``/server_info`` carries it and ``/mux/stats`` can serve it (the HTTP server lives in another process).
 """
@@ -71,12 +73,30 @@ def release_finished_without_kv(result, streamer, reqs, *args, **kwargs):
     return None
 
 
+_freed_seen = 0
+
+
+def reopen_batch_after_freeing(scheduler, *args, **kwargs):
+    """BEFORE ``Scheduler.get_next_batch_to_run``: SGLang marks the running batch full when a new request does not
+    fit and clears the mark only when a request finishes; it does not know that drop mode or demotion gave device
+    slots back mid-request. Clearing the mark lets it try to admit waiting requests (it sets it again if they still
+    do not fit), so bounded per-request memory turns into more concurrent requests."""
+    global _freed_seen
+    if STATS.freed_device_tokens != _freed_seen:
+        _freed_seen = STATS.freed_device_tokens
+        batch = getattr(scheduler, "running_batch", None)
+        if batch is not None:
+            batch.batch_is_full = False
+    return None
+
+
 def install_scheduler_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(f"{SCHEDULER}.handle_generate_request", admit_request, HookType.BEFORE)
     HookRegistry.register(f"{SCHEDULER}.get_internal_state", add_mux_stats, HookType.AFTER)
     HookRegistry.register(f"{SCHEDULER}.process_batch_result", abort_failed_requests, HookType.BEFORE)
+    HookRegistry.register(f"{SCHEDULER}.get_next_batch_to_run", reopen_batch_after_freeing, HookType.BEFORE)
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
         release_finished_without_kv,
