@@ -22,7 +22,8 @@ def main():
 
     import sglang as sgl
 
-    MuxConfig(budget=args.budget).export()  # the scheduler processes read it from the environment
+    cfg = MuxConfig(budget=args.budget)
+    cfg.export()  # the scheduler processes read it from the environment
     cpu = {} if has_cuda_gpu() else {"device": "cpu", "mem_fraction_static": 0.05, "disable_cuda_graph": True}
     if not has_cuda_gpu():
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
@@ -30,6 +31,7 @@ def main():
         model_path=default_model_path(),
         radix_cache_backend="mux",
         attention_backend="mux",
+        page_size=cfg.page_size,  # mux pages are KV-pool pages
         dtype="float32",
         log_level="warning",
         **cpu,

@@ -260,8 +260,8 @@ class MuxConfig:
         cfg = cls.from_env()
         if cfg.page_size != server_page_size:
             raise MuxConfigError(
-                f"--mux-page-size ({cfg.page_size}) must equal SGLang's --page-size ({server_page_size}); "
-                "omit --page-size and the mux launcher sets it"
+                f"--mux-page-size ({cfg.page_size}) must equal SGLang's page size ({server_page_size}): pass "
+                f"--page-size {cfg.page_size} (sglang.Engine: page_size={cfg.page_size}); the mux launcher sets it"
             )
         return cfg
 

@@ -34,6 +34,8 @@ def main() -> None:
 
     load_plugins()
     register()
+    if "--radix-cache-backend" in rest and not any(a == "--page-size" or a.startswith("--page-size=") for a in rest):
+        rest += ["--page-size", str(cfg.page_size)]  # mux pages are KV-pool pages
     sys.argv = [sys.argv[0], *rest]
     runpy.run_module("sglang.benchmark.offline_throughput", run_name="__main__", alter_sys=True)
 
