@@ -29,7 +29,7 @@ PIP=("$VENV/bin/python" -m pip install --progress-bar off)
 
 if [ "$FLAVOUR" = gpu ]; then
   echo "setup: GPU machine: installing sglang-mux with stock SGLang and its CUDA dependencies"
-  "${PIP[@]}" -e "$ROOT[dev]"
+  "${PIP[@]}" -e "$ROOT[dev,pd]"
 else
   echo "setup: CPU-only machine: installing SGLang 0.5.23 by the CPU recipe (docs/install.md)"
   C=(-c "$ROOT/requirements/cpu-constraints.txt")
