@@ -39,7 +39,44 @@ def stock_argv(args: list[str]) -> list[str]:
     return argv
 
 
-class ServerProcess:
+class ManagedProcess:
+    """A child process in its own process group, logging to a file: spawn, tail its log, stop it (TERM, then KILL).
+    Shared by the servers here and the PD router (``disagg/cluster.py``)."""
+
+    proc: subprocess.Popen | None = None
+    log_path: str = ""
+
+    def _spawn(self, argv: list[str], env: dict | None = None) -> None:
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        self._log.close()
+        self.proc = None
+
+
+class ServerProcess(ManagedProcess):
     def __init__(
         self,
         args: list[str] | None = None,
@@ -73,10 +110,7 @@ class ServerProcess:
         if self.stock:
             # Stock means stock: load no plugin at all (an unknown name in SGLang's whitelist loads none).
             env["SGLANG_PLUGINS"] = "__stock_sglang__"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        self._spawn(self.command(), env)
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -91,31 +125,6 @@ class ServerProcess:
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"server did not become ready in {self.timeout}s; log tail:\n{self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=10)
-        self._log.close()
-        self.proc = None
 
     def __enter__(self) -> "ServerProcess":
         return self.start()

@@ -13,19 +13,16 @@ a machine without a GPU, ``mooncake`` otherwise); the router is ``sglang_router.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import requests
 
 from sglang_mux.platform import has_cuda_gpu
 from sglang_mux.platform.cpu_pd import CPU_TRANSFER_BACKEND, cpu_pd_flags
-from sglang_mux.server_process import ServerProcess, free_port
+from sglang_mux.server_process import ManagedProcess, ServerProcess, free_port
 
 
 def mooncake_unavailable_reason() -> str | None:
@@ -64,7 +61,7 @@ def router_argv(prefill_url: str, bootstrap_port: int, decode_url: str, port: in
     ]
 
 
-class RouterProcess:
+class RouterProcess(ManagedProcess):
     """sglang-router in PD mode on a free port; ready when a tiny /generate through it succeeds."""
 
     def __init__(self, argv: list[str], port: int, timeout: float = 120.0):
@@ -74,8 +71,7 @@ class RouterProcess:
         self.log_path = tempfile.mktemp(prefix=f"sglang-router-{port}-", suffix=".log")
 
     def start(self, probe_body: dict) -> "RouterProcess":
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._spawn(self.argv)
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -88,28 +84,6 @@ class RouterProcess:
             time.sleep(1.0)
         self.stop()
         raise TimeoutError(f"router not ready in {self.timeout}s; log tail:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=10)
-        self._log.close()
-        self.proc = None
 
 
 PROBE = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
