@@ -39,6 +39,22 @@ def stock_argv(args: list[str]) -> list[str]:
     return argv
 
 
+class GenerateClient:
+    """Small clients of SGLang's ``/generate`` for anything with a ``url`` (a server, or a PD cluster's router)."""
+
+    url: str
+
+    def generate(self, body: dict, timeout: float = 120.0) -> requests.Response:
+        return requests.post(self.url + "/generate", json=body, timeout=timeout)
+
+    def greedy_ids(self, input_ids: list[int], max_new_tokens: int, **extra) -> list[int]:
+        sp = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+        sp.update(extra.pop("sampling_params", {}))
+        r = self.generate({"input_ids": input_ids, "sampling_params": sp, **extra})
+        r.raise_for_status()
+        return r.json()["output_ids"]
+
+
 class ManagedProcess:
     """A child process in its own process group, logging to a file: spawn, tail its log, stop it (TERM, then KILL).
     Shared by the servers here and the PD router (``disagg/cluster.py``)."""
@@ -76,7 +92,7 @@ class ManagedProcess:
         self.proc = None
 
 
-class ServerProcess(ManagedProcess):
+class ServerProcess(ManagedProcess, GenerateClient):
     def __init__(
         self,
         args: list[str] | None = None,
@@ -131,14 +147,3 @@ class ServerProcess(ManagedProcess):
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    # ------------------------------------------------------------- small clients
-    def generate(self, body: dict, timeout: float = 120.0) -> requests.Response:
-        return requests.post(self.url + "/generate", json=body, timeout=timeout)
-
-    def greedy_ids(self, input_ids: list[int], max_new_tokens: int, **extra) -> list[int]:
-        sp = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
-        sp.update(extra.pop("sampling_params", {}))
-        r = self.generate({"input_ids": input_ids, "sampling_params": sp, **extra})
-        r.raise_for_status()
-        return r.json()["output_ids"]

@@ -22,7 +22,7 @@ import requests
 
 from sglang_mux.platform import has_cuda_gpu
 from sglang_mux.platform.cpu_pd import CPU_TRANSFER_BACKEND, cpu_pd_flags
-from sglang_mux.server_process import ManagedProcess, ServerProcess, free_port
+from sglang_mux.server_process import GenerateClient, ManagedProcess, ServerProcess, free_port
 
 
 def mooncake_unavailable_reason() -> str | None:
@@ -89,7 +89,7 @@ class RouterProcess(ManagedProcess):
 PROBE = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
 
 
-class PDCluster:
+class PDCluster(GenerateClient):
     """Prefill + decode + router. ``url`` is the router's; ``prefill`` / ``decode`` are the ServerProcesses."""
 
     def __init__(
@@ -152,13 +152,3 @@ class PDCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    def generate(self, body: dict, timeout: float = 120.0) -> requests.Response:
-        return requests.post(self.url + "/generate", json=body, timeout=timeout)
-
-    def greedy_ids(self, input_ids: list[int], max_new_tokens: int, **extra) -> list[int]:
-        sp = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
-        sp.update(extra.pop("sampling_params", {}))
-        r = self.generate({"input_ids": input_ids, "sampling_params": sp, **extra})
-        r.raise_for_status()
-        return r.json()["output_ids"]
