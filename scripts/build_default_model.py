@@ -60,7 +60,6 @@ def corpus(seed: int, n_lines: int = 20000):
 
 def build_tokenizer(out: Path, seed: int, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -74,6 +73,13 @@ def build_tokenizer(out: Path, seed: int, vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(corpus(seed), trainer=trainer)
+    return save_hf_tokenizer(tok, out)
+
+
+def save_hf_tokenizer(tok, out: Path):
+    """Wrap a trained ``tokenizers.Tokenizer`` as the project's HF tokenizer (specials, chat template, 64K) and save it."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

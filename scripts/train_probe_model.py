@@ -30,12 +30,10 @@ from benchmark.quality.tasks import TaskError, make_sample  # noqa: E402
 from benchmark.quality.haystack import filler_phrases, insert_at_depths  # noqa: E402
 from benchmark.quality.vocab import FILLER_WORDS, KEY_WORDS, VAR_NAMES, number  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from build_default_model import SPECIAL, save_hf_tokenizer  # noqa: E402  (same specials and HF wrapping)
+
 DEFAULT_OUT = ROOT / "python" / "sglang_mux" / "models" / "default"
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 # Copy warm-up mixture of the first stage: short retrieval tasks only ("dense": see dense_recall).
 WARMUP_MIXTURE = {"dense": 0.7, "niah_multikey": 0.15, "vt": 0.15}
 # Training mixture (task -> weight). Aggregation tasks are in it at a small weight: the suite reports them.
@@ -75,7 +73,6 @@ def tokenizer_corpus(seed: int, n: int = 400):
 
 def build_tokenizer(out: Path, seed: int, vocab_size: int):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     # One token per digit; a number's first digit carries its leading space (" 7", "4", "1"), so a value
@@ -95,18 +92,7 @@ def build_tokenizer(out: Path, seed: int, vocab_size: int):
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=SPECIAL[4:],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.model_max_length = 65536
-    fast.save_pretrained(out)
-    return fast
+    return save_hf_tokenizer(tok, out)
 
 
 def build_model(tokenizer, args):
