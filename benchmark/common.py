@@ -353,6 +353,16 @@ def write_result(out_dir: Path, name: str, payload: dict) -> Path:
     return path
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (PNG, 110 dpi), close, and say so: the last step of every plot here."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    progress(f"wrote {path}")
+
+
 def median(vals: list[float]) -> float:
     return statistics.median(vals) if vals else float("nan")
 

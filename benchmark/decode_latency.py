@@ -176,10 +176,7 @@ def plot(a, systems: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Decode latency vs context (median of repeats)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    C.progress(f"wrote {path}")
+    C.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -153,10 +153,7 @@ def plot(a, systems: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"Goodput trace: {a.num_requests} requests at {a.rate}/s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    C.progress(f"wrote {path}")
+    C.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

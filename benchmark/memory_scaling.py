@@ -206,10 +206,7 @@ def plot(a, systems: dict, path: Path) -> None:
     ax.set_title("Non-weight device memory per request (allocator accounting)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    C.progress(f"wrote {path}")
+    C.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -159,10 +159,7 @@ def plot(a, systems: dict, path: Path) -> None:
     axes[1].set_title(f"same device capacity: {a.max_total_tokens} tokens")
     fig.suptitle(f"{a.num_prompts} prompts of {a.min_prompt_tokens}-{a.max_prompt_tokens} tokens, "
                  f"{a.output_tokens} output tokens each")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    C.progress(f"wrote {path}")
+    C.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
