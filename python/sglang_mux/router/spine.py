@@ -23,7 +23,9 @@ class StaticSpineRouter:
     def _split(self, cfg: MuxConfig) -> dict[str, int]:
         return cfg.leaf_split(cfg.budget)
 
+    @functools.lru_cache(maxsize=1024)
     def effective_config(self, options: MuxRequestOptions) -> MuxConfig:
+        # Called per request per decode step; building (and validating) a MuxConfig each time is wasted work.
         return options.effective_config(self.config)
 
     def grant(self, seq_len: int, options: MuxRequestOptions) -> Grant:
