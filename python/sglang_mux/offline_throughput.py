@@ -16,6 +16,7 @@ import runpy
 import sys
 
 from sglang_mux.config import MuxConfigError, split_mux_args
+from sglang_mux.launch_server import _has_flag
 from sglang_mux.platform import has_cuda_gpu
 
 
@@ -34,7 +35,7 @@ def main() -> None:
 
     load_plugins()
     register()
-    if "--radix-cache-backend" in rest and not any(a == "--page-size" or a.startswith("--page-size=") for a in rest):
+    if _has_flag(rest, "--radix-cache-backend") and not _has_flag(rest, "--page-size"):
         rest += ["--page-size", str(cfg.page_size)]  # mux pages are KV-pool pages
     sys.argv = [sys.argv[0], *rest]
     runpy.run_module("sglang.benchmark.offline_throughput", run_name="__main__", alter_sys=True)
