@@ -305,7 +305,7 @@ class MuxAttentionBackend(AttentionBackend):
             taken[dropped[dropped < n]] = True  # never read a dropped page: no leaf may choose it
 
         def page_scores() -> torch.Tensor:
-            first_slots = req_row[torch.arange(n, device=dev) * P].long()
+            first_slots = req_row[: (n - 1) * P + 1 : P]  # a strided view, not a gather
             kmin, kmax = self.summaries.get(self.start_layer + lidx, first_slots)
             if p.state.demoted:  # their device pages were reused: their summaries live with the request
                 off = torch.tensor(sorted(p.state.demoted), dtype=torch.long, device=dev)

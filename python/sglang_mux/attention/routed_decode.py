@@ -18,13 +18,16 @@ def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -
 
     ``q: [Hq, D]``, ``kmin, kmax: [n, Hkv, D]``. Per q head h (kv head h // G): ``sum_d max(q_d kmin_d, q_d kmax_d)``;
     then the max over all heads (one page set serves every head of the request at this layer).
+
+    Since ``kmax >= kmin``, ``max(q_d kmin_d, q_d kmax_d) = max(q_d, 0) kmax_d + min(q_d, 0) kmin_d``: two batched
+    matmuls over the pages, with no ``[n, Hq, D]`` temporaries (this runs per layer per routed request per step).
     """
     n, hkv, d = kmin.shape
     g = q.shape[0] // hkv
-    qg = q.view(hkv, g, d).float()
-    lo = torch.einsum("hgd,nhd->nhgd", qg, kmin.float())
-    hi = torch.einsum("hgd,nhd->nhgd", qg, kmax.float())
-    return torch.maximum(lo, hi).sum(-1).amax(dim=(1, 2))
+    qg = q.view(hkv, g, d).float().transpose(1, 2)  # [Hkv, D, G]
+    hi = torch.matmul(kmax.float().transpose(0, 1), qg.clamp(min=0))  # [Hkv, n, G]
+    hi.baddbmm_(kmin.float().transpose(0, 1), qg.clamp(max=0))
+    return hi.amax(dim=(0, 2))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,13 +34,18 @@ class Leaf:
 
 
 def top_free(scores: torch.Tensor, taken: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` highest-scoring pages not yet taken (ties: lower page id first)."""
+    """The ``k`` highest-scoring pages not yet taken (ties: lower page id first), in ascending page order.
+
+    A ``topk`` for the threshold and two masks, not a sort of every free page: this runs per layer per routed
+    request per decode step, over every page of the context.
+    """
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=taken.device)
-    free = (~taken).nonzero().flatten()
-    if free.numel() <= k:
-        return free
-    s = scores[free].float()
-    # Stable ordering: sort by page id first (already ascending), then a stable sort on -score.
-    order = torch.sort(-s, stable=True).indices[:k]
-    return free[order]
+    free = ~taken
+    if int(free.sum()) <= k:
+        return free.nonzero().flatten()
+    s = scores[: taken.numel()].float().masked_fill(taken, float("-inf"))
+    threshold = torch.topk(s, k, sorted=False).values.min()
+    above = s > threshold
+    tied = ((s == threshold) & free).nonzero().flatten()[: k - int(above.sum())]
+    return torch.sort(torch.cat([above.nonzero().flatten(), tied])).values
