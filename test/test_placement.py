@@ -156,3 +156,39 @@ def test_recorded_costs_policy_prefers_aggregated_for_short_prompts_when_idle(re
     slo = SLO(recorded["slo"]["ttft_ms"], recorded["slo"]["tpot_ms"])
     assert PlacementPolicy(costs, slo).decide(16, 16, Load()).path == "aggregated"
     assert math.isfinite(predict("pd", 16, 16, Load(), costs).ttft_ms)
+
+
+# ---------------------------------------------------------------- the live recommendation (/mux/stats)
+def test_finished_window_recommends_what_the_policy_recommends(tmp_path):
+    from sglang_mux.router.placement_live import FinishedWindow
+
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"costs": {k: getattr(COSTS, k) for k in (
+        "prefill_fixed_ms", "prefill_per_token_ms", "decode_step_fixed_ms", "decode_step_per_request_ms",
+        "transfer_fixed_ms", "transfer_per_token_ms")}}))
+    cfg = MuxConfig(budget=512, placement_costs=str(costs), slo_tpot=50.0)
+    trace = [(0.0, 1000, 100), (1.0, 3000, 50), (2.0, 200, 80)]
+    win = FinishedWindow()
+    assert win.recommendation(MuxConfig()) is None  # no costs file: nothing to recommend
+    win.record(*trace[0][1:], now=trace[0][0])
+    assert win.recommendation(cfg)["recommendation"] is None  # one request is not a trace
+    for t, n, m in trace[1:]:
+        win.record(n, m, now=t)
+    win.record(500, 0, now=3.0)  # an aborted request with no output is not traffic to plan for
+    got = win.recommendation(cfg)
+    want = PlacementPolicy(COSTS, SLO(cfg.slo_ttft, 50.0)).recommend_ratio(
+        trace, device_kv_tokens_per_request=mux_device_kv(512, 0, 16))
+    assert got["window_requests"] == 3 and got["recommendation"] == want
+    assert want["device_kv_tokens_per_request"] == 512 + 16  # min(3050, budget + a page); no staging without tiers
+
+
+def test_placement_costs_flag_is_checked_at_launch(tmp_path):
+    from sglang_mux.config import MuxConfigError
+
+    with pytest.raises(MuxConfigError, match="--mux-placement-costs"):
+        MuxConfig(placement_costs=str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"costs": {"prefill_ms": 1}}))
+    with pytest.raises(MuxConfigError, match="--mux-placement-costs.*unknown keys"):
+        MuxConfig(placement_costs=str(bad))
+    assert MuxConfig(placement_costs=str(RECORDED)).placement_costs == str(RECORDED)

@@ -5,12 +5,15 @@
   bound as at 4K (independent of context);
 * in drop mode, the device KV a routed request holds stays <= budget + one page, while stock SGLang holds
   its whole context; only the exact prefix enters the radix tree;
+* with --mux-placement-costs, /mux/stats carries the placement policy's worker recommendation for the
+  requests the server finished;
 * malformed per-request budgets get HTTP 400 naming the field, and the server keeps serving.
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import requests
@@ -20,6 +23,7 @@ from sglang_mux.server_process import ServerProcess
 from mux_test_support import SERVER_COMMON
 
 pytestmark = pytest.mark.server
+COSTS = Path(__file__).resolve().parents[1] / "benchmark" / "results" / "pd_costs.json"
 BUDGET, PAGE = 256, 16
 WORDS = "the blue river and green mountain under a quiet morning sky with old stone garden".split()
 
@@ -44,7 +48,7 @@ def routed_server():
 
 @pytest.fixture(scope="module")
 def drop_server():
-    with ServerProcess(SERVER_COMMON + ["--mux-budget", str(BUDGET), "--mux-drop-cold"]) as srv:
+    with ServerProcess(SERVER_COMMON + ["--mux-budget", str(BUDGET), "--mux-drop-cold", "--mux-placement-costs", str(COSTS)]) as srv:
         yield srv
 
 
@@ -119,3 +123,17 @@ def test_drop_mode_holds_at_most_budget_plus_a_page(drop_server, stock_server, t
     requests.post(drop_server.url + "/flush_cache", timeout=30)
     free_after = stats(drop_server)["pool_free_tokens"]
     assert free_after > 0
+
+
+def test_stats_carry_the_placement_recommendation(drop_server, tokenizer):
+    before = stats(drop_server)["placement"]["window_requests"]
+    for seed in (21, 22):
+        assert len(drop_server.greedy_ids(prompt_ids(tokenizer, 900, seed=seed), 8)) == 8
+    pl = stats(drop_server)["placement"]
+    assert pl["window_requests"] == before + 2
+    assert (pl["slo_ttft_ms"], pl["slo_tpot_ms"], pl["costs"]) == (2000.0, 200.0, str(COSTS))
+    rec = pl["recommendation"]
+    # drop mode, budget 256, no tiers (no staging): a request holds at most 256 + 16 device tokens
+    assert rec["device_kv_tokens_per_request"] == min(908, BUDGET + PAGE)
+    assert rec["feasible"] and rec["ratio"] == f"{rec['prefill_workers']}:{rec['decode_workers']}"
+    assert rec["prefill_workers"] >= 1 and rec["decode_workers"] >= 1

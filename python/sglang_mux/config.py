@@ -100,6 +100,13 @@ class MuxConfig:
     slo_tpot: float = _knob(
         200.0, "Time-per-output-token objective in ms: the PD placement policy and goodput count against it.", "MS"
     )
+    placement_costs: str = _knob(
+        "",
+        "Recorded deployment costs (the JSON `benchmark/goodput_pd.py --costs-only` writes). When set, `/mux/stats` "
+        "carries the placement policy's prefill:decode worker recommendation for the requests this server "
+        "finished recently, under the SLOs above. Empty: no recommendation.",
+        "PATH",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -161,6 +168,13 @@ class MuxConfig:
             v = getattr(self, name)
             if not (0 < v < float("inf")):
                 raise MuxConfigError(f"{_flag(name)}: must be a positive number of milliseconds, got {v!r}")
+        if self.placement_costs:
+            from sglang_mux.router.placement import PlacementError, RecordedCosts
+
+            try:
+                RecordedCosts.load(self.placement_costs)
+            except PlacementError as e:
+                raise MuxConfigError(f"--mux-placement-costs: {e}") from None
         # Parsing the leaf spec validates it (names, numbers, total within the budget).
         self.leaf_split(self.budget)
 

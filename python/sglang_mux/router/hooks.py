@@ -6,6 +6,8 @@
   with an error to its client, the others go on.
 * ``release_finished_without_kv``  AFTER ``SchedulerOutputStreamer.stream_output``: drop the state of a request
   that finished without ever holding KV (it never reaches the cache's release).
+* ``record_finished_for_placement``  AFTER ``SchedulerOutputStreamer.stream_output``: with
+  ``--mux-placement-costs``, note each finished request's lengths for the placement recommendation.
 * ``reopen_batch_after_freeing``  BEFORE ``Scheduler.get_next_batch_to_run``: after mux freed device slots, let
   the scheduler try to admit waiting requests again.
 * ``add_mux_stats``  AFTER ``Scheduler.get_internal_state``: add ``MuxStats`` under the key ``mux``, so
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import logging
 
+from sglang_mux.config import MuxConfig
 from sglang_mux.metrics import STATS
+from sglang_mux.router.placement_live import FINISHED
 from sglang_mux.router.requests import REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,9 @@ def add_mux_stats(result, scheduler, *args, **kwargs):
         )
         stats = STATS.as_dict()
         stats["running_requests_tracked"] = len(REGISTRY)
+        placement = _placement_config()
+        if placement is not None:
+            stats["placement"] = FINISHED.recommendation(placement)
         state["mux"] = stats
     return result
 
@@ -70,6 +77,36 @@ def release_finished_without_kv(result, streamer, reqs, *args, **kwargs):
                 REGISTRY.release(req.rid)
     except Exception:  # bookkeeping must never take the scheduler down
         logger.exception("mux: releasing finished request states failed")
+    return None
+
+
+_PLACEMENT_CFG: list = []  # [MuxConfig or None], resolved once per process
+
+
+def _placement_config():
+    """The server's config when it has ``--mux-placement-costs``, else None (read once from the environment)."""
+    if not _PLACEMENT_CFG:
+        try:
+            cfg = MuxConfig.from_env()
+            _PLACEMENT_CFG.append(cfg if cfg.placement_costs else None)
+        except Exception:  # validated at launch; a bad environment here only means no recommendation
+            logger.exception("mux: reading the placement config failed")
+            _PLACEMENT_CFG.append(None)
+    return _PLACEMENT_CFG[0]
+
+
+def record_finished_for_placement(result, streamer, reqs, *args, **kwargs):
+    """AFTER ``SchedulerOutputStreamer.stream_output``: lengths of the requests that just finished, for the
+    placement recommendation in ``/mux/stats`` (only with ``--mux-placement-costs``)."""
+    if _placement_config() is None:
+        return None
+    try:
+        for req in reqs or ():
+            if req.finished() and not getattr(req, "_mux_placement_seen", False):
+                req._mux_placement_seen = True
+                FINISHED.record(len(req.origin_input_ids), len(req.output_ids))
+    except Exception:  # bookkeeping must never take the scheduler down
+        logger.exception("mux: recording finished requests for placement failed")
     return None
 
 
@@ -100,5 +137,10 @@ def install_scheduler_hooks() -> None:
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
         release_finished_without_kv,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
+        record_finished_for_placement,
         HookType.AFTER,
     )
