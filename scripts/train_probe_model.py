@@ -110,7 +110,7 @@ def build_model(tokenizer, args):
         head_dim=64,
         max_position_embeddings=args.max_positions,
         rope_theta=args.rope_theta,
-        tie_word_embeddings=True,
+        tie_word_embeddings=args.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -133,13 +133,6 @@ def untie_and_reset_digits(model, tokenizer, seed: int) -> None:
     with torch.no_grad():
         fresh = torch.randn(len(digits), emb.shape[1], generator=g)
         emb[digits] = fresh / fresh.norm(dim=-1, keepdim=True) * emb[digits].norm(dim=-1, keepdim=True).mean()
-
-
-def stage_for(step: int, steps: int) -> tuple[int, int]:
-    for end, lo, hi in STAGES:
-        if step < end * steps:
-            return lo, hi
-    return STAGES[-1][1:]
 
 
 def set_train_length(train_length: int) -> None:
@@ -166,12 +159,15 @@ def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[
     return segments
 
 
-def make_batch(tokenizer, rng: random.Random, step: int, steps: int, tokens_per_step: int, seed: int):
-    """Token ids, next-token loss mask and answer mask for one step: same-length samples padded on the right."""
+def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_step: int, seed: int, prompt_digit_loss: bool = False):
+    """Token ids, next-token loss mask and answer mask for one step: same-length samples padded on the right.
+
+    Digits in the prompt (needle values, ids, list numbers) are random, so next-token loss on them only
+    teaches the model that digits are interchangeable; unless `prompt_digit_loss`, they carry no loss."""
     import torch
 
-    lo, hi = stage_for(step, steps)
-    mixture = WARMUP_MIXTURE if step < STAGES[0][0] * steps else MIXTURE
+    lo, hi = STAGES[stage][1:]
+    mixture = WARMUP_MIXTURE if stage == 0 else MIXTURE
     length = rng.randint(lo, hi)
     rows = []
     for b in range(max(1, tokens_per_step // length)):
@@ -197,6 +193,8 @@ def make_batch(tokenizer, rng: random.Random, step: int, steps: int, tokens_per_
         for toks, answer_flag in row:
             ids[i, pos : pos + len(toks)] = torch.tensor(toks)
             valid[i, pos : pos + len(toks)] = True
+            if not answer_flag and not prompt_digit_loss:
+                valid[i, pos : pos + len(toks)] = ~torch.isin(torch.tensor(toks), DIGIT_IDS_T)
             is_answer[i, pos : pos + len(toks)] = answer_flag
             pos += len(toks)
         pairs += [(i, t, src) for t, src in copy_pairs(row)]
@@ -246,30 +244,61 @@ def _find(hay: list[int], needle: list[int]) -> int | None:
 
 
 SEPARATOR_IDS: set[int] = set()  # filled once the tokenizer exists: ids of ',', '.', '</s>' and the like
+DIGIT_IDS: set[int] = set()  # filled once the tokenizer exists: the single-digit tokens (with or without a leading space)
+DIGIT_IDS_T = None
 
 
-def pointer_loss(model, captured: dict, pairs: list[tuple[int, int, int]], device):
-    """Attention supervision of head 0 of the last layer: -log of its attention weight from each query
-    position to the copy source of the answer token it predicts (mean over pairs). The model stays a plain
-    Llama; this only tells one head where the answer is while it learns to find it."""
+def pointer_loss(attn, captured: dict, head: int, pairs: list[tuple[int, int, int]], device):
+    """Attention supervision of one head: -log of its attention weight from each query position to its
+    target position (mean over ``pairs`` of (row, query position, target position)). The model stays a
+    plain Llama; this only tells a head where to look while the rest of the circuit learns to use it."""
     import torch
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    attn = model.model.layers[-1].self_attn
     h, (cos, sin) = captured["h"], captured["pe"]
-    cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+    B, T = h.shape[:2]
+    hd = attn.head_dim
+    kvh = head // (attn.config.num_attention_heads // attn.config.num_key_value_heads)
+    q = attn.q_proj(h)[..., head * hd : (head + 1) * hd].view(B, 1, T, hd)  # this head, every position
+    k = attn.k_proj(h)[..., kvh * hd : (kvh + 1) * hd].view(B, 1, T, hd)  # its kv head
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
     b = torch.tensor([p[0] for p in pairs], device=device)
     t = torch.tensor([p[1] for p in pairs], device=device)
     src = torch.tensor([p[2] for p in pairs], device=device)
-    hd = attn.head_dim
-    q = attn.q_proj(h[b, t])[:, :hd]  # head 0 at each query position: [P, hd]
-    k = attn.k_proj(h[b])[..., :hd]  # kv head 0 of each row: [P, T, hd]
-    q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], cos[b, t][:, None], sin[b, t][:, None])
-    k, _ = apply_rotary_pos_emb(k[:, None], k[:, None], cos[b], sin[b])
-    scores = (q[:, 0] @ k[:, 0].transpose(-1, -2))[:, 0] * attn.scaling  # [P, T]
+    scores = (q[:, 0] @ k[:, 0].transpose(-1, -2))[b, t] * attn.scaling  # [P, T]
     causal = torch.arange(scores.shape[1], device=device)[None] > t[:, None]
     logp = torch.log_softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
     return -logp[torch.arange(len(pairs), device=device), src].mean()
+
+
+def copy_loss(attn, model, captured: dict, head: int, ids, keep) -> "torch.Tensor":
+    """Teach one head's value/output path to copy: what it writes from a position, read through the final norm
+    and the output head, should name that position's own token (cross-entropy over the ``keep`` positions).
+    Once the head attends to the needle (``pointer_loss``), its output then says which digit it found."""
+    import torch.nn.functional as F
+
+    h = captured["h"]
+    hd = attn.head_dim
+    kvh = head // (attn.config.num_attention_heads // attn.config.num_key_value_heads)
+    v = attn.v_proj(h)[..., kvh * hd : (kvh + 1) * hd]  # [B, T, hd]
+    out = F.linear(v, attn.o_proj.weight[:, head * hd : (head + 1) * hd])  # the head's write to the residual
+    logits = model.lm_head(model.model.norm(out))[keep]
+    return F.cross_entropy(logits.float(), ids[keep])
+
+
+# Lower-layer helpers for the retrieval head (layer 0): (head, how many tokens back it should look). With them,
+# the query " is" of "... magic number for apple is" carries "apple" (1 back) and the needle's first digit
+# carries "apple" (2 back), so the last layer's head can match the key and copy the digit.
+OFFSET_HEADS = ((0, 1), (2, 2))
+
+
+def offset_pairs(lengths: list[int], rng: random.Random, per_row: int = 48) -> list[tuple[int, int]]:
+    """(row, query position) samples for the offset heads: positions with at least 2 tokens before them."""
+    out = []
+    for i, n in enumerate(lengths):
+        if n > 3:
+            out += [(i, t) for t in rng.sample(range(2, n), min(per_row, n - 2))]
+    return out
 
 
 def train(model, tokenizer, args, log):
@@ -290,18 +319,35 @@ def train(model, tokenizer, args, log):
     t0, ema, ema_ans, ema_ptr = time.time(), None, None, None
     captured: dict = {}
     last_attn = model.model.layers[-1].self_attn
+    first_captured: dict = {}
     last_attn.register_forward_pre_hook(lambda mod, a, kw: captured.update(h=kw["hidden_states"], pe=kw["position_embeddings"]), with_kwargs=True)
+    first_attn = model.model.layers[0].self_attn
+    first_attn.register_forward_pre_hook(lambda mod, a, kw: first_captured.update(h=kw["hidden_states"], pe=kw["position_embeddings"]), with_kwargs=True)
+    stage, ema_acc = 0, 0.0
+    digit_ids = torch.tensor(sorted(DIGIT_IDS), device=device)
     for step in range(args.steps):
-        ids, valid, is_answer, pairs = make_batch(tokenizer, rng, step, args.steps, args.tokens_per_step, args.seed)
+        # Curriculum: the next stage starts at its share of the steps, and (with --gate-accuracy) only once the
+        # model answers the digits of this stage's answers; a stage that has not learned stays short.
+        if stage + 1 < len(STAGES) and step >= STAGES[stage][0] * args.steps and ema_acc >= args.gate_accuracy:
+            stage += 1
+            log(f"step {step}: stage {stage} ({STAGES[stage][1]}-{STAGES[stage][2]} tokens), digit accuracy {ema_acc:.2f}")
+        ids, valid, is_answer, pairs = make_batch(tokenizer, rng, stage, step, args.tokens_per_step, args.seed, args.prompt_digit_loss)
         ids, valid, is_answer = ids.to(device), valid.to(device), is_answer.to(device)
         captured.clear()
+        first_captured.clear()
         logits = model(input_ids=ids).logits[:, :-1].float()
         target, mask, amask = ids[:, 1:], valid[:, 1:], is_answer[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").view_as(target)
         lm = (nll * mask).sum() / mask.sum()
         ans = (nll * amask).sum() / amask.sum()
         loss = lm + args.answer_weight * ans
-        point = pointer_loss(model, captured, pairs, device) if pairs and args.pointer_weight > 0 else None
+        point = pointer_loss(last_attn, captured, 0, pairs, device) if pairs and args.pointer_weight > 0 else None
+        if args.offset_weight > 0 and len(model.model.layers) > 1:
+            at = offset_pairs((ids != tokenizer.pad_token_id).sum(1).tolist(), rng)
+            for head, back in OFFSET_HEADS:
+                loss = loss + args.offset_weight * pointer_loss(first_attn, first_captured, head, [(i, t, t - back) for i, t in at], device)
+        if args.copy_weight > 0:
+            loss = loss + args.copy_weight * copy_loss(last_attn, model, captured, 0, ids, ids != tokenizer.pad_token_id)
         if point is not None:
             loss = loss + args.pointer_weight * point
             ema_ptr = point.item() if ema_ptr is None else 0.98 * ema_ptr + 0.02 * point.item()
@@ -313,9 +359,14 @@ def train(model, tokenizer, args, log):
         opt.step()
         ema = lm.item() if ema is None else 0.98 * ema + 0.02 * lm.item()
         ema_ans = ans.item() if ema_ans is None else 0.98 * ema_ans + 0.02 * ans.item()
+        with torch.no_grad():
+            digit = amask & torch.isin(target, digit_ids)
+            if digit.any():
+                acc = (logits.argmax(-1) == target)[digit].float().mean().item()
+                ema_acc = 0.95 * ema_acc + 0.05 * acc
         if step % 50 == 0 or step == args.steps - 1:
             ptr = f"{ema_ptr:.3f}" if ema_ptr is not None else "-"
-            log(f"step {step} len {ids.shape[1]} lm {ema:.3f} answer {ema_ans:.3f} pointer {ptr} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
+            log(f"step {step} len {ids.shape[1]} lm {ema:.3f} answer {ema_ans:.3f} digits {ema_acc:.2f} pointer {ptr} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
     model.eval()
     return model
 
@@ -331,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--answer-weight", type=float, default=2.0)
     ap.add_argument("--pointer-weight", type=float, default=1.0, help="weight of the attention supervision (0: off)")
+    ap.add_argument("--copy-weight", type=float, default=0.5, help="weight of the copy supervision of the retrieval head's value/output path (0: off)")
+    ap.add_argument("--gate-accuracy", type=float, default=0.0, help="move to the next curriculum stage only when the answer-digit accuracy (EMA) reaches this")
+    ap.add_argument("--offset-weight", type=float, default=0.5, help="weight of the supervision of layer 0's 1-back and 2-back heads (0: off)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=384)
@@ -345,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-lengths", default="1024")
     ap.add_argument("--init-from", type=Path, help="continue from a probe saved by this script (second stage)")
     ap.add_argument("--untie-embeddings", action="store_true", help="with --init-from: own output head, fresh digit embeddings")
+    ap.add_argument("--tie-embeddings", action="store_true", help="tie input and output embeddings (off: under tied embeddings the digits collapse)")
+    ap.add_argument("--prompt-digit-loss", action="store_true", help="also put next-token loss on the prompt's (random) digits")
     ap.add_argument("--log", type=Path, help="also append progress lines to this file")
     args = ap.parse_args(argv)
     if args.max_positions < 32768:
@@ -373,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
         tok = build_tokenizer(args.out, args.seed, args.vocab_size)
     log(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.0f}s)")
     SEPARATOR_IDS.update(i for t, i in tok.get_vocab().items() if t in {",", ".", "Ġ,", "Ġ.", '"', 'Ġ"', "Ġ", "Ċ", "</s>"})
+    DIGIT_IDS.update(i for t, i in tok.get_vocab().items() if len(t.lstrip("Ġ")) == 1 and t.lstrip("Ġ").isdigit())
+    global DIGIT_IDS_T
+    DIGIT_IDS_T = torch.tensor(sorted(DIGIT_IDS))
     model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32) if args.init_from else build_model(tok, args)
     if args.untie_embeddings:
         untie_and_reset_digits(model, tok, args.seed)
