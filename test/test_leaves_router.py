@@ -92,3 +92,26 @@ def test_batch_reopens_only_after_mux_freed_slots():
     STATS.freed_device_tokens += 16
     reopen_batch_after_freeing(sched)
     assert sched.running_batch.batch_is_full is False
+
+
+def test_top_free_equals_a_stable_sort_of_the_free_pages():
+    """top_free (a topk threshold) must choose what a stable descending sort of the free pages chooses, ties to the
+    lower page id; scores with many ties (integers 0..3) make that part matter."""
+    import random
+
+    from sglang_mux.leaves.base import top_free
+
+    def reference(scores, taken, k):
+        free = (~taken).nonzero().flatten()
+        if free.numel() <= k:
+            return free
+        order = torch.sort(-scores[free].float(), stable=True).indices[:k]
+        return torch.sort(free[order]).values
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.randint(1, 60)
+        scores = torch.tensor([float(rng.randint(0, 3)) for _ in range(n + rng.randint(0, 5))])
+        taken = torch.tensor([rng.random() < 0.4 for _ in range(n)])
+        k = rng.randint(1, n + 2)
+        assert torch.equal(top_free(scores, taken, k), reference(scores, taken, k)), (scores, taken, k)

@@ -266,7 +266,7 @@ class MuxAttentionBackend(AttentionBackend):
         if not st.demoted:
             positions = page_positions(pages, p.seq_len, P)
             slots = req_row[positions].long()
-            return k_buf[slots], v_buf[slots], positions
+            return torch.index_select(k_buf, 0, slots), torch.index_select(v_buf, 0, slots), positions
         off = torch.tensor([int(x) in st.demoted for x in pages.tolist()], dtype=torch.bool, device=pages.device)
         pos = page_positions(pages[~off], p.seq_len, P)
         slots = req_row[pos].long()

@@ -41,11 +41,10 @@ def top_free(scores: torch.Tensor, taken: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=taken.device)
-    free = ~taken
-    if int(free.sum()) <= k:
-        return free.nonzero().flatten()
     s = scores[: taken.numel()].float().masked_fill(taken, float("-inf"))
-    threshold = torch.topk(s, k, sorted=False).values.min()
+    threshold = torch.topk(s, min(k, s.numel()), sorted=False).values.min()
+    if threshold == float("-inf"):  # no more than k free pages: all of them
+        return (~taken).nonzero().flatten()
     above = s > threshold
-    tied = ((s == threshold) & free).nonzero().flatten()[: k - int(above.sum())]
+    tied = (s == threshold).nonzero().flatten()[: k - int(above.sum())]
     return torch.sort(torch.cat([above.nonzero().flatten(), tied])).values
