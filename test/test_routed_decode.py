@@ -194,3 +194,34 @@ def test_demoted_pages_are_read_through_staging(mode):
             time.sleep(0.05)
         again = be._routed_decode(q.reshape(1, -1), layer, plan)
         assert torch.allclose(again, want, atol=1e-5)
+
+
+def test_summary_cache_chooses_what_the_pool_gather_chooses_step_after_step():
+    """Keep mode scores completed pages from the request's contiguous summary cache (appended as pages fill);
+    over 40 decode steps with new keys written as the backend writes them, every layer's page choice and every
+    Quest score must equal the pool-gather path's, including steps that complete a page."""
+    cfg = MuxConfig(budget=64, page_size=8, leaves="sink=8,recent=16,retrieval=rest")
+    L0 = 500
+    be, layer, kv, r2t, slots = make_backend(cfg, L0 + 40, seed=11)
+    row = r2t.req_to_token[1]
+    cached, gathered = RequestState(), RequestState()
+    g = torch.Generator().manual_seed(12)
+    be.summaries.rebuild_from_keys(0, row, 0, L0)
+    for L in range(L0 + 1, L0 + 41):
+        # the step's token: its key is in the pool before attention, its summary is folded in after it
+        kv.get_key_buffer(0)[slots[L - 1]] = 5 * torch.randn(HKV, D, generator=g)
+        grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
+        q = torch.randn(HQ, D, generator=g)
+        a = be.select_pages(q, 0, row, _ReqPlan("a", 1, L, grant, cached))
+        scores_a = be.page_scores(q, 0, row, _ReqPlan("a", 1, L, grant, cached))
+        be._uses_summary_cache = lambda p: False
+        b = be.select_pages(q, 0, row, _ReqPlan("b", 1, L, grant, gathered))
+        scores_b = be.page_scores(q, 0, row, _ReqPlan("b", 1, L, grant, gathered))
+        del be._uses_summary_cache
+        assert torch.equal(a[0], b[0]) and a[1] == b[1], L
+        # the page holding this step's token is stale in both (folded in after attention) and always read
+        # by the recent leaf; every completed page must score the same
+        torch.testing.assert_close(scores_a[:-1], scores_b[:-1], rtol=1e-5, atol=1e-5)
+        be.summaries.update_decode(0, slots[L - 1 : L], torch.tensor([L - 1]), kv.get_key_buffer(0)[slots[L - 1 : L]])
+    assert cached.summary_cache is not None and cached.summary_cache.count[0] == (L0 + 40 - 1) // 8
+    assert gathered.summary_cache is None

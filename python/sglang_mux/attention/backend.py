@@ -23,10 +23,16 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_mux.attention.importance import accumulate_decode_mass, snapkv_page_scores
-from sglang_mux.attention.routed_decode import attend, num_pages_of, page_positions, quest_page_scores
+from sglang_mux.attention.routed_decode import (
+    attend,
+    num_pages_of,
+    page_positions,
+    quest_page_scores,
+    quest_page_scores_head_major,
+)
 from sglang_mux.config import MuxConfig
 from sglang_mux.leaves import LEAVES, LeafContext
-from sglang_mux.memory.page_summaries import PageSummaryStore
+from sglang_mux.memory.page_summaries import PageSummaryStore, RequestSummaryCache
 from sglang_mux.memory.page_table import LEAF_BITS
 from sglang_mux.memory.cold_pages import ColdPageMover
 from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
@@ -104,6 +110,7 @@ class MuxAttentionBackend(AttentionBackend):
             for rid, prefix in zip(fb.rids, fb.extend_prefix_lens_cpu):
                 st = self.registry.get(rid)
                 st.summarized = True  # forward_extend rebuilds the summaries of what it writes
+                st.summary_cache = None  # (re)prefilled: its pages may have moved
                 if st.protected_len is None:
                     st.protected_len = int(prefix)
             return
@@ -305,13 +312,7 @@ class MuxAttentionBackend(AttentionBackend):
             taken[dropped[dropped < n]] = True  # never read a dropped page: no leaf may choose it
 
         def page_scores() -> torch.Tensor:
-            first_slots = req_row[: (n - 1) * P + 1 : P]  # a strided view, not a gather
-            kmin, kmax = self.summaries.get(self.start_layer + lidx, first_slots)
-            if p.state.demoted:  # their device pages were reused: their summaries live with the request
-                off = torch.tensor(sorted(p.state.demoted), dtype=torch.long, device=dev)
-                kmin, kmax = kmin.clone(), kmax.clone()
-                kmin[off], kmax[off] = p.state.cold_kmin[lidx, off], p.state.cold_kmax[lidx, off]
-            return quest_page_scores(q_req, kmin, kmax)
+            return self.page_scores(q_req, lidx, req_row, p)
 
         scores = p.state.heavy_scores[lidx] if p.state.heavy_scores is not None else None
         if scores is not None and scores.numel() < n:
@@ -326,6 +327,36 @@ class MuxAttentionBackend(AttentionBackend):
             if lidx == 0:
                 p.state.note_leaf_views(pages, LEAF_BITS[name], n)
         return torch.sort(torch.cat(chosen)).values, by_leaf
+
+    def page_scores(self, q_req, lidx: int, req_row, p: _ReqPlan) -> torch.Tensor:
+        """Quest bound of every page of one routed request at one layer (``[num_pages]``)."""
+        P = self.page_size
+        n = num_pages_of(p.seq_len, P)
+        layer_id = self.start_layer + lidx
+        if self._uses_summary_cache(p):
+            # Completed pages from the request's contiguous cache; the page holding this step's token (whose
+            # summary is folded in after attention) from the store.
+            n_full = (p.seq_len - 1) // P
+            cache = p.state.summary_cache
+            if cache is None:
+                cache = p.state.summary_cache = RequestSummaryCache(self.num_layers)
+            kmin, kmax = cache.full_pages(self.summaries, lidx, layer_id, req_row, n_full)
+            tail_min, tail_max = self.summaries.get(layer_id, req_row[n_full * P : (n - 1) * P + 1 : P])
+            return torch.cat([quest_page_scores_head_major(q_req, kmin, kmax), quest_page_scores(q_req, tail_min, tail_max)])
+        kmin, kmax = self.summaries.get(layer_id, req_row[: (n - 1) * P + 1 : P])  # first slots: a strided view
+        if p.state.demoted:  # their device pages were reused: their summaries live with the request
+            off = torch.tensor(sorted(p.state.demoted), dtype=torch.long, device=q_req.device)
+            kmin, kmax = kmin.clone(), kmax.clone()
+            kmin[off], kmax[off] = p.state.cold_kmin[lidx, off], p.state.cold_kmax[lidx, off]
+        return quest_page_scores(q_req, kmin, kmax)
+
+    def _uses_summary_cache(self, p: _ReqPlan) -> bool:
+        """Keep mode only: there the request's exact KV stays on the device, so a copy of its summaries (1/P of
+        its keys) is proportionate; drop and tier modes keep device memory bounded and gather instead."""
+        st = p.state
+        if st.demoted or st.dropped_pages or (self.tiers is not None and self.tiers.takes_running_pages):
+            return False
+        return not self.router.effective_config(st.options).drop_cold
 
     def support_triton(self):
         return self.inner.support_triton()

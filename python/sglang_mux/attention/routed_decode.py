@@ -18,15 +18,21 @@ def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -
 
     ``q: [Hq, D]``, ``kmin, kmax: [n, Hkv, D]``. Per q head h (kv head h // G): ``sum_d max(q_d kmin_d, q_d kmax_d)``;
     then the max over all heads (one page set serves every head of the request at this layer).
+    """
+    return quest_page_scores_head_major(q, kmin.transpose(0, 1), kmax.transpose(0, 1))
+
+
+def quest_page_scores_head_major(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """:func:`quest_page_scores` for summaries laid out ``[Hkv, n, D]`` (a request's summary cache).
 
     Since ``kmax >= kmin``, ``max(q_d kmin_d, q_d kmax_d) = max(q_d, 0) kmax_d + min(q_d, 0) kmin_d``: two batched
     matmuls over the pages, with no ``[n, Hq, D]`` temporaries (this runs per layer per routed request per step).
     """
-    n, hkv, d = kmin.shape
+    hkv, n, d = kmin.shape
     g = q.shape[0] // hkv
     qg = q.view(hkv, g, d).float().transpose(1, 2)  # [Hkv, D, G]
-    hi = torch.matmul(kmax.float().transpose(0, 1), qg.clamp(min=0))  # [Hkv, n, G]
-    hi.baddbmm_(kmin.float().transpose(0, 1), qg.clamp(max=0))
+    hi = torch.matmul(kmax.float(), qg.clamp(min=0))  # [Hkv, n, G]
+    hi.baddbmm_(kmin.float(), qg.clamp(max=0))
     return hi.amax(dim=(0, 2))
 
 

@@ -95,3 +95,44 @@ class PageSummaryStore:
         pages = (first_slots // self.page_size).long()
         # index_select: 2.5x faster than advanced indexing on CPU for the [n] rows read per layer per step.
         return torch.index_select(self.kmin[l], 0, pages), torch.index_select(self.kmax[l], 0, pages)
+
+
+class RequestSummaryCache:
+    """One routed request's summaries of its completed pages, per layer, contiguous per KV head
+    (``[H_kv, pages, D]``): the retrieval leaf scores every page of the context each step, and gathering the
+    summaries from the pool (a page's summary lives at its physical page) was the cost of that step.
+
+    A page is final once all its tokens are written, so the cache only appends: the pages completed since the
+    last step are copied from the :class:`PageSummaryStore` once. The page being written (the tail) is always
+    read from the store. Costs ``2 * H_kv * D`` elements per completed page per layer (1/P of the request's K
+    bytes): used only where the request's exact KV stays on the device anyway (keep mode), so it is
+    proportionate to what the request holds.
+    """
+
+    def __init__(self, num_layers: int):
+        self.kmin: list = [None] * num_layers
+        self.kmax: list = [None] * num_layers
+        self.count = [0] * num_layers
+
+    def full_pages(self, store: PageSummaryStore, lidx: int, layer_id: int, req_row: torch.Tensor, n_full: int):
+        """``(kmin, kmax)`` of pages ``[0, n_full)``, each ``[H_kv, n_full, D]`` (views of the cache)."""
+        have = self.count[lidx]
+        if n_full > have:
+            P = store.page_size
+            kmin, kmax = store.get(layer_id, req_row[have * P : (n_full - 1) * P + 1 : P])  # [m, H_kv, D]
+            cur = self.kmin[lidx]
+            if cur is None or cur.shape[1] < n_full:
+                cap = max(n_full, 64, 0 if cur is None else 2 * cur.shape[1])
+                grown_min = kmin.new_empty((kmin.shape[1], cap, kmin.shape[2]))
+                grown_max = torch.empty_like(grown_min)
+                if cur is not None:
+                    grown_min[:, :have] = cur[:, :have]
+                    grown_max[:, :have] = self.kmax[lidx][:, :have]
+                self.kmin[lidx], self.kmax[lidx] = grown_min, grown_max
+            self.kmin[lidx][:, have:n_full] = kmin.transpose(0, 1)
+            self.kmax[lidx][:, have:n_full] = kmax.transpose(0, 1)
+            self.count[lidx] = n_full
+        return self.kmin[lidx][:, :n_full], self.kmax[lidx][:, :n_full]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kmin + self.kmax if t is not None)

@@ -41,6 +41,9 @@ class RequestState:
     staging: Optional[object] = None
     # bit per leaf (memory/page_table.py LEAF_BITS) that read each logical page at layer 0, grown as needed
     leaf_views: Optional[torch.Tensor] = None
+    # keep mode: the request's completed pages' summaries, contiguous (memory/page_summaries.py
+    # RequestSummaryCache); dropped on a new extend
+    summary_cache: Optional[object] = None
     # set when the request cannot continue (e.g. a lower-tier page failed its checksum); the scheduler aborts it
     error: Optional[str] = None
 
