@@ -135,7 +135,12 @@ def test_memory_scaling_tiny_run_against_real_servers(tmp_path):
     res = json.loads((tmp_path / "memory_scaling.json").read_text())
     assert (tmp_path / "memory_scaling.png").stat().st_size > 5_000
     stock, mux = res["systems"]["stock"], res["systems"]["mux"]
-    assert stock["kv_bytes_per_token"] == mux["mux_reported_kv_bytes_per_token"] == 2 * 2 * 2 * 64 * 4
+    from sglang_mux.models import default_model_path
+
+    cfg = json.loads((Path(default_model_path()) / "config.json").read_text())
+    # K and V, every layer, every KV head, float32
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
+    assert stock["kv_bytes_per_token"] == mux["mux_reported_kv_bytes_per_token"] == per_token
     for ctx in (256, 1024):
         used = stock["points"][str(ctx)]["decode_used_tokens"]
         assert ctx <= used <= ctx + out_tokens + 1, (ctx, used)
