@@ -14,9 +14,17 @@ import copy
 import json
 import random
 import sys
+from pathlib import Path
 from typing import Any, Iterator
 
-VOCAB = 512  # the bundled default model; the tests assert the server reports the same
+
+def _bundled_vocab_size() -> int:
+    from sglang_mux.models import default_model_path
+
+    return json.loads((Path(default_model_path()) / "config.json").read_text())["vocab_size"]
+
+
+VOCAB = _bundled_vocab_size()  # the bundled default model; the tests assert the server reports the same
 
 GENERATE = "/generate"
 COMPLETIONS = "/v1/completions"
