@@ -145,6 +145,14 @@ def error_text(r: requests.Response) -> tuple[str, str | None]:
     return str(err), None
 
 
+def _tokenizer_adds_tokens_to_empty_text() -> bool:
+    from transformers import AutoTokenizer
+
+    from sglang_mux.models import default_model_path
+
+    return len(AutoTokenizer.from_pretrained(default_model_path())("")["input_ids"]) > 0
+
+
 def test_served_model_has_the_vocab_the_tests_assume(server):
     info = requests.get(server.url + "/get_model_info", timeout=30).json()
     from transformers import AutoConfig
@@ -156,6 +164,8 @@ def test_served_model_has_the_vocab_the_tests_assume(server):
 def test_crash_class_is_rejected_and_server_keeps_serving(server, name, endpoint, body, field):
     if server.mode == "scheduler-only" and name not in SCHEDULER_CLASSES:
         pytest.skip("refused before the scheduler; needs the front layers")
+    if name == "empty-text" and _tokenizer_adds_tokens_to_empty_text():
+        pytest.skip("the served tokenizer puts <s> in front of every prompt: empty text is a valid 1-token prompt")
     r = post(server, endpoint, body)
     message, param = error_text(r)
     if server.mode == "scheduler-only":
