@@ -7,8 +7,8 @@ What it does, deterministically for a seed (on one CPU thread; a GPU only makes 
 1. Trains a byte-level BPE tokenizer (digits split one per token, every word of the task vocabulary a
    single token) on text of the synthetic suite (`benchmark/quality`), with bos/eos/pad and a chat template.
 2. Trains a `LlamaForCausalLM` (RoPE, GQA, head_dim 64) on the suite's tasks mixed with their filler
-   haystacks: next-token loss on every token (the haystack repeats phrases, which teaches copying) plus
-   an extra loss on the answer tokens. Curriculum over lengths: a short copy warm-up, then longer contexts.
+   haystacks: next-token loss on every token but the prompt's random digits (the haystack repeats phrases,
+   which teaches copying) plus an extra loss on the answer tokens. Curriculum over lengths: a short copy warm-up, then longer contexts.
 3. Scores the result with HF greedy decoding on held-out seeds and writes the model, its tokenizer and
    `mux_model_card.json` (command, seed, measured accuracies) to ``--out``.
 """
@@ -128,7 +128,7 @@ def untie_and_reset_digits(model, tokenizer, seed: int) -> None:
     emb = model.get_input_embeddings().weight
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(emb.detach().clone())
-    digits = [i for t, i in tokenizer.get_vocab().items() if t.lstrip("Ġ").isdigit() and len(t.lstrip("Ġ")) == 1]
+    digits = digit_token_ids(tokenizer)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         fresh = torch.randn(len(digits), emb.shape[1], generator=g)
@@ -194,7 +194,7 @@ def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_
             ids[i, pos : pos + len(toks)] = torch.tensor(toks)
             valid[i, pos : pos + len(toks)] = True
             if not answer_flag and not prompt_digit_loss:
-                valid[i, pos : pos + len(toks)] = ~torch.isin(torch.tensor(toks), DIGIT_IDS_T)
+                valid[i, pos : pos + len(toks)] = ~torch.isin(torch.tensor(toks), DIGIT_IDS)
             is_answer[i, pos : pos + len(toks)] = answer_flag
             pos += len(toks)
         pairs += [(i, t, src) for t, src in copy_pairs(row)]
@@ -244,8 +244,12 @@ def _find(hay: list[int], needle: list[int]) -> int | None:
 
 
 SEPARATOR_IDS: set[int] = set()  # filled once the tokenizer exists: ids of ',', '.', '</s>' and the like
-DIGIT_IDS: set[int] = set()  # filled once the tokenizer exists: the single-digit tokens (with or without a leading space)
-DIGIT_IDS_T = None
+DIGIT_IDS = None  # tensor of digit_token_ids, sorted; set once the tokenizer exists
+
+
+def digit_token_ids(tokenizer) -> list[int]:
+    """The single-digit tokens (with or without a leading space), in vocabulary order."""
+    return [i for t, i in tokenizer.get_vocab().items() if len(t.lstrip("Ġ")) == 1 and t.lstrip("Ġ").isdigit()]
 
 
 def pointer_loss(attn, captured: dict, head: int, pairs: list[tuple[int, int, int]], device):
@@ -324,7 +328,7 @@ def train(model, tokenizer, args, log):
     first_attn = model.model.layers[0].self_attn
     first_attn.register_forward_pre_hook(lambda mod, a, kw: first_captured.update(h=kw["hidden_states"], pe=kw["position_embeddings"]), with_kwargs=True)
     stage, ema_acc = 0, 0.0
-    digit_ids = torch.tensor(sorted(DIGIT_IDS), device=device)
+    digit_ids = DIGIT_IDS.to(device)
     for step in range(args.steps):
         # Curriculum: the next stage starts at its share of the steps, and (with --gate-accuracy) only once the
         # model answers the digits of this stage's answers; a stage that has not learned stays short.
@@ -429,9 +433,8 @@ def main(argv: list[str] | None = None) -> None:
         tok = build_tokenizer(args.out, args.seed, args.vocab_size)
     log(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.0f}s)")
     SEPARATOR_IDS.update(i for t, i in tok.get_vocab().items() if t in {",", ".", "Ġ,", "Ġ.", '"', 'Ġ"', "Ġ", "Ċ", "</s>"})
-    DIGIT_IDS.update(i for t, i in tok.get_vocab().items() if len(t.lstrip("Ġ")) == 1 and t.lstrip("Ġ").isdigit())
-    global DIGIT_IDS_T
-    DIGIT_IDS_T = torch.tensor(sorted(DIGIT_IDS))
+    global DIGIT_IDS
+    DIGIT_IDS = torch.tensor(sorted(digit_token_ids(tok)))
     model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32) if args.init_from else build_model(tok, args)
     if args.untie_embeddings:
         untie_and_reset_digits(model, tok, args.seed)
