@@ -133,6 +133,3 @@ class RequestSummaryCache:
             self.kmax[lidx][:, have:n_full] = kmax.transpose(0, 1)
             self.count[lidx] = n_full
         return self.kmin[lidx][:, :n_full], self.kmax[lidx][:, :n_full]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kmin + self.kmax if t is not None)
