@@ -90,6 +90,8 @@ def add_server_args(p: argparse.ArgumentParser, *, default_mode: str, default_bu
     g.add_argument("--model-path", default=None, help="model (default: the bundled tiny model)")
     g.add_argument("--server-arg", action="append", default=[], metavar="FLAG=VALUE",
                    help="extra SGLang flag for both servers, e.g. --server-arg=--max-total-tokens=65536 (repeatable)")
+    g.add_argument("--mux-arg", action="append", default=[], metavar="--mux-FLAG=VALUE", type=_mux_arg,
+                   help="extra flag for the mux server only, e.g. --mux-arg=--mux-retrieval-group-pages=1 (repeatable)")
     g.add_argument("--log-dir", type=Path, default=None, help="keep the server logs here")
 
 
@@ -101,13 +103,21 @@ def _systems(text: str) -> list[str]:
     return list(dict.fromkeys(vals))
 
 
-def extra_flags(items: list[str]) -> list[str]:
+def _mux_arg(text: str) -> str:
+    if not text.startswith("--mux-"):
+        raise argparse.ArgumentTypeError(f"expected --mux-FLAG or --mux-FLAG=VALUE (a mux flag), got {text!r}")
+    return text
+
+
+def extra_flags(items: list[str], *, mux: bool = False) -> list[str]:
+    """``--FLAG=VALUE`` items as argv: those of ``--server-arg`` (SGLang flags both servers get, never mux
+    ones) or, with ``mux``, those of ``--mux-arg`` (checked by its argparse type)."""
     out = []
     for it in items:
-        if not it.startswith("--"):
+        if not mux and not it.startswith("--"):
             raise SystemExit(f"error: --server-arg: expected --FLAG or --FLAG=VALUE, got {it!r}")
-        if it.startswith("--mux-"):
-            raise SystemExit(f"error: --server-arg: {it!r} is a mux flag; use this script's --mux-* options")
+        if not mux and it.startswith("--mux-"):
+            raise SystemExit(f"error: --server-arg: {it!r} is a mux flag; use --mux-arg or this script's --mux-* options")
         flag, sep, val = it.partition("=")
         out += [flag, val] if sep else [flag]
     return out
@@ -130,7 +140,7 @@ def mux_flags(args: argparse.Namespace) -> list[str]:
         flags.append("--mux-drop-cold")
     elif args.mux_mode == "tier":
         flags += ["--mux-host-bytes", str(args.mux_host_bytes)]
-    return flags
+    return flags + extra_flags(getattr(args, "mux_arg", []), mux=True)
 
 
 def start_server(system: str, flags: list[str], args: argparse.Namespace) -> ServerProcess:

@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "decode_latency", "machine": C.machine_info(), "config": {
         "contexts": a.contexts, "batches": a.batches, "output_tokens": a.output_tokens, "repeats": a.repeats,
         "mux_budget": a.mux_budget, "mux_page_size": a.mux_page_size, "mux_mode": a.mux_mode, "dtype": a.dtype,
-        "suffix_tokens": SUFFIX_TOKENS}, "systems": systems, **analysis}
+        "suffix_tokens": SUFFIX_TOKENS, "mux_flags": C.mux_flags(a)}, "systems": systems, **analysis}
     payload["summary"] = summary_line(a, analysis, systems)
     C.write_result(a.out, "decode_latency", payload)
     if not a.no_plot:

@@ -49,6 +49,7 @@ def test_help(script):
     ("goodput.py", ["--mix", "1K:0.5,2K:heavy"], "--mix"),
     ("goodput.py", ["--rate", "0"], "--rate"),
     ("goodput.py", ["--server-arg", "max-total-tokens=9"], "--server-arg"),
+    ("decode_latency.py", ["--mux-arg=--max-total-tokens=9"], "--mux-arg"),
 ])
 def test_bad_flag_is_one_clear_line(script, args, flag):
     p = _run(script, *args)

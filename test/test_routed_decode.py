@@ -17,7 +17,13 @@ from mux_kernels.reference import routed_decode as ref_routed_decode
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
 from sglang_mux.attention.backend import MuxAttentionBackend, _ReqPlan
-from sglang_mux.attention.routed_decode import attend, page_positions, quest_page_scores
+from sglang_mux.attention.routed_decode import (
+    attend,
+    grouped_quest_page_scores,
+    page_positions,
+    quest_page_scores,
+    quest_page_scores_head_major,
+)
 from sglang_mux.config import MuxConfig
 from sglang_mux.request_options import MuxRequestOptions
 from sglang_mux.router.requests import RequestState
@@ -200,7 +206,7 @@ def test_summary_cache_chooses_what_the_pool_gather_chooses_step_after_step():
     """Keep mode scores completed pages from the request's contiguous summary cache (appended as pages fill);
     over 40 decode steps with new keys written as the backend writes them, every layer's page choice and every
     Quest score must equal the pool-gather path's, including steps that complete a page."""
-    cfg = MuxConfig(budget=64, page_size=8, leaves="sink=8,recent=16,retrieval=rest")
+    cfg = MuxConfig(budget=64, page_size=8, leaves="sink=8,recent=16,retrieval=rest", retrieval_group_pages=1)
     L0 = 500
     be, layer, kv, r2t, slots = make_backend(cfg, L0 + 40, seed=11)
     row = r2t.req_to_token[1]
@@ -225,3 +231,76 @@ def test_summary_cache_chooses_what_the_pool_gather_chooses_step_after_step():
         be.summaries.update_decode(0, slots[L - 1 : L], torch.tensor([L - 1]), kv.get_key_buffer(0)[slots[L - 1 : L]])
     assert cached.summary_cache is not None and cached.summary_cache.count[0] == (L0 + 40 - 1) // 8
     assert gathered.summary_cache is None
+
+
+def group_bound_oracle(q, keys, tokens_per_group):
+    """Float64 Quest bound of each group of ``tokens_per_group`` keys, from the raw keys."""
+    n = keys.shape[0] // tokens_per_group
+    kg = keys[: n * tokens_per_group].double().view(n, tokens_per_group, HKV, D)
+    lo, hi = kg.amin(1), kg.amax(1)
+    qq = q.double().view(HKV, HQ // HKV, D)
+    return torch.maximum(torch.einsum("hgd,nhd->nhgd", qq, lo), torch.einsum("hgd,nhd->nhgd", qq, hi)).sum(-1).amax(
+        dim=(1, 2)
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grouped_scores_keep_the_exact_bound_of_the_best_groups_pages(seed):
+    """Two-level retrieval: the pages of the ``keep`` groups whose float64 group bound is highest (and the pages
+    after the last complete group) carry their exact page bound; every other page ranks below all of them."""
+    g = torch.Generator().manual_seed(seed)
+    P, G, n, keep = 4, 8, 83, 3  # 10 complete groups + 3 loose pages
+    keys = torch.randn(n * P, HKV, D, generator=g)
+    q = torch.randn(HQ, D, generator=g)
+    kp = keys.view(n, P, HKV, D)
+    kmin, kmax = kp.amin(1).transpose(0, 1), kp.amax(1).transpose(0, 1)  # [Hkv, n, D]
+    m = n // G
+    gmin = kmin[:, : m * G].reshape(HKV, m, G, D).amin(2)
+    gmax = kmax[:, : m * G].reshape(HKV, m, G, D).amax(2)
+    got = grouped_quest_page_scores(q, kmin, kmax, n, gmin, gmax, G, keep)
+    flat = quest_page_scores_head_major(q, kmin, kmax)
+    best = set(torch.topk(group_bound_oracle(q, keys, G * P), keep).indices.tolist())
+    cand = sorted({gi * G + j for gi in best for j in range(G)} | set(range(m * G, n)))
+    torch.testing.assert_close(got[cand], flat[cand], rtol=1e-5, atol=1e-5)
+    others = sorted(set(range(n)) - set(cand))
+    assert len(others) == (m - keep) * G and bool((got[others] < got[cand].min()).all())
+    # a group's bound is >= the bound of each of its pages
+    gb = group_bound_oracle(q, keys, G * P)
+    assert bool((flat[: m * G].view(m, G).double() <= gb.view(m, 1) + 1e-4).all())
+    # with at least as many groups kept as there are, it is the flat bound
+    torch.testing.assert_close(grouped_quest_page_scores(q, kmin, kmax, n, gmin, gmax, G, m), flat)
+    # summaries in a longer buffer (as the request's cache holds them): the same scores
+    pad = torch.randn(HKV, 7, D, generator=g)
+    got_buf = grouped_quest_page_scores(q, torch.cat([kmin, pad], 1), torch.cat([kmax, pad], 1), n, gmin, gmax, G, keep)
+    torch.testing.assert_close(got_buf, got)
+
+
+def test_two_level_retrieval_finds_a_needle_and_keeps_group_summaries_current():
+    """Backend, keep mode, long context: with groups of 8 pages the retrieval leaf still finds the page holding a
+    planted needle, reads exactly its grant, and the request's group summaries equal the min/max of the raw keys
+    of each complete group after decode steps that complete pages and groups."""
+    cfg = MuxConfig(budget=128, page_size=8, leaves="sink=16,recent=32,retrieval=rest", retrieval_group_pages=8)
+    L0 = 3000
+    be, layer, kv, r2t, slots = make_backend(cfg, L0 + 70, seed=3)
+    row = r2t.req_to_token[1]
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(HQ, D, generator=g)
+    needle = slots[200 * 8 : 201 * 8]
+    kv.get_key_buffer(0)[needle] = 3.0 * q.view(HKV, HQ // HKV, D).mean(1)
+    be.summaries.rebuild_from_keys(0, row, 0, L0)
+    st = RequestState()
+    for L in range(L0 + 1, L0 + 71):
+        kv.get_key_buffer(0)[slots[L - 1]] = torch.randn(HKV, D, generator=g)
+        grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
+        pages, by_leaf = be.select_pages(q, 0, row, _ReqPlan("r", 1, L, grant, st))
+        assert 200 in pages.tolist(), L
+        assert by_leaf["retrieval"] == grant.retrieval_pages
+        be.summaries.update_decode(0, slots[L - 1 : L], torch.tensor([L - 1]), kv.get_key_buffer(0)[slots[L - 1 : L]])
+    cache = st.summary_cache
+    assert cache is not None and cache.group_pages == 8
+    gmin, gmax = cache.full_groups(0)
+    m = cache.count[0] // 8
+    assert gmin.shape == (HKV, m, D) and m == ((L0 + 70 - 1) // 8) // 8
+    keys = kv.get_key_buffer(0)[slots[: m * 64]].view(m, 64, HKV, D)
+    torch.testing.assert_close(gmin, keys.amin(1).transpose(0, 1))
+    torch.testing.assert_close(gmax, keys.amax(1).transpose(0, 1))

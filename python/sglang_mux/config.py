@@ -91,6 +91,14 @@ class MuxConfig:
         "or any SGLang backend name. `--attention-backend X` on the mux launcher sets it.",
         "NAME",
     )
+    retrieval_group_pages: int = _knob(
+        8,
+        "Two-level retrieval: pages are also summarised in groups of N; each step the retrieval leaf scores the "
+        "groups, then only the pages of its best groups (as many groups as it may pick pages), so its per-step "
+        "work grows with context / (N * page size) instead of context / page size. 1: score every page (flat Quest). "
+        "Keep mode only (drop and tier modes score every page).",
+        "N",
+    )
     observation_window: int = _knob(
         32, "Last prompt tokens whose attention scores heavy hitters at prefill (SnapKV-style).", "TOKENS"
     )
@@ -161,6 +169,10 @@ class MuxConfig:
         if self.drop_cold and self.tiered:
             raise MuxConfigError(
                 "--mux-drop-cold: cannot be combined with --mux-host-bytes/--mux-disk-path (tiers keep every exact page)"
+            )
+        if self.retrieval_group_pages < 1 or self.retrieval_group_pages > 1024:
+            raise MuxConfigError(
+                f"--mux-retrieval-group-pages: must be in [1, 1024] (1: flat), got {self.retrieval_group_pages}"
             )
         if self.observation_window < 1:
             raise MuxConfigError(f"--mux-observation-window: must be >= 1, got {self.observation_window}")

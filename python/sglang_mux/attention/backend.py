@@ -25,6 +25,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang_mux.attention.importance import accumulate_decode_mass, snapkv_page_scores
 from sglang_mux.attention.routed_decode import (
     attend,
+    grouped_quest_page_scores,
     num_pages_of,
     page_positions,
     quest_page_scores,
@@ -339,10 +340,19 @@ class MuxAttentionBackend(AttentionBackend):
             n_full = (p.seq_len - 1) // P
             cache = p.state.summary_cache
             if cache is None:
-                cache = p.state.summary_cache = RequestSummaryCache(self.num_layers)
+                cache = RequestSummaryCache(self.num_layers, self.mux_config.retrieval_group_pages)
+                p.state.summary_cache = cache
             kmin, kmax = cache.full_pages(self.summaries, lidx, layer_id, req_row, n_full)
+            if cache.group_pages > 1 and n_full > 0:
+                gmin, gmax = cache.full_groups(lidx)
+                bmin, bmax = cache.page_buffers(lidx)
+                full = grouped_quest_page_scores(
+                    q_req, bmin, bmax, n_full, gmin, gmax, cache.group_pages, p.grant.retrieval_pages
+                )
+            else:
+                full = quest_page_scores_head_major(q_req, kmin, kmax)
             tail_min, tail_max = self.summaries.get(layer_id, req_row[n_full * P : (n - 1) * P + 1 : P])
-            return torch.cat([quest_page_scores_head_major(q_req, kmin, kmax), quest_page_scores(q_req, tail_min, tail_max)])
+            return torch.cat([full, quest_page_scores(q_req, tail_min, tail_max)])
         kmin, kmax = self.summaries.get(layer_id, req_row[: (n - 1) * P + 1 : P])  # first slots: a strided view
         if p.state.demoted:  # their device pages were reused: their summaries live with the request
             off = torch.tensor(sorted(p.state.demoted), dtype=torch.long, device=q_req.device)

@@ -36,6 +36,39 @@ def quest_page_scores_head_major(q: torch.Tensor, kmin: torch.Tensor, kmax: torc
     return hi.amax(dim=(0, 2))
 
 
+def grouped_quest_page_scores(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    n: int,
+    gmin: torch.Tensor,
+    gmax: torch.Tensor,
+    group_pages: int,
+    keep_groups: int,
+) -> torch.Tensor:
+    """Two-level :func:`quest_page_scores_head_major`: score groups of pages first, then only the best groups' pages.
+
+    ``kmin, kmax: [Hkv, >= n, D]`` summaries of pages ``0..n-1`` (contiguous buffers that may run past ``n``:
+    selecting pages from a sliced, non-contiguous view copies the whole view first); ``gmin, gmax: [Hkv, m, D]`` summaries of the first ``m`` complete
+    groups of ``group_pages`` pages (a group's min/max over its pages' min/max). The pages of the
+    ``keep_groups`` groups with the highest bound, and every page after the last complete group, get their exact
+    page bound; all other pages get the lowest finite float32 (ranked last, ties to the lower page id, so a
+    top-k still returns k pages when the candidates run short). A group's bound is >= each of its pages' bounds,
+    so a page is missed only when ``keep_groups`` other groups bound higher than its own group.
+    """
+    m = gmin.shape[1]
+    g = group_pages
+    if m <= keep_groups:
+        return quest_page_scores_head_major(q, kmin[:, :n], kmax[:, :n])
+    group_scores = quest_page_scores_head_major(q, gmin, gmax)
+    best = torch.topk(group_scores, keep_groups, sorted=False).indices
+    cand = (best.view(-1, 1) * g + torch.arange(g, device=best.device)).flatten()
+    cand = torch.cat([cand, torch.arange(m * g, n, device=best.device)])
+    out = torch.full((n,), torch.finfo(torch.float32).min, dtype=torch.float32, device=kmin.device)
+    out[cand] = quest_page_scores_head_major(q, kmin.index_select(1, cand), kmax.index_select(1, cand))
+    return out
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of one request over the given keys: ``(out [Hq, Dv], probs [Hq, n])`` in float32.
 

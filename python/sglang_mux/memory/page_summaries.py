@@ -97,6 +97,18 @@ class PageSummaryStore:
         return torch.index_select(self.kmin[l], 0, pages), torch.index_select(self.kmax[l], 0, pages)
 
 
+def _append(buf: torch.Tensor | None, have: int, new: torch.Tensor) -> torch.Tensor:
+    """``buf[:, :have]`` followed by ``new`` (``[H_kv, m, D]``), in a buffer that doubles when full."""
+    need = have + new.shape[1]
+    if buf is None or buf.shape[1] < need:
+        grown = new.new_empty((new.shape[0], max(need, 64, 0 if buf is None else 2 * buf.shape[1]), new.shape[2]))
+        if buf is not None:
+            grown[:, :have] = buf[:, :have]
+        buf = grown
+    buf[:, have:need] = new
+    return buf
+
+
 class RequestSummaryCache:
     """One routed request's summaries of its completed pages, per layer, contiguous per KV head
     (``[H_kv, pages, D]``): the retrieval leaf scores every page of the context each step, and gathering the
@@ -107,12 +119,20 @@ class RequestSummaryCache:
     read from the store. Costs ``2 * H_kv * D`` elements per completed page per layer (1/P of the request's K
     bytes): used only where the request's exact KV stays on the device anyway (keep mode), so it is
     proportionate to what the request holds.
+
+    With ``group_pages = G > 1`` it also keeps the summaries of each complete group of G pages (min/max over its
+    pages), for the two-level retrieval (:func:`~sglang_mux.attention.routed_decode.grouped_quest_page_scores`):
+    1/G more.
     """
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, group_pages: int = 1):
+        self.group_pages = group_pages
         self.kmin: list = [None] * num_layers
         self.kmax: list = [None] * num_layers
         self.count = [0] * num_layers
+        self.gmin: list = [None] * num_layers
+        self.gmax: list = [None] * num_layers
+        self.group_count = [0] * num_layers
 
     def full_pages(self, store: PageSummaryStore, lidx: int, layer_id: int, req_row: torch.Tensor, n_full: int):
         """``(kmin, kmax)`` of pages ``[0, n_full)``, each ``[H_kv, n_full, D]`` (views of the cache)."""
@@ -120,16 +140,28 @@ class RequestSummaryCache:
         if n_full > have:
             P = store.page_size
             kmin, kmax = store.get(layer_id, req_row[have * P : (n_full - 1) * P + 1 : P])  # [m, H_kv, D]
-            cur = self.kmin[lidx]
-            if cur is None or cur.shape[1] < n_full:
-                cap = max(n_full, 64, 0 if cur is None else 2 * cur.shape[1])
-                grown_min = kmin.new_empty((kmin.shape[1], cap, kmin.shape[2]))
-                grown_max = torch.empty_like(grown_min)
-                if cur is not None:
-                    grown_min[:, :have] = cur[:, :have]
-                    grown_max[:, :have] = self.kmax[lidx][:, :have]
-                self.kmin[lidx], self.kmax[lidx] = grown_min, grown_max
-            self.kmin[lidx][:, have:n_full] = kmin.transpose(0, 1)
-            self.kmax[lidx][:, have:n_full] = kmax.transpose(0, 1)
+            self.kmin[lidx] = _append(self.kmin[lidx], have, kmin.transpose(0, 1))
+            self.kmax[lidx] = _append(self.kmax[lidx], have, kmax.transpose(0, 1))
             self.count[lidx] = n_full
         return self.kmin[lidx][:, :n_full], self.kmax[lidx][:, :n_full]
+
+    def page_buffers(self, lidx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The contiguous buffers behind :meth:`full_pages` (``[H_kv, capacity, D]``; pages past ``count`` are
+        unset): picking a few pages out of them is cheap, out of the sliced view it copies the view."""
+        return self.kmin[lidx], self.kmax[lidx]
+
+    def full_groups(self, lidx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gmin, gmax)`` of the complete groups of the pages cached so far (after :meth:`full_pages` cached at
+        least one page), each ``[H_kv, groups, D]``."""
+        G = self.group_pages
+        have, want = self.group_count[lidx], self.count[lidx] // G
+        if want > have:
+            kmin = self.kmin[lidx][:, have * G : want * G]
+            kmax = self.kmax[lidx][:, have * G : want * G]
+            h, _, d = kmin.shape
+            self.gmin[lidx] = _append(self.gmin[lidx], have, kmin.reshape(h, want - have, G, d).amin(dim=2))
+            self.gmax[lidx] = _append(self.gmax[lidx], have, kmax.reshape(h, want - have, G, d).amax(dim=2))
+            self.group_count[lidx] = want
+        if want == 0:
+            return self.kmin[lidx][:, :0], self.kmax[lidx][:, :0]
+        return self.gmin[lidx][:, :want], self.gmax[lidx][:, :want]
