@@ -192,3 +192,24 @@ def test_placement_costs_flag_is_checked_at_launch(tmp_path):
     with pytest.raises(MuxConfigError, match="--mux-placement-costs.*unknown keys"):
         MuxConfig(placement_costs=str(bad))
     assert MuxConfig(placement_costs=str(RECORDED)).placement_costs == str(RECORDED)
+
+
+def test_costs_file_is_parsed_once_and_again_when_it_changes(tmp_path):
+    import os
+
+    from sglang_mux.router.placement_live import recorded_costs
+
+    keys = ("prefill_fixed_ms", "prefill_per_token_ms", "decode_step_fixed_ms", "decode_step_per_request_ms",
+            "transfer_fixed_ms", "transfer_per_token_ms")
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"costs": {k: getattr(COSTS, k) for k in keys}}))
+    first = recorded_costs(str(costs))
+    assert first == COSTS and recorded_costs(str(costs)) is first  # polled again: not re-read
+    changed = {k: getattr(COSTS, k) for k in keys} | {"prefill_fixed_ms": COSTS.prefill_fixed_ms + 7.0}
+    costs.write_text(json.dumps({"costs": changed}))
+    st = os.stat(costs)
+    os.utime(costs, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a later write, whatever the clock's grain
+    assert recorded_costs(str(costs)).prefill_fixed_ms == COSTS.prefill_fixed_ms + 7.0
+    costs.unlink()
+    with pytest.raises(PlacementError, match="costs file"):
+        recorded_costs(str(costs))

@@ -8,6 +8,7 @@ times: over a window in steady state both give the same rate, which is all the c
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 
@@ -15,6 +16,21 @@ from sglang_mux.config import MuxConfig
 from sglang_mux.router.placement import SLO, PlacementError, PlacementPolicy, RecordedCosts, mux_device_kv
 
 WINDOW = 512  # finished requests kept for the recommendation
+
+
+_COSTS: dict[str, tuple[int, RecordedCosts]] = {}
+
+
+def recorded_costs(path: str) -> RecordedCosts:
+    """The costs file, parsed once and again only when it changes (``/mux/stats`` may be polled often)."""
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError as e:
+        raise PlacementError(f"costs file {path}: {e.strerror}") from None
+    hit = _COSTS.get(path)
+    if hit is None or hit[0] != stamp:
+        hit = _COSTS[path] = (stamp, RecordedCosts.load(path))
+    return hit[1]
 
 
 class FinishedWindow:
@@ -38,7 +54,7 @@ class FinishedWindow:
             out["why"] = "fewer than 2 finished requests so far"
             return out
         try:
-            policy = PlacementPolicy(RecordedCosts.load(cfg.placement_costs), SLO.from_config(cfg))
+            policy = PlacementPolicy(recorded_costs(cfg.placement_costs), SLO.from_config(cfg))
             staging = cfg.staging * cfg.page_size if cfg.tiered else 0  # the staging area exists only with tiers
             kv = None if cfg.disable else mux_device_kv(cfg.budget, staging, cfg.page_size)
             out["recommendation"] = policy.recommend_ratio(list(self._trace), device_kv_tokens_per_request=kv)
