@@ -64,7 +64,7 @@ def test_leaves_registry_order_window_first():
 def test_finished_request_without_kv_is_forgotten_but_one_holding_kv_waits_for_the_cache():
     from types import SimpleNamespace
 
-    from sglang_mux.router.hooks import release_finished_without_kv
+    from sglang_mux.router.hooks import after_stream_output
     from sglang_mux.router.requests import REGISTRY
 
     REGISTRY.admit("aborted", None)
@@ -73,7 +73,7 @@ def test_finished_request_without_kv_is_forgotten_but_one_holding_kv_waits_for_t
         SimpleNamespace(rid="aborted", finished=lambda: True, kv=SimpleNamespace(holds_kv=False)),
         SimpleNamespace(rid="holding", finished=lambda: True, kv=SimpleNamespace(holds_kv=True)),
     ]
-    release_finished_without_kv(None, None, reqs, False)  # AFTER hook: (result, self, reqs, return_logprob)
+    after_stream_output(None, None, reqs, False)  # AFTER hook: (result, self, reqs, return_logprob)
     assert REGISTRY.peek("aborted") is None and REGISTRY.peek("holding") is not None
     REGISTRY.release("holding")
 

@@ -4,10 +4,9 @@
   (``sampling_params.custom_params``) in the registry, keyed by request id, before it can be scheduled.
 * ``abort_failed_requests``  BEFORE ``Scheduler.process_batch_result``: finish a request whose memory failed it
   with an error to its client, the others go on.
-* ``release_finished_without_kv``  AFTER ``SchedulerOutputStreamer.stream_output``: drop the state of a request
-  that finished without ever holding KV (it never reaches the cache's release).
-* ``record_finished_for_placement``  AFTER ``SchedulerOutputStreamer.stream_output``: with
-  ``--mux-placement-costs``, note each finished request's lengths for the placement recommendation.
+* ``after_stream_output``  AFTER ``SchedulerOutputStreamer.stream_output``: drop the state of a request
+  that finished without ever holding KV (it never reaches the cache's release); with ``--mux-placement-costs``,
+  note each finished request's lengths for the placement recommendation.
 * ``reopen_batch_after_freeing``  BEFORE ``Scheduler.get_next_batch_to_run``: after mux freed device slots, let
   the scheduler try to admit waiting requests again.
 * ``add_mux_stats``  AFTER ``Scheduler.get_internal_state``: add ``MuxStats`` under the key ``mux``, so
@@ -67,19 +66,6 @@ def abort_failed_requests(scheduler, batch, *args, **kwargs):
     return None
 
 
-def release_finished_without_kv(result, streamer, reqs, *args, **kwargs):
-    """AFTER ``SchedulerOutputStreamer.stream_output``: a request that finished without holding KV (aborted while
-    waiting, or on a PD bootstrap/transfer failure) never reaches the cache's release, so its mux state is dropped
-    here. Requests still holding KV are released by the cache (which needs their state to free it correctly)."""
-    try:
-        for req in reqs or ():
-            if req.finished() and not req.kv.holds_kv:
-                REGISTRY.release(req.rid)
-    except Exception:  # bookkeeping must never take the scheduler down
-        logger.exception("mux: releasing finished request states failed")
-    return None
-
-
 _PLACEMENT_CFG: list = []  # [MuxConfig or None], resolved once per process
 
 
@@ -95,18 +81,26 @@ def _placement_config():
     return _PLACEMENT_CFG[0]
 
 
-def record_finished_for_placement(result, streamer, reqs, *args, **kwargs):
-    """AFTER ``SchedulerOutputStreamer.stream_output``: lengths of the requests that just finished, for the
-    placement recommendation in ``/mux/stats`` (only with ``--mux-placement-costs``)."""
-    if _placement_config() is None:
-        return None
+def after_stream_output(result, streamer, reqs, *args, **kwargs):
+    """AFTER ``SchedulerOutputStreamer.stream_output``, one pass over the requests just streamed:
+
+    * a request that finished without holding KV (aborted while waiting, or on a PD bootstrap/transfer failure)
+      never reaches the cache's release, so its mux state is dropped here (requests still holding KV are released
+      by the cache, which needs their state to free it correctly);
+    * with ``--mux-placement-costs``, each finished request's lengths go to the placement window of ``/mux/stats``.
+    """
+    placement = _placement_config() is not None
     try:
         for req in reqs or ():
-            if req.finished() and not getattr(req, "_mux_placement_seen", False):
+            if not req.finished():
+                continue
+            if not req.kv.holds_kv:
+                REGISTRY.release(req.rid)
+            if placement and not getattr(req, "_mux_placement_seen", False):
                 req._mux_placement_seen = True
                 FINISHED.record(len(req.origin_input_ids), len(req.output_ids))
     except Exception:  # bookkeeping must never take the scheduler down
-        logger.exception("mux: recording finished requests for placement failed")
+        logger.exception("mux: bookkeeping of finished requests failed")
     return None
 
 
@@ -136,11 +130,6 @@ def install_scheduler_hooks() -> None:
     HookRegistry.register(f"{SCHEDULER}.get_next_batch_to_run", reopen_batch_after_freeing, HookType.BEFORE)
     HookRegistry.register(
         "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
-        release_finished_without_kv,
-        HookType.AFTER,
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
-        record_finished_for_placement,
+        after_stream_output,
         HookType.AFTER,
     )
