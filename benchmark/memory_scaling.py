@@ -139,6 +139,15 @@ def run_system(system: str, a: argparse.Namespace) -> dict:
             "flags": flags + (C.mux_flags(a) if system == "mux" else [])}
 
 
+def _ratio(num: float, den: float) -> float | None:
+    """``num / den``, or None when nothing was measured for ``den`` (reported as n/a, never a crash)."""
+    return num / den if den else None
+
+
+def _x(v: float | None, fmt: str) -> str:
+    return "n/a".rjust(len(format(1.0, fmt)) + 1) if v is None else format(v, fmt) + "x"
+
+
 def analyse(a, systems: dict) -> list[dict]:
     rows = []
     for ctx in a.contexts:
@@ -149,9 +158,9 @@ def analyse(a, systems: dict) -> list[dict]:
             row[f"{name}_peak_mib"] = pt["peak_bytes"]["device"] / 2**20
             row[f"{name}_host_mib"] = pt["decode_bytes"]["host"] / 2**20
             row[f"{name}_disk_mib"] = pt["decode_bytes"]["disk"] / 2**20
-            row[f"{name}_growth"] = pt["decode_bytes"]["device"] / base["decode_bytes"]["device"]
+            row[f"{name}_growth"] = _ratio(pt["decode_bytes"]["device"], base["decode_bytes"]["device"])
         if len(systems) == 2:
-            row["mux_over_stock"] = row["mux_decode_mib"] / row["stock_decode_mib"]
+            row["mux_over_stock"] = _ratio(row["mux_decode_mib"], row["stock_decode_mib"])
         rows.append(row)
     return rows
 
@@ -170,15 +179,15 @@ def print_table(rows: list[dict], systems: dict, base: int) -> None:
             print(f"{'':>7} {n} lower tiers at {_k(r['context'])}: host {r[n + '_host_mib']:.3f} MiB, "
                   f"disk {r[n + '_disk_mib']:.3f} MiB")
         print(f"{r['context']:>7} " + " ".join(
-            f"{r[n + '_decode_mib']:>14.3f} {r[n + '_peak_mib']:>11.3f} {r[n + '_growth']:>12.2f}x" for n in names)
-              + (f" {r['mux_over_stock']:>9.3f}x" if "mux_over_stock" in r else ""))
+            f"{r[n + '_decode_mib']:>14.3f} {r[n + '_peak_mib']:>11.3f} {_x(r[n + '_growth'], '>12.2f')}" for n in names)
+              + (f" {_x(r['mux_over_stock'], '>9.3f')}" if "mux_over_stock" in r else ""))
 
 
 def summary_line(a, rows: list[dict], systems: dict) -> str:
     top = rows[-1]
     parts = [f"{n} {top[n + '_decode_mib']:.2f} MiB/req at {_k(top['context'])} "
-             f"({top[n + '_growth']:.2f}x its {_k(a.ratio_base)} value)" for n in systems]
-    tail = f", mux/stock {top['mux_over_stock']:.3f}x" if "mux_over_stock" in top else ""
+             f"({_x(top[n + '_growth'], '.2f')} its {_k(a.ratio_base)} value)" for n in systems]
+    tail = f", mux/stock {_x(top['mux_over_stock'], '.3f')}" if "mux_over_stock" in top else ""
     return "SUMMARY memory_scaling | device bytes per request while decoding: " + "; ".join(parts) + tail
 
 

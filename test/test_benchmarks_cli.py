@@ -148,3 +148,23 @@ def test_memory_scaling_tiny_run_against_real_servers(tmp_path):
     held = mux["points"]["1024"]["decode_used_tokens"]
     assert 0 < held <= budget + 2 * page, held
     assert res["table"][-1]["mux_over_stock"] < 0.25
+
+
+def test_memory_scaling_reports_a_zero_base_as_n_a_not_a_crash():
+    """A base point with no device bytes measured (e.g. the allocator's load snapshot lagged behind a short
+    request) has no growth ratio: the table and summary say n/a and the other ratios stand."""
+    import types
+
+    import memory_scaling as M
+
+    def pt(dev):
+        return {"decode_bytes": {"device": dev, "host": 0, "disk": 0}, "peak_bytes": {"device": dev}}
+
+    systems = {"stock": {"points": {256: pt(100.0), 1024: pt(400.0)}},
+               "mux": {"points": {256: pt(0.0), 1024: pt(50.0)}}}
+    a = types.SimpleNamespace(contexts=[256, 1024], ratio_base=256)
+    rows = M.analyse(a, systems)
+    assert rows[1]["stock_growth"] == 4.0 and rows[1]["mux_growth"] is None
+    assert rows[1]["mux_over_stock"] == 50.0 / 400.0 and rows[0]["mux_over_stock"] == 0.0
+    line = M.summary_line(a, rows, systems)
+    assert "4.00x its 256 value" in line and "n/a its 256 value" in line and "mux/stock 0.125x" in line
