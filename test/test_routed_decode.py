@@ -202,11 +202,13 @@ def test_demoted_pages_are_read_through_staging(mode):
         assert torch.allclose(again, want, atol=1e-5)
 
 
-def test_summary_cache_chooses_what_the_pool_gather_chooses_step_after_step():
+@pytest.mark.parametrize("group_pages", [1, 4])
+def test_summary_cache_chooses_what_the_pool_gather_chooses_step_after_step(group_pages):
     """Keep mode scores completed pages from the request's contiguous summary cache (appended as pages fill);
-    over 40 decode steps with new keys written as the backend writes them, every layer's page choice and every
-    Quest score must equal the pool-gather path's, including steps that complete a page."""
-    cfg = MuxConfig(budget=64, page_size=8, leaves="sink=8,recent=16,retrieval=rest", retrieval_group_pages=1)
+    drop and tier modes gather them from the pool. Over 40 decode steps with new keys written as the backend
+    writes them, every layer's page choice and every Quest score must be the same in both, flat and two-level
+    (groups of 4 pages: steps that complete a page and a group included)."""
+    cfg = MuxConfig(budget=64, page_size=8, leaves="sink=8,recent=16,retrieval=rest", retrieval_group_pages=group_pages)
     L0 = 500
     be, layer, kv, r2t, slots = make_backend(cfg, L0 + 40, seed=11)
     row = r2t.req_to_token[1]
@@ -230,7 +232,11 @@ def test_summary_cache_chooses_what_the_pool_gather_chooses_step_after_step():
         torch.testing.assert_close(scores_a[:-1], scores_b[:-1], rtol=1e-5, atol=1e-5)
         be.summaries.update_decode(0, slots[L - 1 : L], torch.tensor([L - 1]), kv.get_key_buffer(0)[slots[L - 1 : L]])
     assert cached.summary_cache is not None and cached.summary_cache.count[0] == (L0 + 40 - 1) // 8
-    assert gathered.summary_cache is None
+    assert gathered.summary_cache.count[0] == 0  # the gather path copies no page summaries
+    if group_pages > 1:  # both keep the same group summaries
+        for st in (cached, gathered):
+            assert st.summary_cache.group_count[0] == ((L0 + 40 - 1) // 8) // group_pages
+        torch.testing.assert_close(cached.summary_cache.gmin[0][:, :16], gathered.summary_cache.gmin[0][:, :16])
 
 
 def group_bound_oracle(q, keys, tokens_per_group):
@@ -257,7 +263,10 @@ def test_grouped_scores_keep_the_exact_bound_of_the_best_groups_pages(seed):
     m = n // G
     gmin = kmin[:, : m * G].reshape(HKV, m, G, D).amin(2)
     gmax = kmax[:, : m * G].reshape(HKV, m, G, D).amax(2)
-    got = grouped_quest_page_scores(q, kmin, kmax, n, gmin, gmax, G, keep)
+    def pages_of(idx):
+        return (kmin, kmax) if idx is None else (kmin.index_select(1, idx), kmax.index_select(1, idx))
+
+    got = grouped_quest_page_scores(q, n, gmin, gmax, G, keep, pages_of)
     flat = quest_page_scores_head_major(q, kmin, kmax)
     best = set(torch.topk(group_bound_oracle(q, keys, G * P), keep).indices.tolist())
     cand = sorted({gi * G + j for gi in best for j in range(G)} | set(range(m * G, n)))
@@ -268,11 +277,9 @@ def test_grouped_scores_keep_the_exact_bound_of_the_best_groups_pages(seed):
     gb = group_bound_oracle(q, keys, G * P)
     assert bool((flat[: m * G].view(m, G).double() <= gb.view(m, 1) + 1e-4).all())
     # with at least as many groups kept as there are, it is the flat bound
-    torch.testing.assert_close(grouped_quest_page_scores(q, kmin, kmax, n, gmin, gmax, G, m), flat)
-    # summaries in a longer buffer (as the request's cache holds them): the same scores
-    pad = torch.randn(HKV, 7, D, generator=g)
-    got_buf = grouped_quest_page_scores(q, torch.cat([kmin, pad], 1), torch.cat([kmax, pad], 1), n, gmin, gmax, G, keep)
-    torch.testing.assert_close(got_buf, got)
+    torch.testing.assert_close(grouped_quest_page_scores(q, n, gmin, gmax, G, m, pages_of), flat)
+    # no complete group yet: flat
+    torch.testing.assert_close(grouped_quest_page_scores(q, n, None, None, G, keep, pages_of), flat)
 
 
 def test_two_level_retrieval_finds_a_needle_and_keeps_group_summaries_current():
@@ -298,8 +305,8 @@ def test_two_level_retrieval_finds_a_needle_and_keeps_group_summaries_current():
         be.summaries.update_decode(0, slots[L - 1 : L], torch.tensor([L - 1]), kv.get_key_buffer(0)[slots[L - 1 : L]])
     cache = st.summary_cache
     assert cache is not None and cache.group_pages == 8
-    gmin, gmax = cache.full_groups(0)
     m = cache.count[0] // 8
+    gmin, gmax = cache.gmin[0][:, :m], cache.gmax[0][:, :m]
     assert gmin.shape == (HKV, m, D) and m == ((L0 + 70 - 1) // 8) // 8
     keys = kv.get_key_buffer(0)[slots[: m * 64]].view(m, 64, HKV, D)
     torch.testing.assert_close(gmin, keys.amin(1).transpose(0, 1))

@@ -330,39 +330,55 @@ class MuxAttentionBackend(AttentionBackend):
         return torch.sort(torch.cat(chosen)).values, by_leaf
 
     def page_scores(self, q_req, lidx: int, req_row, p: _ReqPlan) -> torch.Tensor:
-        """Quest bound of every page of one routed request at one layer (``[num_pages]``)."""
+        """Quest bound of every page of one routed request at one layer (``[num_pages]``); two-level (groups of
+        ``--mux-retrieval-group-pages`` pages first) when that is > 1."""
         P = self.page_size
         n = num_pages_of(p.seq_len, P)
+        n_full = (p.seq_len - 1) // P  # pages whose summaries are final (not the one holding this step's token)
         layer_id = self.start_layer + lidx
+        st = p.state
+        if st.summary_cache is None:
+            st.summary_cache = RequestSummaryCache(self.num_layers, self.mux_config.retrieval_group_pages)
+        cache = st.summary_cache
+        G, keep = cache.group_pages, p.grant.retrieval_pages
         if self._uses_summary_cache(p):
             # Completed pages from the request's contiguous cache; the page holding this step's token (whose
             # summary is folded in after attention) from the store.
-            n_full = (p.seq_len - 1) // P
-            cache = p.state.summary_cache
-            if cache is None:
-                cache = RequestSummaryCache(self.num_layers, self.mux_config.retrieval_group_pages)
-                p.state.summary_cache = cache
             kmin, kmax = cache.full_pages(self.summaries, lidx, layer_id, req_row, n_full)
-            if cache.group_pages > 1 and n_full > 0:
-                gmin, gmax = cache.full_groups(lidx)
+            if G > 1 and n_full > 0:
                 bmin, bmax = cache.page_buffers(lidx)
-                full = grouped_quest_page_scores(
-                    q_req, bmin, bmax, n_full, gmin, gmax, cache.group_pages, p.grant.retrieval_pages
-                )
+                gmin, gmax = cache.full_groups(lidx, n_full, lambda lo, hi: (kmin[:, lo:hi], kmax[:, lo:hi]))
+
+                def cached(idx):  # picking from the contiguous buffers, not the sliced view (which copies first)
+                    return (kmin, kmax) if idx is None else (bmin.index_select(1, idx), bmax.index_select(1, idx))
+
+                full = grouped_quest_page_scores(q_req, n_full, gmin, gmax, G, keep, cached)
             else:
                 full = quest_page_scores_head_major(q_req, kmin, kmax)
             tail_min, tail_max = self.summaries.get(layer_id, req_row[n_full * P : (n - 1) * P + 1 : P])
             return torch.cat([full, quest_page_scores(q_req, tail_min, tail_max)])
-        kmin, kmax = self.summaries.get(layer_id, req_row[: (n - 1) * P + 1 : P])  # first slots: a strided view
-        if p.state.demoted:  # their device pages were reused: their summaries live with the request
-            off = torch.tensor(sorted(p.state.demoted), dtype=torch.long, device=q_req.device)
-            kmin, kmax = kmin.clone(), kmax.clone()
-            kmin[off], kmax[off] = p.state.cold_kmin[lidx, off], p.state.cold_kmax[lidx, off]
-        return quest_page_scores(q_req, kmin, kmax)
+
+        def gathered(idx):  # from the pool (a page's summary lives at its physical page) and the cold summaries
+            idx = torch.arange(n, device=q_req.device) if idx is None else idx
+            kmin, kmax = self.summaries.get(layer_id, req_row[idx * P])
+            if st.demoted:  # their device pages were reused: their summaries live with the request
+                hit = torch.isin(idx, torch.tensor(sorted(st.demoted), dtype=torch.long, device=idx.device))
+                if bool(hit.any()):
+                    kmin, kmax = kmin.clone(), kmax.clone()
+                    kmin[hit], kmax[hit] = st.cold_kmin[lidx, idx[hit]], st.cold_kmax[lidx, idx[hit]]
+            return kmin.transpose(0, 1), kmax.transpose(0, 1)
+
+        if G > 1 and n_full > 0:
+            gmin, gmax = cache.full_groups(
+                lidx, n_full, lambda lo, hi: gathered(torch.arange(lo, hi, device=q_req.device))
+            )
+            return grouped_quest_page_scores(q_req, n, gmin, gmax, G, keep, gathered)
+        return quest_page_scores_head_major(q_req, *gathered(None))
 
     def _uses_summary_cache(self, p: _ReqPlan) -> bool:
         """Keep mode only: there the request's exact KV stays on the device, so a copy of its summaries (1/P of
-        its keys) is proportionate; drop and tier modes keep device memory bounded and gather instead."""
+        its keys) is proportionate; drop and tier modes keep device memory bounded and gather instead (they keep
+        only the group summaries, 1/G of that)."""
         st = p.state
         if st.demoted or st.dropped_pages or (self.tiers is not None and self.tiers.takes_running_pages):
             return False

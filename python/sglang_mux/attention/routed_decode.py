@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from mux_kernels.reference import num_pages_of, page_positions  # noqa: F401  (re-exported for callers)
@@ -38,34 +40,33 @@ def quest_page_scores_head_major(q: torch.Tensor, kmin: torch.Tensor, kmax: torc
 
 def grouped_quest_page_scores(
     q: torch.Tensor,
-    kmin: torch.Tensor,
-    kmax: torch.Tensor,
     n: int,
-    gmin: torch.Tensor,
-    gmax: torch.Tensor,
+    gmin: torch.Tensor | None,
+    gmax: torch.Tensor | None,
     group_pages: int,
     keep_groups: int,
+    pages_of: Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor:
     """Two-level :func:`quest_page_scores_head_major`: score groups of pages first, then only the best groups' pages.
 
-    ``kmin, kmax: [Hkv, >= n, D]`` summaries of pages ``0..n-1`` (contiguous buffers that may run past ``n``:
-    selecting pages from a sliced, non-contiguous view copies the whole view first); ``gmin, gmax: [Hkv, m, D]`` summaries of the first ``m`` complete
-    groups of ``group_pages`` pages (a group's min/max over its pages' min/max). The pages of the
+    ``gmin, gmax: [Hkv, m, D]`` summarise the first ``m`` complete groups of ``group_pages`` pages (a group's
+    min/max over its pages' min/max; None: no complete group yet). ``pages_of(idx)`` returns the page summaries
+    ``(kmin, kmax) [Hkv, len(idx), D]`` of the pages ``idx`` (``None``: all pages ``0..n-1``). The pages of the
     ``keep_groups`` groups with the highest bound, and every page after the last complete group, get their exact
-    page bound; all other pages get the lowest finite float32 (ranked last, ties to the lower page id, so a
-    top-k still returns k pages when the candidates run short). A group's bound is >= each of its pages' bounds,
-    so a page is missed only when ``keep_groups`` other groups bound higher than its own group.
+    page bound; all other pages get the lowest finite float32 (ranked last, ties to the lower page id, so a top-k
+    still returns k pages when the candidates run short). A group's bound is >= each of its pages' bounds, so a
+    page is missed only when ``keep_groups`` other groups bound higher than its own group.
     """
-    m = gmin.shape[1]
+    m = 0 if gmin is None else gmin.shape[1]
     g = group_pages
     if m <= keep_groups:
-        return quest_page_scores_head_major(q, kmin[:, :n], kmax[:, :n])
+        return quest_page_scores_head_major(q, *pages_of(None))
     group_scores = quest_page_scores_head_major(q, gmin, gmax)
     best = torch.topk(group_scores, keep_groups, sorted=False).indices
     cand = (best.view(-1, 1) * g + torch.arange(g, device=best.device)).flatten()
     cand = torch.cat([cand, torch.arange(m * g, n, device=best.device)])
-    out = torch.full((n,), torch.finfo(torch.float32).min, dtype=torch.float32, device=kmin.device)
-    out[cand] = quest_page_scores_head_major(q, kmin.index_select(1, cand), kmax.index_select(1, cand))
+    out = torch.full((n,), torch.finfo(torch.float32).min, dtype=torch.float32, device=best.device)
+    out[cand] = quest_page_scores_head_major(q, *pages_of(cand))
     return out
 
 

@@ -122,7 +122,7 @@ class RequestSummaryCache:
 
     With ``group_pages = G > 1`` it also keeps the summaries of each complete group of G pages (min/max over its
     pages), for the two-level retrieval (:func:`~sglang_mux.attention.routed_decode.grouped_quest_page_scores`):
-    1/G more.
+    1/G more. Drop and tier modes keep only these (1/(P G) of the request's key bytes) and no page copies.
     """
 
     def __init__(self, num_layers: int, group_pages: int = 1):
@@ -150,18 +150,21 @@ class RequestSummaryCache:
         unset): picking a few pages out of them is cheap, out of the sliced view it copies the view."""
         return self.kmin[lidx], self.kmax[lidx]
 
-    def full_groups(self, lidx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gmin, gmax)`` of the complete groups of the pages cached so far (after :meth:`full_pages` cached at
-        least one page), each ``[H_kv, groups, D]``."""
+    def full_groups(self, lidx: int, n_full: int, pages_of) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gmin, gmax)`` of the complete groups among pages ``[0, n_full)``, each ``[H_kv, groups, D]``.
+
+        A group is summarised once, when its last page completes: ``pages_of(lo, hi)`` gives the summaries
+        ``(kmin, kmax)`` of pages ``[lo, hi)`` as ``[H_kv, hi - lo, D]`` (from this cache in keep mode, gathered
+        from the pool and the request's cold summaries otherwise).
+        """
         G = self.group_pages
-        have, want = self.group_count[lidx], self.count[lidx] // G
+        have, want = self.group_count[lidx], n_full // G
         if want > have:
-            kmin = self.kmin[lidx][:, have * G : want * G]
-            kmax = self.kmax[lidx][:, have * G : want * G]
+            kmin, kmax = pages_of(have * G, want * G)
             h, _, d = kmin.shape
             self.gmin[lidx] = _append(self.gmin[lidx], have, kmin.reshape(h, want - have, G, d).amin(dim=2))
             self.gmax[lidx] = _append(self.gmax[lidx], have, kmax.reshape(h, want - have, G, d).amax(dim=2))
             self.group_count[lidx] = want
-        if want == 0:
-            return self.kmin[lidx][:, :0], self.kmax[lidx][:, :0]
+        if self.gmin[lidx] is None:
+            return None, None
         return self.gmin[lidx][:, :want], self.gmax[lidx][:, :want]
