@@ -95,8 +95,7 @@ class MuxConfig:
         8,
         "Two-level retrieval: pages are also summarised in groups of N; each step the retrieval leaf scores the "
         "groups, then only the pages of its best groups (as many groups as it may pick pages), so its per-step "
-        "work grows with context / (N * page size) instead of context / page size. 1: score every page (flat Quest). "
-        "Keep mode only (drop and tier modes score every page).",
+        "work grows with context / (N * page size) instead of context / page size. 1: score every page (flat Quest).",
         "N",
     )
     observation_window: int = _knob(
