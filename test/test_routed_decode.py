@@ -232,7 +232,8 @@ def test_summary_cache_chooses_what_the_pool_gather_chooses_step_after_step(grou
         torch.testing.assert_close(scores_a[:-1], scores_b[:-1], rtol=1e-5, atol=1e-5)
         be.summaries.update_decode(0, slots[L - 1 : L], torch.tensor([L - 1]), kv.get_key_buffer(0)[slots[L - 1 : L]])
     assert cached.summary_cache is not None and cached.summary_cache.count[0] == (L0 + 40 - 1) // 8
-    assert gathered.summary_cache.count[0] == 0  # the gather path copies no page summaries
+    # the gather path copies no page summaries (flat: it keeps nothing per request)
+    assert gathered.summary_cache is None if group_pages == 1 else gathered.summary_cache.count[0] == 0
     if group_pages > 1:  # both keep the same group summaries
         for st in (cached, gathered):
             assert st.summary_cache.group_count[0] == ((L0 + 40 - 1) // 8) // group_pages
@@ -311,3 +312,22 @@ def test_two_level_retrieval_finds_a_needle_and_keeps_group_summaries_current():
     keys = kv.get_key_buffer(0)[slots[: m * 64]].view(m, 64, HKV, D)
     torch.testing.assert_close(gmin, keys.amin(1).transpose(0, 1))
     torch.testing.assert_close(gmax, keys.amax(1).transpose(0, 1))
+
+
+def test_drop_mode_scores_every_page_and_keeps_nothing_per_request():
+    """Drop mode is flat Quest whatever --mux-retrieval-group-pages says: dropped pages' summaries go stale, and
+    it keeps no per-request summaries (its device memory must not grow with context)."""
+    cfg = MuxConfig(budget=128, page_size=8, leaves="sink=16,recent=32,retrieval=rest", drop_cold=True)
+    assert cfg.retrieval_group_pages == 8
+    L = 1003
+    be, layer, kv, r2t, slots = make_backend(cfg, L, seed=7)
+    row = r2t.req_to_token[1]
+    q = torch.randn(HQ, D, generator=torch.Generator().manual_seed(8))
+    st = RequestState()
+    grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
+    got = be.page_scores(q, 0, row, _ReqPlan("d", 1, L, grant, st))
+    n = (L + 7) // 8
+    keys = kv.get_key_buffer(0)[slots]
+    pad = torch.cat([keys, keys[-1:].expand(n * 8 - L, HKV, D)]).view(n, 8, HKV, D)
+    torch.testing.assert_close(got, quest_page_scores(q, pad.amin(1), pad.amax(1)))
+    assert st.summary_cache is None

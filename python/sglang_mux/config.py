@@ -95,7 +95,8 @@ class MuxConfig:
         8,
         "Two-level retrieval: pages are also summarised in groups of N; each step the retrieval leaf scores the "
         "groups, then only the pages of its best groups (as many groups as it may pick pages), so its per-step "
-        "work grows with context / (N * page size) instead of context / page size. 1: score every page (flat Quest).",
+        "work grows with context / (N * page size) instead of context / page size. 1: score every page (flat Quest). "
+        "Drop mode (--mux-drop-cold) always scores every page.",
         "N",
     )
     observation_window: int = _knob(

@@ -337,11 +337,15 @@ class MuxAttentionBackend(AttentionBackend):
         n_full = (p.seq_len - 1) // P  # pages whose summaries are final (not the one holding this step's token)
         layer_id = self.start_layer + lidx
         st = p.state
-        if st.summary_cache is None:
-            st.summary_cache = RequestSummaryCache(self.num_layers, self.mux_config.retrieval_group_pages)
+        keep = p.grant.retrieval_pages
+        # Drop mode scores every page: its dropped pages' summaries are stale (their slots are reused), and a
+        # group bound over them would pick groups with nothing left to read; what it may pick is bounded anyway.
+        G = 1 if self.router.effective_config(st.options).drop_cold else self.mux_config.retrieval_group_pages
+        use_cache = self._uses_summary_cache(p)
+        if st.summary_cache is None and (use_cache or G > 1):
+            st.summary_cache = RequestSummaryCache(self.num_layers, G)
         cache = st.summary_cache
-        G, keep = cache.group_pages, p.grant.retrieval_pages
-        if self._uses_summary_cache(p):
+        if use_cache:
             # Completed pages from the request's contiguous cache; the page holding this step's token (whose
             # summary is folded in after attention) from the store.
             kmin, kmax = cache.full_pages(self.summaries, lidx, layer_id, req_row, n_full)
@@ -377,8 +381,8 @@ class MuxAttentionBackend(AttentionBackend):
 
     def _uses_summary_cache(self, p: _ReqPlan) -> bool:
         """Keep mode only: there the request's exact KV stays on the device, so a copy of its summaries (1/P of
-        its keys) is proportionate; drop and tier modes keep device memory bounded and gather instead (they keep
-        only the group summaries, 1/G of that)."""
+        its keys) is proportionate; drop and tier modes keep device memory bounded and gather instead (tier mode
+        keeps only the group summaries, 1/G of that)."""
         st = p.state
         if st.demoted or st.dropped_pages or (self.tiers is not None and self.tiers.takes_running_pages):
             return False
