@@ -1,12 +1,14 @@
 """PD disaggregation with mux on: prefill + decode + sglang-router on CPU, KV over mooncake_tcp (docs/pd.md).
 
 Oracles: stock SGLang and the aggregated mux server (the session fixtures of conftest.py), greedy, float32.
-The PD servers run with ``--mux-budget 1024`` and a leaf split without the heavy leaf (heavy scores are taken
-at prefill and not shipped, docs/pd.md); the aggregated oracle gets the same settings per request.
+The PD servers run with ``--mux-budget 1024`` and the default leaf split (heavy hitters included: their scores
+are taken at prefill and cross with SGLang's PD metadata, docs/pd.md); the aggregated oracle gets the same
+budget per request.
 
 * budget >= context (40 and 700 tokens): PD tokens == stock SGLang's, and the decode side ran exact;
 * budget < context (1500 tokens: routed decode on the decode side, over page summaries the decode side rebuilt
-  from the received KV): PD tokens == the aggregated mux server's, and the decode side really routed;
+  from the received KV, and heavy-hitter scores received from the prefill side): PD tokens == the aggregated mux
+  server's, the decode side really routed and its heavy leaf chose pages;
 * sglang-router 0.3.2 drops ``sampling_params.custom_params`` (per-request mux fields) on the way: pinned here,
   so a router that carries them shows up; the PD servers themselves still reject a malformed mux field (400);
 * a malformed or missing bootstrap field sent to a PD server is a 400 naming it;
@@ -32,9 +34,10 @@ _why = mooncake_unavailable_reason()
 pytestmark = [pytest.mark.server, pytest.mark.skipif(_why is not None, reason=_why or "")]
 
 WORDS = "the blue river and green mountain under a quiet morning sky with old stone garden".split()
-BUDGET, LEAVES = 1024, "sink=64,recent=128,retrieval=rest"
-PD_MUX = ["--mux-budget", str(BUDGET), "--mux-leaves", LEAVES]
-SAME_PER_REQUEST = {"mux_budget": BUDGET, "mux_leaves": LEAVES}
+BUDGET = 1024  # default split at this budget: sink 64, recent 512, heavy 128, retrieval 320 tokens
+PD_MUX = ["--mux-budget", str(BUDGET)]
+SAME_PER_REQUEST = {"mux_budget": BUDGET}
+SINK_PAGES = 64 // 16
 LENGTHS = {"short": 40, "long": 700, "routed": 1500}
 NEW = 12
 BOOTSTRAP_TIMEOUT_S = 20
@@ -90,10 +93,15 @@ def test_pd_equals_stock_when_budget_covers_context(pd, prompts, oracle, name):
 
 
 def test_pd_equals_aggregated_mux_when_routed(pd, prompts, oracle):
-    before = mux_stats(pd.decode.url)["routed_request_steps"]
+    before, sent = mux_stats(pd.decode.url), mux_stats(pd.prefill.url)["pd_heavy_scores_sent"]
     assert pd.greedy_ids(prompts["routed"], NEW) == oracle["mux", "routed"]
+    after = mux_stats(pd.decode.url)
     # 1500 tokens > budget 1024: every decode step after the first is routed on the decode side
-    assert mux_stats(pd.decode.url)["routed_request_steps"] >= before + NEW - 1
+    assert after["routed_request_steps"] >= before["routed_request_steps"] + NEW - 1
+    # the prefill's heavy-hitter scores crossed, and the decode side's heavy leaf used them (sinks + heavy pages)
+    assert mux_stats(pd.prefill.url)["pd_heavy_scores_sent"] == sent + 1
+    assert after["pd_heavy_scores_received"] == before["pd_heavy_scores_received"] + 1
+    assert after["last_pages_by_leaf"]["sink_heavy"] > SINK_PAGES
 
 
 def test_router_drops_custom_params_known_limitation(pd, prompts):

@@ -37,6 +37,10 @@ class MuxStats:
     staging_bytes: int = 0
     last_tiered_request: dict = field(default_factory=dict)
     pool_free_tokens: int = 0
+    # PD: requests whose heavy-hitter scores this prefill server wrote into the transfer / this decode server
+    # received with it (disagg/heavy_scores.py)
+    pd_heavy_scores_sent: int = 0
+    pd_heavy_scores_received: int = 0
     device_kv_tokens_held: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:

@@ -22,6 +22,7 @@ from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from sglang_mux.disagg.heavy_scores import register_local_layout
 from sglang_mux.attention.importance import accumulate_decode_mass, snapkv_page_scores
 from sglang_mux.attention.routed_decode import (
     attend,
@@ -81,6 +82,7 @@ class MuxAttentionBackend(AttentionBackend):
         STATS.budget_tokens = mux_config.budget
         STATS.summary_bytes = self.summaries.nbytes()
         kb = k_buffers[0]
+        register_local_layout(self.num_layers, kb.device)  # PD: heavy scores cross with SGLang's metadata
         STATS.kv_bytes_per_token = 2 * self.num_layers * kb.shape[1] * kb.shape[2] * kb.element_size()
 
     def __getattr__(self, name):

@@ -4,6 +4,8 @@
   server, a ``/generate`` whose bootstrap fields are malformed (or missing) is answered HTTP 400 naming the
   field (``disagg/bootstrap.py``), before SGLang hands it to the transfer engine. Aggregated servers: no-op.
 * the CPU-only Mooncake patch of ``platform/cpu_pd.py`` (PD prefill schedulers, no GPU).
+* the transfer of heavy-hitter scores in SGLang's PD metadata buffers (``disagg/heavy_scores.py``: four
+  patches, no-ops in a process without a mux attention backend).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import multiprocessing
 
 from sglang_mux.disagg.bootstrap import validate_bootstrap_fields
+from sglang_mux.disagg.heavy_scores import install_heavy_score_transfer
 from sglang_mux.platform.cpu_pd import install_cpu_pd_workarounds
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ def install_pd_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType, _current_plugin_source
 
     install_cpu_pd_workarounds()
+    install_heavy_score_transfer()
     if multiprocessing.parent_process() is None:
         HookRegistry.register(HTTP_GENERATE, reject_malformed_bootstrap, HookType.AROUND)
     _installed = True
