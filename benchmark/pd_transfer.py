@@ -11,7 +11,13 @@ counters on the prefill server (``--enable-metrics``: ``sglang:kv_transfer_total
 Metadata (docs/pd.md): the decode side either receives the page summaries (min and max key per page, every layer:
 ``2/P`` of the K bytes, i.e. ``1/P`` of the KV bytes, more on the wire) or rebuilds them from the received keys.
 The script measures the rebuild (``PageSummaryStore.rebuild_from_keys`` on the model's KV shapes, one thread)
-and prices shipping at the transfer bandwidth it just measured. Prints a table and writes JSON.
+and prices shipping at the transfer bandwidth it just measured.
+
+Heavy-hitter scores: mux ships them in one more PD metadata slot per request (``disagg/heavy_scores.py``, a fixed
+``num_layers x 2 x 256`` floats); rebuilding them on the decode side would need the observation window's queries,
+i.e. a forward pass of the window's tokens over the whole prompt there. The script measures that forward pass
+(HF transformers, the bundled model, one thread) against the slot's bytes. ``--systems none`` runs only the
+metadata part (no servers). Prints tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmark"))
 sys.path.insert(0, str(ROOT / "python"))
 
 import requests  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from common import machine_info, positive_ints, progress, prompt_ids, write_result  # noqa: E402
 
@@ -116,14 +123,38 @@ def rebuild_ms(layers: int, kv_heads: int, head_dim: int, tokens: int, page: int
     return times[len(times) // 2] * layers
 
 
+def window_forward_ms(model_dir: Path, tokens: int, window: int, repeats: int = 3) -> float:
+    """Median time of the forward pass of a prompt's last ``window`` tokens over the cached rest, in ms, one
+    thread: what the decode side would spend to get the observation window's queries back."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    model = _MODELS.get(model_dir) or _MODELS.setdefault(model_dir, LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
+    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            cache = model(ids[:, : tokens - window], use_cache=True).past_key_values
+            t0 = time.perf_counter()
+            model(ids[:, tokens - window :], past_key_values=cache, use_cache=True)
+            times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+_MODELS: dict = {}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=positive_ints, default=[256, 1024, 4096], help="context lengths (e.g. 256,1K,4K)")
     p.add_argument("--page-size", type=int, default=16, help="mux page size (as --mux-page-size)")
-    p.add_argument("--systems", default="stock,mux", help="comma list of stock,mux")
+    p.add_argument("--systems", default="stock,mux", help="comma list of stock,mux; none: only the metadata costs")
+    p.add_argument("--window", type=int, default=32, help="observation window in tokens (as --mux-observation-window)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmark" / "results", help="directory of the JSON result")
     args = p.parse_args(argv)
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    systems = [s.strip() for s in args.systems.split(",") if s.strip() and s.strip() != "none"]
     bad = [s for s in systems if s not in ("stock", "mux")]
     if bad:
         p.error(f"--systems: allowed: stock, mux; got {bad}")
@@ -133,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from sglang_mux.disagg.cluster import mooncake_unavailable_reason
     from sglang_mux.models import default_model_path
 
-    why = mooncake_unavailable_reason()
+    why = mooncake_unavailable_reason() if systems else None
     if why:
         print(f"pd_transfer: cannot run: {why}", file=sys.stderr)
         return 2
@@ -160,6 +191,18 @@ def main(argv: list[str] | None = None) -> int:
                 "ship_extra_ms_at_measured_bandwidth": ship / bytes_per_ms if bytes_per_ms else None,
             })
 
+    from sglang_mux.disagg.heavy_scores import SHIPPED_PAGES
+
+    heavy = []
+    for n in tqdm(args.lengths, desc="heavy-score rebuild (window forward)"):
+        slot = layers * 2 * SHIPPED_PAGES * 4
+        heavy.append({
+            "shape": "bundled", "context_tokens": n, "window": args.window,
+            "rebuild_ms": window_forward_ms(Path(default_model_path()), n, args.window),
+            "ship_bytes": slot, "ship_fraction_of_kv": slot / (n * kv_per_token),
+            "ship_ms_at_measured_bandwidth": slot / bytes_per_ms if bytes_per_ms else None,
+        })
+
     print(f"\nKV transfer per request (prefill -> decode over {'mooncake_tcp'}, SGLang's counters)")
     print(f"{'system':10s} {'context':>8s} {'bytes':>12s} {'KV bytes of context':>20s} {'ms':>8s}")
     for r in rows:
@@ -170,8 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     for m in meta:
         sm = f"{m['ship_extra_ms_at_measured_bandwidth']:.2f}" if m["ship_extra_ms_at_measured_bandwidth"] else "-"
         print(f"{m['shape']:13s} {m['context_tokens']:8d} {m['rebuild_ms']:11.3f} {m['ship_extra_bytes']:12d} {sm:>9s}")
-    write_result(args.out, "pd_transfer", {
-        "machine": machine_info(), "page_size": P, "transfer": rows, "metadata": meta,
+    print(f"\nHeavy-hitter scores on the decode side (bundled model, window {args.window}): rebuild vs ship")
+    print(f"{'context':>8s} {'rebuild ms':>11s} {'ship bytes':>11s} {'of the KV':>10s} {'ship ms':>8s}")
+    for h in heavy:
+        sm = f"{h['ship_ms_at_measured_bandwidth']:.3f}" if h["ship_ms_at_measured_bandwidth"] else "-"
+        print(f"{h['context_tokens']:8d} {h['rebuild_ms']:11.2f} {h['ship_bytes']:11d} {h['ship_fraction_of_kv']:10.5f} {sm:>8s}")
+    write_result(args.out, "pd_transfer" if systems else "pd_metadata", {
+        "machine": machine_info(), "page_size": P, "transfer": rows, "metadata": meta, "heavy_scores": heavy,
         "measured_transfer_bytes_per_ms": bytes_per_ms,
     })
     return 0

@@ -168,3 +168,21 @@ def test_memory_scaling_reports_a_zero_base_as_n_a_not_a_crash():
     assert rows[1]["mux_over_stock"] == 50.0 / 400.0 and rows[0]["mux_over_stock"] == 0.0
     line = M.summary_line(a, rows, systems)
     assert "4.00x its 256 value" in line and "n/a its 256 value" in line and "mux/stock 0.125x" in line
+
+
+def test_pd_metadata_costs_without_servers(tmp_path):
+    """pd_transfer.py --systems none: the decode-side metadata costs only. The heavy-score slot is the fixed size
+    both PD sides register; its rebuild (a forward pass of the window) is measured and grows with the context."""
+    from sglang_mux.disagg.heavy_scores import SHIPPED_PAGES
+    from sglang_mux.models import default_model_path
+
+    p = _run("pd_transfer.py", "--systems", "none", "--lengths", "64,512", "--out", str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "pd_metadata.json").read_text())
+    layers = json.loads((Path(default_model_path()) / "config.json").read_text())["num_hidden_layers"]
+    heavy = res["heavy_scores"]
+    assert [h["context_tokens"] for h in heavy] == [64, 512]
+    assert all(h["ship_bytes"] == layers * 2 * SHIPPED_PAGES * 4 for h in heavy)
+    assert all(h["rebuild_ms"] > 0 for h in heavy) and res["transfer"] == []
+    p = _run("pd_transfer.py", "--systems", "stock,gpu")
+    assert p.returncode == 2 and "--systems" in p.stderr and "Traceback" not in p.stderr
