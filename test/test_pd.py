@@ -7,8 +7,9 @@ budget per request.
 
 * budget >= context (40 and 700 tokens): PD tokens == stock SGLang's, and the decode side ran exact;
 * budget < context (1500 tokens: routed decode on the decode side, over page summaries the decode side rebuilt
-  from the received KV, and heavy-hitter scores received from the prefill side): PD tokens == the aggregated mux
-  server's, the decode side really routed and its heavy leaf chose pages;
+  from the received KV, and heavy-hitter scores received from the prefill side; the decode side has a host tier,
+  so the request's cold pages leave its device): PD tokens == the aggregated (untiered) mux server's, the decode
+  side really routed, its heavy leaf chose pages and its host tier took the cold pages;
 * sglang-router 0.3.2 drops ``sampling_params.custom_params`` (per-request mux fields) on the way: pinned here,
   so a router that carries them shows up; the PD servers themselves still reject a malformed mux field (400);
 * a malformed or missing bootstrap field sent to a PD server is a 400 naming it;
@@ -36,6 +37,8 @@ pytestmark = [pytest.mark.server, pytest.mark.skipif(_why is not None, reason=_w
 WORDS = "the blue river and green mountain under a quiet morning sky with old stone garden".split()
 BUDGET = 1024  # default split at this budget: sink 64, recent 512, heavy 128, retrieval 320 tokens
 PD_MUX = ["--mux-budget", str(BUDGET)]
+# the decode side keeps a routed request's cold pages in its host tier (tiered mode), the prefill side none
+DECODE_TIER = ["--mux-host-bytes", str(256 << 20)]
 SAME_PER_REQUEST = {"mux_budget": BUDGET}
 SINK_PAGES = 64 // 16
 LENGTHS = {"short": 40, "long": 700, "routed": 1500}
@@ -78,7 +81,7 @@ def pd(oracle):
     # 300): the fault test's retried request must not outlive the test.
     env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": str(BOOTSTRAP_TIMEOUT_S),
            "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": str(BOOTSTRAP_TIMEOUT_S)}
-    with PDCluster(SERVER_COMMON + PD_MUX, env=env) as cluster:
+    with PDCluster(SERVER_COMMON + PD_MUX, decode_args=DECODE_TIER, env=env) as cluster:
         yield cluster
 
 
@@ -102,6 +105,8 @@ def test_pd_equals_aggregated_mux_when_routed(pd, prompts, oracle):
     assert mux_stats(pd.prefill.url)["pd_heavy_scores_sent"] == sent + 1
     assert after["pd_heavy_scores_received"] == before["pd_heavy_scores_received"] + 1
     assert after["last_pages_by_leaf"]["sink_heavy"] > SINK_PAGES
+    # tiered decode side: the request's cold pages left the device for the host tier (and came back when chosen)
+    assert after["demoted_pages"] > before["demoted_pages"]
 
 
 def test_router_drops_custom_params_known_limitation(pd, prompts):
