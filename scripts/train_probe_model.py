@@ -140,6 +140,25 @@ def set_train_length(train_length: int) -> None:
     STAGES = stages(train_length)
 
 
+def parse_mixture(text: str) -> dict[str, float]:
+    """``task=weight,...`` (tasks of MIXTURE, weights >= 0, at least one > 0) -> {task: weight}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, sep, weight = part.partition("=")
+        if not sep or task not in MIXTURE:
+            raise ValueError(f"--mixture: {part!r} is not TASK=WEIGHT with TASK one of {', '.join(MIXTURE)}")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"--mixture: weight of {task!r} must be a number, got {weight!r}") from None
+        if not (w >= 0 and math.isfinite(w)):
+            raise ValueError(f"--mixture: weight of {task!r} must be >= 0, got {weight!r}")
+        out[task] = w
+    if not any(out.values()):
+        raise ValueError("--mixture: give at least one task a weight > 0")
+    return out
+
+
 def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[int], bool]]:
     """A training-only variant of the needle tasks: 2-8 needles in a filler haystack, then every needle
     asked for in turn (same question and answer wording as the suite), so each sample holds several
@@ -327,7 +346,7 @@ def train(model, tokenizer, args, log):
     last_attn.register_forward_pre_hook(lambda mod, a, kw: captured.update(h=kw["hidden_states"], pe=kw["position_embeddings"]), with_kwargs=True)
     first_attn = model.model.layers[0].self_attn
     first_attn.register_forward_pre_hook(lambda mod, a, kw: first_captured.update(h=kw["hidden_states"], pe=kw["position_embeddings"]), with_kwargs=True)
-    stage, ema_acc = 0, 0.0
+    stage, ema_acc = args.start_stage, 0.0
     digit_ids = DIGIT_IDS.to(device)
     for step in range(args.steps):
         # Curriculum: the next stage starts at its share of the steps, and (with --gate-accuracy) only once the
@@ -406,9 +425,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tie-embeddings", action="store_true", help="tie input and output embeddings (off: under tied embeddings the digits collapse)")
     ap.add_argument("--prompt-digit-loss", action="store_true", help="also put next-token loss on the prompt's (random) digits")
     ap.add_argument("--log", type=Path, help="also append progress lines to this file")
+    ap.add_argument("--mixture", help="training mixture after the warm-up stage, TASK=WEIGHT,... (default: MIXTURE in this script)")
+    ap.add_argument("--start-stage", type=int, default=0, choices=range(len(STAGES)), help="first curriculum stage (2: straight to the longest lengths, for further stages of a trained probe)")
     args = ap.parse_args(argv)
     if args.max_positions < 32768:
         ap.error("--max-positions: must be >= 32768 (benchmarks use long prompts)")
+    if args.mixture:
+        try:
+            mixture = parse_mixture(args.mixture)
+        except ValueError as e:
+            ap.error(str(e))
+        MIXTURE.clear()
+        MIXTURE.update(mixture)
 
     import torch
 

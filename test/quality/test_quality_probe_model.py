@@ -60,3 +60,15 @@ def test_copy_pairs_point_at_the_copied_tokens(tok):
     seg = T.dense_recall(tok, random.Random(0), 192)
     flat = [x for t, _ in seg for x in t]
     assert all(flat[t + 1] == flat[s] for t, s in T.copy_pairs(seg))
+
+
+def test_mixture_flag_parses_and_names_what_is_wrong():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_probe_model as T
+
+    assert T.parse_mixture("dense=0.25, niah_multikey=0.5,vt=0") == {"dense": 0.25, "niah_multikey": 0.5, "vt": 0.0}
+    for bad, says in [("needle=1", "niah_single"), ("vt", "TASK=WEIGHT"), ("vt=x", "'vt'"), ("vt=-1", ">= 0"),
+                      ("vt=nan", ">= 0"), ("vt=0,cwe=0", "at least one")]:
+        with pytest.raises(ValueError, match="--mixture") as e:
+            T.parse_mixture(bad)
+        assert says in str(e.value), (bad, str(e.value))
