@@ -18,6 +18,28 @@ def test_grant_worked_example():
     assert g.total_pages == 2048 // 16
 
 
+def test_rounding_to_pages_loses_no_budget():
+    # the grant.py example: 15/31/15/65 tokens would round to 0+1+0+4 pages; the lost 2 go to the largest leaf
+    g = grant_for(1000, 126, 16, {"sink": 15, "recent": 31, "heavy": 15, "retrieval": 65})
+    assert (g.sink_pages, g.recent_pages, g.heavy_pages, g.retrieval_pages) == (0, 1, 0, 6)
+    for budget in (17, 100, 126, 254, 1000, 4095):
+        for P in (1, 4, 16, 64):
+            cfg = MuxConfig(budget=budget, page_size=P)
+            for spec in ("", "sink=64,recent=rest", "sink=16,heavy=rest", "sink=16,retrieval=rest",
+                         "sink=5,recent=7,heavy=3,retrieval=rest"):
+                if spec.startswith("sink=64") and budget < 64:
+                    continue
+                split = cfg.replace(leaves=spec).leaf_split(budget)
+                g = grant_for(budget * 10, budget, P, split)
+                got = (g.sink_pages, g.recent_pages, g.heavy_pages, g.retrieval_pages)
+                assert sum(got) == budget // P, (budget, P, spec, split, got)
+                floor = [split[k] // P for k in ("sink", "recent", "heavy", "retrieval")]
+                assert all(a >= b for a, b in zip(got, floor))  # only ever more than the leaf's own tokens give
+    # fixed leaves summing below the budget keep their sizes: only rounding losses move
+    g = grant_for(1000, 256, 16, {"sink": 8, "recent": 40, "heavy": 0, "retrieval": 0})
+    assert (g.sink_pages, g.recent_pages, g.heavy_pages, g.retrieval_pages) == (0, 3, 0, 0)  # 48 tokens: 3 pages
+
+
 def test_fits_or_forced_means_exact():
     split = MuxConfig().leaf_split(2048)
     assert grant_for(2048, 2048, 16, split).exact

@@ -4,8 +4,12 @@ The pure count function :func:`grant_for` is the whole static policy:
 
     budget B tokens, page size P, context L tokens, split {sink, recent, heavy, retrieval} (tokens, sums to B)
     L <= B (or exact requested)         -> exact: every page
-    otherwise                           -> pages per leaf = tokens // P (recent at least 1: the tail page)
+    otherwise                           -> pages per leaf = tokens // P (recent at least 1: the tail page);
+                                           the pages the rounding lost go to the largest leaf
     pages read per step <= B // P + 1   (the +1: a window smaller than one page still reads the tail page)
+
+Without the last rule a small budget would lose up to a page per leaf: B=126, P=16, split sink=15 recent=31
+heavy=15 retrieval=65 rounds to 0+1+0+4 = 5 pages of the 7 the budget pays for; with it, retrieval gets 6.
 
 Worked example: B=2048, P=16, split sink=64 recent=512 heavy=256 retrieval=1216, L=20000
     -> sink 4, recent 32, heavy 16, retrieval 76 pages = 128 pages = B // P.
@@ -36,10 +40,14 @@ def grant_for(seq_len: int, budget: int, page_size: int, split: dict[str, int], 
     if force_exact or seq_len <= budget:
         return EXACT
     P = page_size
+    pages = {name: split[name] // P for name in ("sink", "recent", "heavy", "retrieval")}
+    lost = sum(split[name] for name in pages) // P - sum(pages.values())
+    if lost > 0:
+        pages[max(pages, key=lambda name: split[name])] += lost
     return Grant(
         exact=False,
-        sink_pages=split["sink"] // P,
-        recent_pages=split["recent"] // P,
-        heavy_pages=split["heavy"] // P,
-        retrieval_pages=split["retrieval"] // P,
+        sink_pages=pages["sink"],
+        recent_pages=pages["recent"],
+        heavy_pages=pages["heavy"],
+        retrieval_pages=pages["retrieval"],
     )
