@@ -123,14 +123,12 @@ def rebuild_ms(layers: int, kv_heads: int, head_dim: int, tokens: int, page: int
     return times[len(times) // 2] * layers
 
 
-def window_forward_ms(model_dir: Path, tokens: int, window: int, repeats: int = 3) -> float:
+def window_forward_ms(model, tokens: int, window: int, repeats: int = 3) -> float:
     """Median time of the forward pass of a prompt's last ``window`` tokens over the cached rest, in ms, one
     thread: what the decode side would spend to get the observation window's queries back."""
     import torch
-    from transformers import LlamaForCausalLM
 
     torch.set_num_threads(1)
-    model = _MODELS.get(model_dir) or _MODELS.setdefault(model_dir, LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
     ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(tokens))
     times = []
     with torch.no_grad():
@@ -141,9 +139,6 @@ def window_forward_ms(model_dir: Path, tokens: int, window: int, repeats: int = 
             times.append((time.perf_counter() - t0) * 1000)
     times.sort()
     return times[len(times) // 2]
-
-
-_MODELS: dict = {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,12 +188,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from sglang_mux.disagg.heavy_scores import SHIPPED_PAGES
 
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
+    slot = layers * 2 * SHIPPED_PAGES * 4
     heavy = []
     for n in tqdm(args.lengths, desc="heavy-score rebuild (window forward)"):
-        slot = layers * 2 * SHIPPED_PAGES * 4
         heavy.append({
             "shape": "bundled", "context_tokens": n, "window": args.window,
-            "rebuild_ms": window_forward_ms(Path(default_model_path()), n, args.window),
+            "rebuild_ms": window_forward_ms(model, n, args.window),
             "ship_bytes": slot, "ship_fraction_of_kv": slot / (n * kv_per_token),
             "ship_ms_at_measured_bandwidth": slot / bytes_per_ms if bytes_per_ms else None,
         })

@@ -60,10 +60,6 @@ def register_local_layout(num_layers: int, device) -> None:
     _layout = _Layout(int(num_layers), torch.device(device))
 
 
-def local_layout() -> Optional[_Layout]:
-    return _layout
-
-
 def encode_scores(table: Optional[torch.Tensor], num_layers: int, k: int = SHIPPED_PAGES) -> torch.Tensor:
     """A request's score table ``[num_layers, capacity]`` -> one slot ``[num_layers, 2, k]`` (float32, CPU):
     per layer the ``k`` best pages, row 0 their indices, row 1 their scores; -1 / 0 where empty."""
