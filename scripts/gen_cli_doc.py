@@ -56,6 +56,7 @@ Per request, in `/generate`'s `sampling_params.custom_params` (validated; HTTP 4
 | `mux_budget` | int in [1, 2^24] | this request's device-KV budget in tokens |
 | `mux_leaves` | string | leaf split spec, as `--mux-leaves` |
 | `mux_exact` | bool | exact full attention for this request |
+| `mux_retrieval_score` | `"mass"` or `"bound"` | how the retrieval leaf ranks pages, as `--mux-retrieval-score` |
 """
 
 

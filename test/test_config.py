@@ -39,6 +39,8 @@ def test_split_mux_args_separates_our_flags():
         (["--mux-leaves", "sink=64,recent=rest,heavy=rest"], "--mux-leaves", "only one leaf"),
         (["--mux-leaves", "sink=4000"], "--mux-leaves", "more than the budget"),
         (["--mux-drop-cold", "maybe"], "--mux-drop-cold", "true/false"),
+        (["--mux-retrieval-score", "max"], "--mux-retrieval-score", "allowed: mass, bound"),
+        (["--mux-retrieval-temperature", "0"], "--mux-retrieval-temperature", "positive"),
     ],
 )
 def test_bad_values_give_one_line_error_naming_the_flag(argv, flag, allowed):

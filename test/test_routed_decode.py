@@ -19,6 +19,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang_mux.attention.backend import MuxAttentionBackend, _ReqPlan
 from sglang_mux.attention.routed_decode import (
     attend,
+    combine_head_bounds,
     grouped_quest_page_scores,
     page_positions,
     quest_page_scores,
@@ -203,12 +204,14 @@ def test_demoted_pages_are_read_through_staging(mode):
 
 
 @pytest.mark.parametrize("group_pages", [1, 4])
-def test_summary_cache_chooses_what_the_pool_gather_chooses_step_after_step(group_pages):
+@pytest.mark.parametrize("rule", ["mass", "bound"])
+def test_summary_cache_chooses_what_the_pool_gather_chooses_step_after_step(group_pages, rule):
     """Keep mode scores completed pages from the request's contiguous summary cache (appended as pages fill);
     drop and tier modes gather them from the pool. Over 40 decode steps with new keys written as the backend
     writes them, every layer's page choice and every Quest score must be the same in both, flat and two-level
     (groups of 4 pages: steps that complete a page and a group included)."""
-    cfg = MuxConfig(budget=64, page_size=8, leaves="sink=8,recent=16,retrieval=rest", retrieval_group_pages=group_pages)
+    cfg = MuxConfig(budget=64, page_size=8, leaves="sink=8,recent=16,retrieval=rest", retrieval_group_pages=group_pages,
+                    retrieval_score=rule)
     L0 = 500
     be, layer, kv, r2t, slots = make_backend(cfg, L0 + 40, seed=11)
     row = r2t.req_to_token[1]
@@ -329,5 +332,65 @@ def test_drop_mode_scores_every_page_and_keeps_nothing_per_request():
     n = (L + 7) // 8
     keys = kv.get_key_buffer(0)[slots]
     pad = torch.cat([keys, keys[-1:].expand(n * 8 - L, HKV, D)]).view(n, 8, HKV, D)
-    torch.testing.assert_close(got, quest_page_scores(q, pad.amin(1), pad.amax(1)))
+    torch.testing.assert_close(got, mass_oracle(q, pad.amin(1), pad.amax(1), D**-0.5 / cfg.retrieval_temperature).float(), rtol=1e-4, atol=1e-4)
     assert st.summary_cache is None
+
+
+def head_bounds_oracle(q, kmin, kmax):
+    """float64 per-head Quest bound ``[Hq, n]`` from page summaries ``[n, Hkv, D]`` (GQA: head h reads h // G)."""
+    g = q.shape[0] // kmin.shape[1]
+    lo = kmin.double().repeat_interleave(g, dim=1)  # [n, Hq, D]
+    hi = kmax.double().repeat_interleave(g, dim=1)
+    qq = q.double().unsqueeze(0)
+    return torch.maximum(qq * lo, qq * hi).sum(-1).T
+
+
+def mass_oracle(q, kmin, kmax, scale):
+    """float64 ``mass`` score: log of the sum over heads of each head's softmax of ``bound * scale`` over pages."""
+    return torch.log(torch.softmax(head_bounds_oracle(q, kmin, kmax) * scale, dim=-1).sum(0))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_score_rules_match_float64(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, P = 57, 8
+    kp = 3 * torch.randn(n, P, HKV, D, generator=g)
+    q = torch.randn(HQ, D, generator=g)
+    kmin, kmax = kp.amin(1), kp.amax(1)
+    bounds = quest_page_scores_head_major(q, kmin.transpose(0, 1), kmax.transpose(0, 1), "bound")
+    torch.testing.assert_close(bounds.double(), head_bounds_oracle(q, kmin, kmax).amax(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(bounds, quest_page_scores(q, kmin, kmax))
+    mass = quest_page_scores_head_major(q, kmin.transpose(0, 1), kmax.transpose(0, 1), "mass", 0.3)
+    torch.testing.assert_close(mass.double(), mass_oracle(q, kmin, kmax, 0.3), rtol=1e-5, atol=1e-5)
+    # far-off pages keep distinct finite scores (no underflow to a tie at -inf)
+    far = combine_head_bounds(torch.tensor([[0.0, -500.0, -900.0]]), "mass", 1.0)
+    assert bool(torch.isfinite(far).all()) and far[0] > far[1] > far[2]
+    with pytest.raises(ValueError, match="allowed: mass, bound"):
+        combine_head_bounds(torch.zeros(HQ, 3), "max")
+
+
+@pytest.mark.parametrize("group_pages", [1, 8])
+def test_mass_rule_finds_a_needle_that_a_flat_loud_head_hides_from_the_bound_rule(group_pages):
+    """q heads 0-1 (kv head 0) have large logits on every page, varying a little; q heads 2-3 (kv head 1) peak on
+    one needle page whose bound is well below head 0's everywhere. ``bound`` (max over heads) ranks pages by the
+    loud head's noise and misses the needle; ``mass`` (each head's softmax over pages, summed) finds it."""
+    L, P = 1003, 8
+    needle = 60
+    for rule, found in (("bound", False), ("mass", True)):
+        cfg = MuxConfig(budget=128, page_size=P, leaves="sink=16,recent=32,retrieval=rest",
+                        retrieval_group_pages=group_pages, retrieval_score=rule)
+        be, layer, kv, r2t, slots = make_backend(cfg, L, seed=21)
+        g = torch.Generator().manual_seed(22)
+        keys = kv.get_key_buffer(0)
+        keys[slots] = 0.5 * torch.randn(L, HKV, D, generator=g)
+        keys[slots, 0, 0] = 5.0 + 0.3 * torch.randn(L, generator=g)  # the loud head's key dimension
+        keys[slots[needle * P : needle * P + P], 0, 0] = 4.0  # the needle page is its quietest
+        keys[slots[needle * P : needle * P + P], 1, 1] = 8.0  # ... and where heads 2-3 look
+        be.summaries.rebuild_from_keys(0, r2t.req_to_token[1], 0, L)
+        q = torch.zeros(HQ, D)
+        q[0:2, 0] = 10.0
+        q[2:4, 1] = 3.0
+        grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
+        pages, by_leaf = be.select_pages(q, 0, r2t.req_to_token[1], _ReqPlan("n", 1, L, grant, RequestState()))
+        assert by_leaf["retrieval"] == grant.retrieval_pages > 0
+        assert (needle in pages.tolist()) is found, rule

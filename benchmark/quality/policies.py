@@ -7,8 +7,10 @@ name        custom_params                                 what it is
 full        ``{"mux_exact": true}``                      exact attention over the whole context
 streaming   ``mux_budget`` + ``sink=64,recent=rest``     StreamingLLM: attention sinks + a window
 snapkv      ``mux_budget`` + ``sink=16,heavy=rest``      SnapKV-style prefill-scored heavy hitters
-quest       ``mux_budget`` + ``sink=16,retrieval=rest``  Quest-style query-aware top-k pages
-mux         ``mux_budget`` only                          the combined mux default split
+quest       ``mux_budget`` + ``sink=16,retrieval=rest``  Quest-style query-aware top-k pages, ranked as
+            + ``mux_retrieval_score: "bound"``           Quest does (max over heads of the raw bound)
+quest_mass  as ``quest`` with ``"mass"``                 the same pages ranked by estimated attention mass
+mux         ``mux_budget`` only                          the combined mux default split (``mass`` ranking)
 =========== ============================================ ==========================================
 
 The budget is in tokens: a fixed ``--budget`` or a fraction of each prompt (``--budget-frac``). Under a
@@ -20,12 +22,14 @@ from __future__ import annotations
 
 import math
 
-# policy -> (sink tokens, the leaf that takes the rest of the budget); None: no leaf split of our own.
-POLICIES: dict[str, tuple[int, str] | None] = {
+# policy -> (sink tokens, the leaf that takes the rest of the budget, retrieval score rule or None for the
+# server's); None: no leaf split of our own.
+POLICIES: dict[str, tuple[int, str, str | None] | None] = {
     "full": None,
-    "streaming": (64, "recent"),
-    "snapkv": (16, "heavy"),
-    "quest": (16, "retrieval"),
+    "streaming": (64, "recent", None),
+    "snapkv": (16, "heavy", None),
+    "quest": (16, "retrieval", "bound"),
+    "quest_mass": (16, "retrieval", "mass"),
     "mux": None,
 }
 
@@ -63,8 +67,10 @@ def custom_params(policy: str, budget: int) -> dict:
     params: dict = {"mux_budget": budget}
     split = POLICIES[policy]
     if split is not None:
-        sink, rest = split
+        sink, rest, rule = split
         params["mux_leaves"] = f"sink={min(sink, budget // 4)},{rest}=rest"
+        if rule is not None:
+            params["mux_retrieval_score"] = rule
     return params
 
 

@@ -20,6 +20,9 @@ ENV_VAR = "SGLANG_MUX_CONFIG"
 # Leaf names accepted in --mux-leaves, in the order the router fills them.
 LEAF_NAMES = ("sink", "recent", "heavy", "retrieval")
 
+# --mux-retrieval-score values (see sglang_mux.attention.routed_decode.combine_head_bounds).
+RETRIEVAL_SCORE_RULES = ("mass", "bound")
+
 
 class MuxConfigError(ValueError):
     """A bad --mux-* value; the message names the flag and the allowed values (one line)."""
@@ -99,6 +102,20 @@ class MuxConfig:
         "Drop mode (--mux-drop-cold) always scores every page.",
         "N",
     )
+    retrieval_score: str = _knob(
+        "mass",
+        "How the retrieval leaf ranks pages from the per-head Quest bounds (max of q.k over a page's keys): 'mass' "
+        "(per head, softmax of the bounds over the pages, summed over heads: the attention mass a page could get) "
+        "or 'bound' (the max over heads of the raw bound, as Quest does).",
+        "mass|bound",
+    )
+    retrieval_temperature: float = _knob(
+        10.0,
+        "Temperature of the 'mass' softmax: bounds are scaled by the layer's softmax scale / T. The bounds "
+        "overstate the logits (each dimension's extreme over the page), so a softer softmax than attention's "
+        "(T > 1) ranks better; 10 is what the probe model's needle tasks chose (docs/quality.md).",
+        "T",
+    )
     observation_window: int = _knob(
         32, "Last prompt tokens whose attention scores heavy hitters at prefill (SnapKV-style).", "TOKENS"
     )
@@ -173,6 +190,14 @@ class MuxConfig:
         if self.retrieval_group_pages < 1 or self.retrieval_group_pages > 1024:
             raise MuxConfigError(
                 f"--mux-retrieval-group-pages: must be in [1, 1024] (1: flat), got {self.retrieval_group_pages}"
+            )
+        if self.retrieval_score not in RETRIEVAL_SCORE_RULES:
+            raise MuxConfigError(
+                f"--mux-retrieval-score: allowed: {', '.join(RETRIEVAL_SCORE_RULES)}; got {self.retrieval_score!r}"
+            )
+        if not (0 < self.retrieval_temperature < float("inf")):
+            raise MuxConfigError(
+                f"--mux-retrieval-temperature: must be a positive number, got {self.retrieval_temperature!r}"
             )
         if self.observation_window < 1:
             raise MuxConfigError(f"--mux-observation-window: must be >= 1, got {self.observation_window}")

@@ -9,6 +9,7 @@ router reads it. Fields (all optional; absent means the server's ``--mux-*`` val
 * ``mux_budget``  positive int: device-KV budget of this request in tokens.
 * ``mux_leaves``  leaf split spec, as ``--mux-leaves``.
 * ``mux_exact``   bool: exact full attention for this request whatever its length.
+* ``mux_retrieval_score``  ``"mass"`` or ``"bound"``: how the retrieval leaf ranks pages, as ``--mux-retrieval-score``.
 
 Validated by :func:`parse_request_options` both at the HTTP edge (HTTP 400 naming the field) and in the
 scheduler (a second line: the request is aborted with the same message).
@@ -19,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sglang_mux.config import MuxConfig, MuxConfigError
+from sglang_mux.config import RETRIEVAL_SCORE_RULES, MuxConfig, MuxConfigError
 
 FIELD_PREFIX = "sampling_params.custom_params."
-KNOWN_FIELDS = ("mux_budget", "mux_leaves", "mux_exact")
+KNOWN_FIELDS = ("mux_budget", "mux_leaves", "mux_exact", "mux_retrieval_score")
 MAX_BUDGET = 1 << 24
 
 
@@ -35,6 +36,7 @@ class MuxRequestOptions:
     budget: int | None = None
     leaves: str | None = None
     exact: bool = False
+    retrieval_score: str | None = None
 
     def effective_config(self, server: MuxConfig) -> MuxConfig:
         """The server config with this request's overrides applied (validated)."""
@@ -43,6 +45,8 @@ class MuxRequestOptions:
             changes["budget"] = self.budget
         if self.leaves is not None:
             changes["leaves"] = self.leaves
+        if self.retrieval_score is not None:
+            changes["retrieval_score"] = self.retrieval_score
         if not changes:
             return server
         # A smaller per-request budget shrinks explicitly set sink/window parts to fit rather than failing.
@@ -84,4 +88,7 @@ def parse_request_options(custom_params: Mapping[str, Any] | None) -> MuxRequest
     exact = custom_params.get("mux_exact", False)
     if not isinstance(exact, bool):
         raise MuxRequestError(f"{FIELD_PREFIX}mux_exact: expected true or false, got {exact!r}")
-    return MuxRequestOptions(budget=budget, leaves=leaves, exact=exact)
+    score = custom_params.get("mux_retrieval_score")
+    if score is not None and score not in RETRIEVAL_SCORE_RULES:
+        raise MuxRequestError(f"{FIELD_PREFIX}mux_retrieval_score: allowed: {', '.join(RETRIEVAL_SCORE_RULES)}; got {score!r}")
+    return MuxRequestOptions(budget=budget, leaves=leaves, exact=exact, retrieval_score=score)

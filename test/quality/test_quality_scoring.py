@@ -75,6 +75,9 @@ def test_policy_fields_accepted_by_the_server_parser():
             assert opts.exact == (policy == "full")
             if policy != "full":
                 assert opts.budget == budget and opts.leaves == leaves_spec(policy, budget)
+    assert parse_request_options(custom_params("quest", 256)).retrieval_score == "bound"
+    assert parse_request_options(custom_params("quest_mass", 256)).retrieval_score == "mass"
+    assert parse_request_options(custom_params("mux", 256)).retrieval_score is None  # the server's default
     assert leaves_spec("streaming", 4096) == "sink=64,recent=rest"
     assert leaves_spec("streaming", 62) == "sink=15,recent=rest"
     assert leaves_spec("snapkv", 256) == "sink=16,heavy=rest"
@@ -97,7 +100,7 @@ def test_cli_bad_input_is_one_line(capsys):
     assert main(["--url", "http://127.0.0.1:9", "--tokenizer", "unused", "--tasks", "vt", "--samples", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "error: --policies: unknown 'nope'; allowed: full, streaming, snapkv, quest, mux",
+        "error: --policies: unknown 'nope'; allowed: full, streaming, snapkv, quest, quest_mass, mux",
         "error: --lengths: expected comma-separated token counts like 1024,2048, got '1k'",
         "error: --samples: must be >= 1, got 0",
     ]

@@ -26,10 +26,12 @@ from sglang_mux.disagg.heavy_scores import register_local_layout
 from sglang_mux.attention.importance import accumulate_decode_mass, snapkv_page_scores
 from sglang_mux.attention.routed_decode import (
     attend,
+    combine_head_bounds,
+    grouped_quest_head_bounds,
     grouped_quest_page_scores,
     num_pages_of,
     page_positions,
-    quest_page_scores,
+    quest_head_bounds,
     quest_page_scores_head_major,
 )
 from sglang_mux.config import MuxConfig
@@ -251,7 +253,7 @@ class MuxAttentionBackend(AttentionBackend):
                 max_pages = max(max_pages, num_pages_of(p.seq_len, self.page_size))
                 continue
             try:
-                pages, by_leaf = self.select_pages(qv[i], lidx, req_row, p)
+                pages, by_leaf = self.select_pages(qv[i], lidx, req_row, p, layer.scaling)
                 k_sel, v_sel, positions = self._gather_kv(p, pages, lidx, k_buf, v_buf, req_row)
                 out, probs = attend(qv[i], k_sel, v_sel, layer.scaling)
             except Exception as e:  # one request's failure must not take the batch (or the server) down
@@ -304,8 +306,9 @@ class MuxAttentionBackend(AttentionBackend):
             p.state.error = f"mux routed decode failed for this request: {type(err).__name__}: {err}"
         STATS.failed_requests += 1
 
-    def select_pages(self, q_req, lidx: int, req_row, p: _ReqPlan) -> tuple[torch.Tensor, dict]:
-        """The sorted logical pages one routed request reads at one layer, and how many each leaf chose."""
+    def select_pages(self, q_req, lidx: int, req_row, p: _ReqPlan, scale: float | None = None) -> tuple[torch.Tensor, dict]:
+        """The sorted logical pages one routed request reads at one layer, and how many each leaf chose. ``scale``:
+        the layer's softmax scale (default ``head_dim ** -0.5``)."""
         P = self.page_size
         n = num_pages_of(p.seq_len, P)
         dev = q_req.device
@@ -315,7 +318,7 @@ class MuxAttentionBackend(AttentionBackend):
             taken[dropped[dropped < n]] = True  # never read a dropped page: no leaf may choose it
 
         def page_scores() -> torch.Tensor:
-            return self.page_scores(q_req, lidx, req_row, p)
+            return self.page_scores(q_req, lidx, req_row, p, scale)
 
         scores = p.state.heavy_scores[lidx] if p.state.heavy_scores is not None else None
         if scores is not None and scores.numel() < n:
@@ -331,8 +334,9 @@ class MuxAttentionBackend(AttentionBackend):
                 p.state.note_leaf_views(pages, LEAF_BITS[name], n)
         return torch.sort(torch.cat(chosen)).values, by_leaf
 
-    def page_scores(self, q_req, lidx: int, req_row, p: _ReqPlan) -> torch.Tensor:
-        """Quest bound of every page of one routed request at one layer (``[num_pages]``); two-level (groups of
+    def page_scores(self, q_req, lidx: int, req_row, p: _ReqPlan, scale: float | None = None) -> torch.Tensor:
+        """Retrieval score of every page of one routed request at one layer (``[num_pages]``): the per-head Quest
+        bounds combined by ``--mux-retrieval-score`` (``combine_head_bounds``); two-level (groups of
         ``--mux-retrieval-group-pages`` pages first) when that is > 1."""
         P = self.page_size
         n = num_pages_of(p.seq_len, P)
@@ -342,7 +346,10 @@ class MuxAttentionBackend(AttentionBackend):
         keep = p.grant.retrieval_pages
         # Drop mode scores every page: its dropped pages' summaries are stale (their slots are reused), and a
         # group bound over them would pick groups with nothing left to read; what it may pick is bounded anyway.
-        G = 1 if self.router.effective_config(st.options).drop_cold else self.mux_config.retrieval_group_pages
+        cfg = self.router.effective_config(st.options)
+        G = 1 if cfg.drop_cold else self.mux_config.retrieval_group_pages
+        rule = cfg.retrieval_score
+        scale = (q_req.shape[-1] ** -0.5 if scale is None else scale) / cfg.retrieval_temperature
         use_cache = self._uses_summary_cache(p)
         if st.summary_cache is None and (use_cache or G > 1):
             st.summary_cache = RequestSummaryCache(self.num_layers, G)
@@ -358,11 +365,12 @@ class MuxAttentionBackend(AttentionBackend):
                 def cached(idx):  # picking from the contiguous buffers, not the sliced view (which copies first)
                     return (kmin, kmax) if idx is None else (bmin.index_select(1, idx), bmax.index_select(1, idx))
 
-                full = grouped_quest_page_scores(q_req, n_full, gmin, gmax, G, keep, cached)
+                full = grouped_quest_head_bounds(q_req, n_full, gmin, gmax, G, keep, cached, rule, scale)
             else:
-                full = quest_page_scores_head_major(q_req, kmin, kmax)
+                full = quest_head_bounds(q_req, kmin, kmax)
             tail_min, tail_max = self.summaries.get(layer_id, req_row[n_full * P : (n - 1) * P + 1 : P])
-            return torch.cat([full, quest_page_scores(q_req, tail_min, tail_max)])
+            tail = quest_head_bounds(q_req, tail_min.transpose(0, 1), tail_max.transpose(0, 1))
+            return combine_head_bounds(torch.cat([full, tail], dim=1), rule, scale)
 
         def gathered(idx):  # from the pool (a page's summary lives at its physical page) and the cold summaries
             idx = torch.arange(n, device=q_req.device) if idx is None else idx
@@ -378,8 +386,8 @@ class MuxAttentionBackend(AttentionBackend):
             gmin, gmax = cache.full_groups(
                 lidx, n_full, lambda lo, hi: gathered(torch.arange(lo, hi, device=q_req.device))
             )
-            return grouped_quest_page_scores(q_req, n, gmin, gmax, G, keep, gathered)
-        return quest_page_scores_head_major(q_req, *gathered(None))
+            return grouped_quest_page_scores(q_req, n, gmin, gmax, G, keep, gathered, rule, scale)
+        return quest_page_scores_head_major(q_req, *gathered(None), rule, scale)
 
     def _uses_summary_cache(self, p: _ReqPlan) -> bool:
         """Keep mode only: there the request's exact KV stays on the device, so a copy of its summaries (1/P of

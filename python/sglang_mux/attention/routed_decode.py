@@ -14,31 +14,59 @@ import torch
 
 from mux_kernels.reference import num_pages_of, page_positions  # noqa: F401  (re-exported for callers)
 
-
-def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """Upper bound of ``q . k`` over each page's keys, one score per page.
-
-    ``q: [Hq, D]``, ``kmin, kmax: [n, Hkv, D]``. Per q head h (kv head h // G): ``sum_d max(q_d kmin_d, q_d kmax_d)``;
-    then the max over all heads (one page set serves every head of the request at this layer).
-    """
-    return quest_page_scores_head_major(q, kmin.transpose(0, 1), kmax.transpose(0, 1))
+from sglang_mux.config import RETRIEVAL_SCORE_RULES
 
 
-def quest_page_scores_head_major(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """:func:`quest_page_scores` for summaries laid out ``[Hkv, n, D]`` (a request's summary cache).
+def quest_head_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Upper bound of ``q_h . k`` over each page's keys, per query head: ``[Hq, n]`` in float32.
 
-    Since ``kmax >= kmin``, ``max(q_d kmin_d, q_d kmax_d) = max(q_d, 0) kmax_d + min(q_d, 0) kmin_d``: two batched
-    matmuls over the pages, with no ``[n, Hq, D]`` temporaries (this runs per layer per routed request per step).
+    ``q: [Hq, D]``, ``kmin, kmax: [Hkv, n, D]`` (head-major, a request's summary cache). Per q head h (kv head
+    h // G): ``sum_d max(q_d kmin_d, q_d kmax_d)``. Since ``kmax >= kmin`` that is
+    ``max(q_d, 0) kmax_d + min(q_d, 0) kmin_d``: two batched matmuls over the pages, with no ``[n, Hq, D]``
+    temporaries (this runs per layer per routed request per step).
     """
     hkv, n, d = kmin.shape
     g = q.shape[0] // hkv
     qg = q.view(hkv, g, d).float().transpose(1, 2)  # [Hkv, D, G]
     hi = torch.matmul(kmax.float(), qg.clamp(min=0))  # [Hkv, n, G]
     hi.baddbmm_(kmin.float(), qg.clamp(max=0))
-    return hi.amax(dim=(0, 2))
+    return hi.permute(0, 2, 1).reshape(hkv * g, n)
 
 
-def grouped_quest_page_scores(
+def combine_head_bounds(bounds: torch.Tensor, rule: str = "bound", scale: float = 1.0) -> torch.Tensor:
+    """One score per page from the per-head bounds ``[Hq, n]`` (one page set serves every head of the request at
+    this layer).
+
+    * ``bound``: the max over heads of the raw bound (Quest). A head whose logits are large everywhere (a
+      positional or "sink" head) outranks the one head that is looking for a needle.
+    * ``mass``: per head, the softmax over the pages of ``bound * scale`` (the attention mass the head could
+      give each page if every page's best key were its only key), summed over heads. Each head has one unit to
+      spread, so a head that peaks on a few pages decides their rank and a flat head barely moves any (the
+      backend passes the layer's scale divided by ``--mux-retrieval-temperature``: a softer softmax). Returned
+      as the log of that sum (same order; computed from log-softmaxes, so far-off pages that would underflow to
+      a mass of 0 keep distinct, finite scores).
+    """
+    if rule == "bound":
+        return bounds.amax(dim=0)
+    if rule == "mass":
+        return torch.logsumexp(torch.log_softmax(bounds * scale, dim=-1), dim=0)
+    raise ValueError(f"retrieval score rule: allowed: {', '.join(RETRIEVAL_SCORE_RULES)}; got {rule!r}")
+
+
+def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """The Quest score (max over heads of the per-head bound) for summaries laid out ``[n, Hkv, D]``: what the
+    GPU selection kernel (``mux_kernels.select_pages_on_device``) computes."""
+    return quest_page_scores_head_major(q, kmin.transpose(0, 1), kmax.transpose(0, 1))
+
+
+def quest_page_scores_head_major(
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, rule: str = "bound", scale: float = 1.0
+) -> torch.Tensor:
+    """``combine_head_bounds(quest_head_bounds(...))``: one score per page for summaries ``[Hkv, n, D]``."""
+    return combine_head_bounds(quest_head_bounds(q, kmin, kmax), rule, scale)
+
+
+def grouped_quest_head_bounds(
     q: torch.Tensor,
     n: int,
     gmin: torch.Tensor | None,
@@ -46,28 +74,38 @@ def grouped_quest_page_scores(
     group_pages: int,
     keep_groups: int,
     pages_of: Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    rule: str = "bound",
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """Two-level :func:`quest_page_scores_head_major`: score groups of pages first, then only the best groups' pages.
+    """Two-level :func:`quest_head_bounds` (``[Hq, n]``): score groups of pages first, then only the best groups'
+    pages.
 
     ``gmin, gmax: [Hkv, m, D]`` summarise the first ``m`` complete groups of ``group_pages`` pages (a group's
     min/max over its pages' min/max; None: no complete group yet). ``pages_of(idx)`` returns the page summaries
-    ``(kmin, kmax) [Hkv, len(idx), D]`` of the pages ``idx`` (``None``: all pages ``0..n-1``). The pages of the
-    ``keep_groups`` groups with the highest bound, and every page after the last complete group, get their exact
-    page bound; all other pages get the lowest finite float32 (ranked last, ties to the lower page id, so a top-k
-    still returns k pages when the candidates run short). A group's bound is >= each of its pages' bounds, so a
-    page is missed only when ``keep_groups`` other groups bound higher than its own group.
+    ``(kmin, kmax) [Hkv, len(idx), D]`` of the pages ``idx`` (``None``: all pages ``0..n-1``). Groups are ranked
+    by ``combine_head_bounds(group bounds, rule, scale)``; the pages of the ``keep_groups`` best groups, and every
+    page after the last complete group, get their exact per-head page bounds; all other pages get the lowest
+    finite float32 in every head (ranked last by either rule, ties to the lower page id, so a top-k still returns
+    k pages when the candidates run short). A group's bound is >= each of its pages' bounds in every head, so
+    with ``rule="bound"`` a page is missed only when ``keep_groups`` other groups bound higher than its own group.
     """
     m = 0 if gmin is None else gmin.shape[1]
     g = group_pages
     if m <= keep_groups:
-        return quest_page_scores_head_major(q, *pages_of(None))
-    group_scores = quest_page_scores_head_major(q, gmin, gmax)
+        return quest_head_bounds(q, *pages_of(None))
+    group_scores = quest_page_scores_head_major(q, gmin, gmax, rule, scale)
     best = torch.topk(group_scores, keep_groups, sorted=False).indices
     cand = (best.view(-1, 1) * g + torch.arange(g, device=best.device)).flatten()
     cand = torch.cat([cand, torch.arange(m * g, n, device=best.device)])
-    out = torch.full((n,), torch.finfo(torch.float32).min, dtype=torch.float32, device=best.device)
-    out[cand] = quest_page_scores_head_major(q, *pages_of(cand))
+    out = torch.full((q.shape[0], n), torch.finfo(torch.float32).min, dtype=torch.float32, device=best.device)
+    out[:, cand] = quest_head_bounds(q, *pages_of(cand))
     return out
+
+
+def grouped_quest_page_scores(q, n, gmin, gmax, group_pages, keep_groups, pages_of, rule="bound", scale=1.0):
+    """:func:`grouped_quest_head_bounds` combined into one score per page (see :func:`combine_head_bounds`)."""
+    bounds = grouped_quest_head_bounds(q, n, gmin, gmax, group_pages, keep_groups, pages_of, rule, scale)
+    return combine_head_bounds(bounds, rule, scale)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
