@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmark.quality.client import ServerError, generate, model_path
-from benchmark.quality.policies import PolicyError, budget_tokens, custom_params, parse_policies
+from benchmark.quality.policies import POLICIES, PolicyError, budget_tokens, custom_params, parse_policies
 from benchmark.quality.scoring import exact, mean, recall
 from benchmark.quality.tasks import TaskError, generate_tasks, parse_task_list
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lengths", default="1024,2048", help="comma list of target context lengths in tokens")
     ap.add_argument("--samples", type=int, default=20, help="samples per (task, length) cell")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--policies", default="full", help="comma list of: full, streaming, snapkv, quest, mux")
+    ap.add_argument("--policies", default="full", help="comma list of: " + ", ".join(POLICIES))
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--budget", type=int, help="device-KV budget in tokens (same for every request)")
     g.add_argument("--budget-frac", type=float, help="device-KV budget as a fraction of each prompt (e.g. 0.125)")

@@ -104,3 +104,28 @@ def test_cli_bad_input_is_one_line(capsys):
         "error: --lengths: expected comma-separated token counts like 1024,2048, got '1k'",
         "error: --samples: must be >= 1, got 0",
     ]
+
+
+def test_plot_sweep_tables_the_runs_and_rejects_bad_points(tmp_path, capsys):
+    from benchmark.quality.plot_sweep import main as sweep_main
+
+    def run(folder, policy, recalls):
+        (tmp_path / folder).mkdir()
+        res = [{"policy": policy, "task": "niah_single", "length": n, "recall": r} for n, r in recalls.items()]
+        (tmp_path / folder / "summary.json").write_text(json.dumps({"results": res}))
+
+    run("a", "mux", {1024: 0.5, 2048: 0.25})
+    run("b", "mux", {1024: 1.0, 2048: 0.75})
+    run("ref", "full", {1024: 1.0, 2048: 1.0})
+    out = tmp_path / "sweep.png"
+    assert sweep_main([f"10={tmp_path / 'b'}", f"1={tmp_path / 'a'}", "--reference", str(tmp_path / "ref"),
+                       "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.stat().st_size > 1000
+    assert "| 1 | 0.50 | 0.25 |" in text and "| 10 | 1.00 | 0.75 |" in text and "| full KV | 1.00 | 1.00 |" in text
+    assert text.index("| 1 |") < text.index("| 10 |")  # sorted by value
+    assert sweep_main(["ten", "--out", str(out)]) == 2
+    assert sweep_main([f"1={tmp_path / 'missing'}", "--out", str(out)]) == 2
+    assert sweep_main([f"1={tmp_path / 'a'}", "--policy", "quest", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "expected VALUE=DIR" in err and "not a runner summary" in err and "no results for policy 'quest'" in err
