@@ -26,13 +26,13 @@ from sglang_mux.disagg.heavy_scores import register_local_layout
 from sglang_mux.attention.importance import accumulate_decode_mass, snapkv_page_scores
 from sglang_mux.attention.routed_decode import (
     attend,
-    combine_head_bounds,
     grouped_quest_head_bounds,
     grouped_quest_page_scores,
     num_pages_of,
     page_positions,
     quest_head_bounds,
     quest_page_scores_head_major,
+    scatter_page_scores,
 )
 from sglang_mux.config import MuxConfig
 from sglang_mux.leaves import LEAVES, LeafContext
@@ -365,12 +365,14 @@ class MuxAttentionBackend(AttentionBackend):
                 def cached(idx):  # picking from the contiguous buffers, not the sliced view (which copies first)
                     return (kmin, kmax) if idx is None else (bmin.index_select(1, idx), bmax.index_select(1, idx))
 
-                full = grouped_quest_head_bounds(q_req, n_full, gmin, gmax, G, keep, cached, rule, scale)
+                cand, full = grouped_quest_head_bounds(q_req, n_full, gmin, gmax, G, keep, cached, rule, scale)
             else:
-                full = quest_head_bounds(q_req, kmin, kmax)
+                cand, full = None, quest_head_bounds(q_req, kmin, kmax)
             tail_min, tail_max = self.summaries.get(layer_id, req_row[n_full * P : (n - 1) * P + 1 : P])
             tail = quest_head_bounds(q_req, tail_min.transpose(0, 1), tail_max.transpose(0, 1))
-            return combine_head_bounds(torch.cat([full, tail], dim=1), rule, scale)
+            if cand is not None:  # the tail pages are candidates too
+                cand = torch.cat([cand, torch.arange(n_full, n, device=cand.device)])
+            return scatter_page_scores(n, cand, torch.cat([full, tail], dim=1), rule, scale)
 
         def gathered(idx):  # from the pool (a page's summary lives at its physical page) and the cold summaries
             idx = torch.arange(n, device=q_req.device) if idx is None else idx

@@ -76,36 +76,47 @@ def grouped_quest_head_bounds(
     pages_of: Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
     rule: str = "bound",
     scale: float = 1.0,
-) -> torch.Tensor:
-    """Two-level :func:`quest_head_bounds` (``[Hq, n]``): score groups of pages first, then only the best groups'
-    pages.
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Two-level :func:`quest_head_bounds`: score groups of pages first, then only the best groups' pages.
+    Returns ``(cand, bounds)``: the candidate pages and their per-head bounds ``[Hq, len(cand)]``, or
+    ``(None, [Hq, n])`` when every page was bounded.
 
     ``gmin, gmax: [Hkv, m, D]`` summarise the first ``m`` complete groups of ``group_pages`` pages (a group's
     min/max over its pages' min/max; None: no complete group yet). ``pages_of(idx)`` returns the page summaries
     ``(kmin, kmax) [Hkv, len(idx), D]`` of the pages ``idx`` (``None``: all pages ``0..n-1``). Groups are ranked
-    by ``combine_head_bounds(group bounds, rule, scale)``; the pages of the ``keep_groups`` best groups, and every
-    page after the last complete group, get their exact per-head page bounds; all other pages get the lowest
-    finite float32 in every head (ranked last by either rule, ties to the lower page id, so a top-k still returns
-    k pages when the candidates run short). A group's bound is >= each of its pages' bounds in every head, so
-    with ``rule="bound"`` a page is missed only when ``keep_groups`` other groups bound higher than its own group.
+    by ``combine_head_bounds(group bounds, rule, scale)``; the candidates are the pages of the ``keep_groups`` best
+    groups and every page after the last complete group. A group's bound is >= each of its pages' bounds in every
+    head, so with ``rule="bound"`` a page is missed only when ``keep_groups`` other groups bound higher than its
+    own group.
     """
     m = 0 if gmin is None else gmin.shape[1]
     g = group_pages
     if m <= keep_groups:
-        return quest_head_bounds(q, *pages_of(None))
+        return None, quest_head_bounds(q, *pages_of(None))
     group_scores = quest_page_scores_head_major(q, gmin, gmax, rule, scale)
     best = torch.topk(group_scores, keep_groups, sorted=False).indices
     cand = (best.view(-1, 1) * g + torch.arange(g, device=best.device)).flatten()
     cand = torch.cat([cand, torch.arange(m * g, n, device=best.device)])
-    out = torch.full((q.shape[0], n), torch.finfo(torch.float32).min, dtype=torch.float32, device=best.device)
-    out[:, cand] = quest_head_bounds(q, *pages_of(cand))
+    return cand, quest_head_bounds(q, *pages_of(cand))
+
+
+def scatter_page_scores(n: int, cand: torch.Tensor | None, bounds: torch.Tensor, rule: str, scale: float) -> torch.Tensor:
+    """One score per page ``[n]`` from the candidates' per-head bounds (:func:`grouped_quest_head_bounds`): the
+    candidates combined among themselves (``combine_head_bounds``), every other page the lowest finite float32
+    (ranked last by either rule, ties to the lower page id, so a top-k still returns k pages when the candidates run
+    short). The same as combining over all pages with the others' bounds at -inf, without touching them."""
+    scores = combine_head_bounds(bounds, rule, scale)
+    if cand is None:
+        return scores
+    out = torch.full((n,), torch.finfo(torch.float32).min, dtype=torch.float32, device=bounds.device)
+    out[cand] = scores
     return out
 
 
 def grouped_quest_page_scores(q, n, gmin, gmax, group_pages, keep_groups, pages_of, rule="bound", scale=1.0):
-    """:func:`grouped_quest_head_bounds` combined into one score per page (see :func:`combine_head_bounds`)."""
-    bounds = grouped_quest_head_bounds(q, n, gmin, gmax, group_pages, keep_groups, pages_of, rule, scale)
-    return combine_head_bounds(bounds, rule, scale)
+    """:func:`grouped_quest_head_bounds` combined into one score per page (:func:`scatter_page_scores`)."""
+    cand, bounds = grouped_quest_head_bounds(q, n, gmin, gmax, group_pages, keep_groups, pages_of, rule, scale)
+    return scatter_page_scores(n, cand, bounds, rule, scale)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
