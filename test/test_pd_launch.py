@@ -55,3 +55,33 @@ def test_cluster_wires_router_to_its_servers():
     assert r[r.index("--port") + 1] == "4" and "--prometheus-port" in r
     with pytest.raises(ValueError, match="ports: unknown keys"):
         PDCluster(ports={"router2": 1})
+
+
+def test_cluster_stop_stops_every_part_when_one_fails_to_stop():
+    """A router that will not stop must not leave the prefill and decode servers running (seen: sglang-router not
+    reaped in time on a loaded machine, and both servers outlived the cluster). Real processes, no servers."""
+    import subprocess
+    import sys
+
+    from sglang_mux.server_process import ManagedProcess
+
+    class Stubborn(ManagedProcess):
+        def stop(self) -> None:
+            raise subprocess.TimeoutExpired("router", 10)
+
+    def sleeper(tmp: str) -> ManagedProcess:
+        p = ManagedProcess()
+        p.log_path = tmp
+        p._spawn([sys.executable, "-c", "import time; time.sleep(600)"])
+        return p
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        cluster = PDCluster.__new__(PDCluster)
+        cluster.router, cluster.decode, cluster.prefill = Stubborn(), sleeper(f"{d}/d.log"), sleeper(f"{d}/p.log")
+        procs = [cluster.decode.proc, cluster.prefill.proc]
+        with pytest.raises(subprocess.TimeoutExpired):
+            cluster.stop()
+        assert all(p.poll() is not None for p in procs)  # both real processes are gone
+        assert cluster.decode.proc is None and cluster.prefill.proc is None

@@ -87,7 +87,12 @@ class ManagedProcess:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                self.proc.wait(timeout=10)
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    # Not reaped yet even after SIGKILL (seen once with sglang-router on a loaded machine): say so
+                    # and go on, so a caller stopping several processes still stops the others.
+                    print(f"warning: process group {self.proc.pid} did not exit 30 s after SIGKILL", file=sys.stderr)
         self._log.close()
         self.proc = None
 

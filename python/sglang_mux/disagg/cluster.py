@@ -143,9 +143,16 @@ class PDCluster(GenerateClient):
         return self
 
     def stop(self) -> None:
-        self.router.stop()
-        self.decode.stop()
-        self.prefill.stop()
+        """Stop the router, then the decode and prefill servers; each one even when stopping another failed (a
+        leftover server keeps its ports, memory and KV). The first failure is raised after all were tried."""
+        first: BaseException | None = None
+        for part in (self.router, self.decode, self.prefill):
+            try:
+                part.stop()
+            except BaseException as e:  # noqa: BLE001  (re-raised below, once the rest are stopped)
+                first = first or e
+        if first is not None:
+            raise first
 
     def __enter__(self) -> "PDCluster":
         return self.start()
