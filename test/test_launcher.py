@@ -21,7 +21,7 @@ def test_mux_on_by_default_with_bundled_model_and_cpu_settings():
     assert _value(argv, "--radix-cache-backend") == "mux"
     assert _value(argv, "--attention-backend") == "mux"
     assert _value(argv, "--model-path") == default_model_path()
-    assert _value(argv, "--device") == "cpu" and "--disable-cuda-graph" in argv
+    assert _value(argv, "--device") == "cpu" and "--disable-cuda-graph" in argv and "--sleep-on-idle" in argv
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert MuxConfig.from_json(env[ENV_VAR]) == cfg and cfg.budget == 512
 

@@ -22,6 +22,10 @@ CPU_DEFAULTS = (
     ("--device", "cpu"),
     ("--mem-fraction-static", "0.05"),
     ("--disable-cuda-graph", None),
+    # SGLang's scheduler polls in a busy loop while idle (one core at 100% per server); on a CPU machine that
+    # core is the one the other servers and the model need. Sleeping on idle wakes on the next request message
+    # (zmq poll) and is skipped while PD transfers are pending, so only fully idle servers sleep.
+    ("--sleep-on-idle", None),
 )
 
 
