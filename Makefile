@@ -12,7 +12,7 @@ serve: setup
 	$(PY) -m sglang_mux.launch_server --port $(PORT) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not server" $(ARGS)
