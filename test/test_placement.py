@@ -133,21 +133,24 @@ def recorded():
     return json.loads(RECORDED.read_text())
 
 
-@pytest.mark.xfail(
+PD_TTFT_NOT_LINEAR = pytest.mark.xfail(
     strict=False,
-    reason="pd_costs.json recorded 2026-11-23 on a shared, loaded 2-core machine: the held-out aggregated TTFT "
-    "(26 ms at 512 tokens) is below the calibration's own 64-token latency (warm-up/noise); the fit predicts 61 ms. "
-    "Re-record with benchmark/goodput_pd.py --costs-only on a quiet machine.",
+    reason="PD latency on the 2-core CPU machine is not linear in the prompt (56 / 422 / 779-975 ms at 64 / 1,024 / "
+    "2,048 tokens, but 80-118 ms at 512 over two recordings), so the fitted transfer term overshoots the held-out "
+    "512-token PD TTFT about 2.2x (docs/pd.md, 'Costs').",
 )
-def test_recorded_costs_load_and_predict_the_recorded_requests(recorded):
+
+
+@pytest.mark.parametrize("path", ["aggregated", pytest.param("pd", marks=PD_TTFT_NOT_LINEAR)])
+def test_recorded_costs_load_and_predict_the_recorded_requests(recorded, path):
     """The cost model, fitted on some measurements, predicts the held-out measured requests within 2x."""
     costs = RecordedCosts.load(RECORDED)
     assert costs.source
-    for path in ("aggregated", "pd"):
-        for m in recorded["held_out"][path]:
-            p = predict(path, m["prompt_tokens"], m["output_tokens"], Load(), costs)
-            assert m["ttft_ms"] / 2 <= p.ttft_ms <= m["ttft_ms"] * 2, (path, m, p)
-            assert m["tpot_ms"] / 2 <= p.tpot_ms <= m["tpot_ms"] * 2, (path, m, p)
+    assert recorded["held_out"][path]
+    for m in recorded["held_out"][path]:
+        p = predict(path, m["prompt_tokens"], m["output_tokens"], Load(), costs)
+        assert m["ttft_ms"] / 2 <= p.ttft_ms <= m["ttft_ms"] * 2, (path, m, p)
+        assert m["tpot_ms"] / 2 <= p.tpot_ms <= m["tpot_ms"] * 2, (path, m, p)
 
 
 def test_recorded_costs_policy_prefers_aggregated_for_short_prompts_when_idle(recorded):
