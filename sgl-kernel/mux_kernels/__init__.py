@@ -6,7 +6,7 @@ use of a kernel function. `mux_kernels.reference` holds the torch references.
 On a CPU, `load_kernels(interpret=True)` first loads them for Triton's interpreter.
 
 Kernels (each `f(...)` checks it can run, see `triton_support.check_runnable`):
-- `score_pages`          page-summary scores per kv-head group          (page_score.py)
+- `score_pages`          page-summary scores per kv-head group (or per query head)  (page_score.py)
 - `select_pages_on_device` top-k + forced pages per request, sorted      (page_score.py, torch ops)
 - `routed_paged_decode`  decode attention over a per-layer page list     (routed_decode.py)
 - `gather_pages` / `scatter_pages`  page moves between a layer buffer and a staging area (page_copy.py)

@@ -26,9 +26,10 @@ def _page_score_kernel(
     stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
-    # One program: request b, kv head h, a block of BLOCK_P pages. Scores in fp32.
+    # One program: request b, kv head h, a block of BLOCK_P pages. Scores in fp32. PER_HEAD: one row per query
+    # head of the group (out is [B, Hq, max_pages]); else the max over the group's heads ([B, Hkv, max_pages]).
     b = tl.program_id(0)
     h = tl.program_id(1)
     pblock = tl.program_id(2)
@@ -53,10 +54,15 @@ def _page_score_kernel(
         hi = tl.load(kmax_ptr + spos, mask=smask, other=0.0).to(tl.float32)
         qe = q[:, None, :]
         acc += tl.sum(tl.maximum(qe * lo[None, :, :], qe * hi[None, :, :]), axis=2)
-    acc = tl.where(gmask[:, None], acc, float("-inf"))
-    score = tl.max(acc, axis=0)
-    score = tl.where(pmask, score, float("-inf"))
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_p, score, mask=offs_p < max_pages)
+    if PER_HEAD:
+        acc = tl.where(pmask[None, :], acc, float("-inf"))
+        optr = out_ptr + b * stride_ob + (h * GROUP + offs_g)[:, None] * stride_oh + offs_p[None, :]
+        tl.store(optr, acc, mask=gmask[:, None] & (offs_p < max_pages)[None, :])
+    else:
+        acc = tl.where(gmask[:, None], acc, float("-inf"))
+        score = tl.max(acc, axis=0)
+        score = tl.where(pmask, score, float("-inf"))
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_p, score, mask=offs_p < max_pages)
 
 
 def score_pages(
@@ -67,8 +73,10 @@ def score_pages(
     num_pages: torch.Tensor,
     block_pages: int = 32,
     block_dim: int = 32,
+    per_head: bool = False,
 ) -> torch.Tensor:
-    """Quest-style page scores per kv-head group, `[B, H_kv, max_pages]` float32.
+    """Quest-style page scores per kv-head group, `[B, H_kv, max_pages]` float32 (with `per_head`: per query
+    head, `[B, Hq, max_pages]`, the input of the `mass` rule).
 
     q [B, Hq, D]; kmin/kmax [rows, H_kv, D]; summary_table [B, max_pages] (int32/int64 rows of the pool);
     num_pages [B]. Same contract as `reference.page_scores` (accumulated in fp32 here).
@@ -83,18 +91,18 @@ def score_pages(
     kmax = kmax.contiguous()
     summary_table = summary_table.contiguous()
     max_pages = summary_table.shape[1]
-    out = torch.empty(bsz, hkv, max_pages, dtype=torch.float32, device=q.device)
+    out = torch.empty(bsz, hq if per_head else hkv, max_pages, dtype=torch.float32, device=q.device)
     group = hq // hkv
     block_d = min(block_dim, triton.next_power_of_2(dim))
     grid = (bsz, hkv, triton.cdiv(max_pages, block_pages))
     with launch_env(mode):
         _launch_page_score(grid, q, kmin, kmax, summary_table, num_pages, out, max_pages, group, dim, block_d,
-                           block_pages)
+                           block_pages, per_head)
     return out
 
 
 def _launch_page_score(grid, q, kmin, kmax, summary_table, num_pages, out, max_pages, group, dim, block_d,
-                       block_pages):
+                       block_pages, per_head):
     _page_score_kernel[grid](
         q, kmin, kmax, summary_table, num_pages, out,
         max_pages,
@@ -104,7 +112,7 @@ def _launch_page_score(grid, q, kmin, kmax, summary_table, num_pages, out, max_p
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=triton.next_power_of_2(group),
         HEAD_DIM=dim, BLOCK_D=block_d,
-        BLOCK_P=block_pages,
+        BLOCK_P=block_pages, PER_HEAD=per_head,
     )
 
 
@@ -120,14 +128,29 @@ def select_pages_on_device(
     per_group: bool = False,
     forced: torch.Tensor | None = None,
     blocked: torch.Tensor | None = None,
+    rule: str = "bound",
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Query-aware page choice for one layer, all on the tensors' device, fixed output shapes.
 
     Scores with the Triton kernel, then `reference.select_pages` (stable sort: ties to the lower page id):
-    by default on the max over kv-head groups -> `page_list [B, budget_pages]`; with `per_group` one choice
-    per kv-head group -> `[B, H_kv, budget_pages]` (for `routed_paged_decode`). Lists are sorted, -1 unused;
-    also returns `page_counts [B]`. `forced` / `blocked` bool `[B, max_pages]`: see `reference.select_pages`.
+    by default on one score per page over all heads -> `page_list [B, budget_pages]`; with `per_group` one
+    choice per kv-head group (its heads only) -> `[B, H_kv, budget_pages]` (for `routed_paged_decode`). Lists
+    are sorted, -1 unused; also returns `page_counts [B]`. `forced` / `blocked` bool `[B, max_pages]`: see
+    `reference.select_pages`. `rule`: how the heads' bounds make one score (`reference.combine_head_scores`):
+    `bound` (max, Quest) or `mass` (summed softmax over the pages of `bound * scale`).
     """
+    if rule not in reference.SCORE_RULES:
+        raise ValueError(f"rule: allowed: {', '.join(reference.SCORE_RULES)}; got {rule!r}")
+    if rule == "mass":
+        head_scores = score_pages(q, kmin, kmax, summary_table, num_pages, per_head=True)
+        hkv = kmin.shape[1] if per_group else None
+        scores = reference.combine_head_scores(head_scores, num_pages, "mass", scale, num_kv_heads=hkv)
+        if per_group:
+            return reference.select_pages_per_group(
+                scores, num_pages, budget_pages, sink_pages, recent_pages, forced, blocked
+            )
+        return reference.select_pages(scores, num_pages, budget_pages, sink_pages, recent_pages, forced, blocked)
     group_scores = score_pages(q, kmin, kmax, summary_table, num_pages)
     if per_group:
         return reference.select_pages_per_group(

@@ -50,17 +50,22 @@ def page_summaries(k_layer: torch.Tensor, slots: torch.Tensor, page_size: int) -
     return paged.amin(dim=1), paged.amax(dim=1)
 
 
+SCORE_RULES = ("bound", "mass")
+
+
 def page_scores(
     q: torch.Tensor,
     kmin: torch.Tensor,
     kmax: torch.Tensor,
     summary_table: torch.Tensor,
     num_pages: torch.Tensor,
+    per_head: bool = False,
 ) -> torch.Tensor:
     """Quest-style upper bound of q.k per page, per kv-head group: `[B, H_kv, max_pages]` float32.
 
     For q head h and page p: `sum_d max(q_d * kmin_d, q_d * kmax_d)`; the heads of one kv-head group are
-    aggregated with max. Pages at or beyond `num_pages[b]` score -inf. Computed in float64, returned as float32.
+    aggregated with max (with `per_head`: not aggregated, `[B, Hq, max_pages]`). Pages at or beyond
+    `num_pages[b]` score -inf. Computed in float64, returned as float32.
     """
     b, hq, d = q.shape
     hkv = kmin.shape[1]
@@ -74,10 +79,43 @@ def page_scores(
     hi = hi.permute(0, 2, 1, 3)[:, :, None]
     qe = qg[:, :, :, None, :]  # [B, Hkv, G, 1, D]
     s = torch.maximum(qe * lo, qe * hi).sum(-1)  # [B, Hkv, G, NP]
-    s = s.amax(dim=2)
+    s = s.reshape(b, hq, max_pages) if per_head else s.amax(dim=2)
     valid = torch.arange(max_pages, device=q.device)[None, :] < num_pages.to(q.device)[:, None]
     s = torch.where(valid[:, None, :], s, torch.full_like(s, float("-inf")))
     return s.float()
+
+
+def combine_head_scores(
+    head_scores: torch.Tensor,
+    num_pages: torch.Tensor,
+    rule: str,
+    scale: float = 1.0,
+    num_kv_heads: int | None = None,
+) -> torch.Tensor:
+    """One score per page from per-query-head bounds `head_scores [B, Hq, max_pages]` (pages at or beyond
+    `num_pages[b]` are -inf): `[B, max_pages]`, or with `num_kv_heads` one row per kv-head group (its heads only),
+    `[B, H_kv, max_pages]`. Float32 out, computed in float64.
+
+    * `bound`: the max over heads (what `page_scores` returns per group).
+    * `mass`: per head, the log-softmax over the request's pages of `bound * scale`; then the log of its sum over
+      heads (logsumexp): the attention mass the heads could give each page, so a head that is large everywhere
+      does not outrank the one head that peaks on a page. Invalid pages stay -inf.
+    """
+    if rule not in SCORE_RULES:
+        raise ValueError(f"rule: allowed: {', '.join(SCORE_RULES)}; got {rule!r}")
+    b, hq, max_pages = head_scores.shape
+    groups = 1 if num_kv_heads is None else num_kv_heads
+    s = head_scores.double()
+    valid = torch.arange(max_pages, device=s.device)[None, :] < num_pages.to(s.device)[:, None]
+    if rule == "mass":
+        s = torch.where(valid[:, None, :], s * scale, torch.full_like(s, float("-inf")))
+        # a request without pages: every entry -inf; log_softmax would give NaN, keep -inf instead
+        s = torch.log_softmax(s, dim=-1).nan_to_num(nan=float("-inf"))
+        s = torch.logsumexp(s.reshape(b, groups, hq // groups, max_pages), dim=2)
+    else:
+        s = s.reshape(b, groups, hq // groups, max_pages).amax(dim=2)
+    s = torch.where(valid[:, None, :], s, torch.full_like(s, float("-inf")))
+    return (s[:, 0] if num_kv_heads is None else s).float()
 
 
 def select_pages(

@@ -2,7 +2,8 @@
 (`sglang_mux.attention.routed_decode`, `sglang_mux.leaves.base.top_free`).
 
 - FlashInfer's semantics over the built tables == the backend's `attend` over the selected slots.
-- Quest scores: the kernel reference (and the Triton kernel, see triton_cases) == `quest_page_scores`.
+- Quest scores: the kernel reference (and the Triton kernel, see triton_cases) == `quest_page_scores`, under
+  both retrieval score rules (`bound`, `mass`).
 - On-device selection (`select_pages`) == forced pages + the backend leaves' `top_free` on the rest.
 """
 
@@ -17,7 +18,12 @@ from kv_pool import make_pool, random_selection
 from mux_kernels import reference as ref
 
 from sglang_mux.attention.flashinfer_tables import build_page_table, build_token_table
-from sglang_mux.attention.routed_decode import attend, page_positions, quest_page_scores
+from sglang_mux.attention.routed_decode import (
+    attend,
+    page_positions,
+    quest_page_scores,
+    quest_page_scores_head_major,
+)
 from sglang_mux.leaves.base import top_free
 
 HQ, HKV, D = 8, 2, 16
@@ -50,6 +56,22 @@ def test_quest_scores_agree_with_the_backend():
     n = kmin.shape[0]
     ours = ref.page_scores(q, kmin, kmax, torch.arange(n)[None], torch.tensor([n]))[0].amax(dim=0)
     torch.testing.assert_close(ours, quest_page_scores(q[0], kmin, kmax), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["bound", "mass"])
+def test_combined_head_scores_agree_with_the_backend(rule):
+    """`combine_head_scores` over the kernel's per-head scores == the backend's score under the same rule."""
+    page_size, scale = 4, 0.3
+    pool = make_pool([53], page_size, HKV, D, seed=5)
+    kmin, kmax = ref.page_summaries(pool.k_buffer, pool.req_to_token[1, :53].long(), page_size)
+    q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(6))
+    n = kmin.shape[0]
+    table = torch.cat([torch.arange(n), torch.zeros(3, dtype=torch.long)])[None]  # 3 padding pages past num_pages
+    head = ref.page_scores(q, kmin, kmax, table, torch.tensor([n]), per_head=True)
+    ours = ref.combine_head_scores(head, torch.tensor([n]), rule, scale)[0]
+    theirs = quest_page_scores_head_major(q[0], kmin.transpose(0, 1), kmax.transpose(0, 1), rule, scale)
+    torch.testing.assert_close(ours[:n], theirs, atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(ours[n:]).all()
 
 
 def test_on_device_selection_equals_forced_pages_plus_top_free():

@@ -125,6 +125,70 @@ def test_page_scores_and_selection_interpreter(dtype, tol):
     assert 4 in page_list[0].tolist() and 1 not in page_list[0].tolist() and 0 not in page_list[1].tolist()
 
 
+def _mass_oracle(head_scores: torch.Tensor, num_pages: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
+    """float64, spelled out: per head the softmax over the valid pages of scale * bound, summed over the heads of
+    each group, log taken; invalid pages -inf. [B, groups, P]."""
+    b, hq, p = head_scores.shape
+    out = torch.full((b, groups, p), float("-inf"), dtype=torch.float64)
+    for i in range(b):
+        n = int(num_pages[i])
+        x = head_scores[i, :, :n].double() * scale
+        w = torch.exp(x - x.max(dim=1, keepdim=True).values)
+        w = w / w.sum(dim=1, keepdim=True)
+        out[i, :, :n] = torch.log(w.reshape(groups, hq // groups, n).sum(dim=1))
+    return out
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-3)])
+def test_mass_rule_scores_and_selection_interpreter(dtype, tol):
+    """The kernel's per-head scores == the reference's; the `mass` rule == the spelled-out float64 softmax sum;
+    the device selection under `mass` == `select_pages` on those scores (all heads, and per kv-head group)."""
+    q, kmin, kmax, table, num_pages = _summary_case(dtype, "cpu", 4, 2, 8, rows=12, max_pages=10, seed=3)
+    got = mux_kernels.score_pages(q, kmin, kmax, table, num_pages, block_pages=8, block_dim=4, per_head=True)
+    want = ref.page_scores(q, kmin, kmax, table, num_pages, per_head=True)
+    assert got.shape == (3, 4, 10)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    # per group, the max over its heads is the bound score the kernel returns without per_head
+    grouped = mux_kernels.score_pages(q, kmin, kmax, table, num_pages, block_pages=8, block_dim=4)
+    torch.testing.assert_close(got.reshape(3, 2, 2, 10).amax(dim=2), grouped)
+    scale = 0.7
+    for groups, kv in ((1, None), (2, 2)):
+        mass = ref.combine_head_scores(got, num_pages, "mass", scale, num_kv_heads=kv)
+        oracle = _mass_oracle(got, num_pages, scale, groups)
+        torch.testing.assert_close(mass.reshape(3, groups, 10).double(), oracle, atol=1e-5, rtol=1e-5)
+    mass = ref.combine_head_scores(got, num_pages, "mass", scale)
+    page_list, counts = mux_kernels.select_pages_on_device(q, kmin, kmax, table, num_pages, 4, 1, 1,
+                                                           rule="mass", scale=scale)
+    want_list, want_counts = ref.select_pages(mass, num_pages, 4, 1, 1)
+    assert torch.equal(page_list, want_list) and torch.equal(counts, want_counts)
+    per_group, _ = mux_kernels.select_pages_on_device(q, kmin, kmax, table, num_pages, 4, 1, 1, per_group=True,
+                                                      rule="mass", scale=scale)
+    want_group, _ = ref.select_pages_per_group(ref.combine_head_scores(got, num_pages, "mass", scale, 2),
+                                               num_pages, 4, 1, 1)
+    assert torch.equal(per_group, want_group)
+    with pytest.raises(ValueError, match="rule: allowed: bound, mass"):
+        mux_kernels.select_pages_on_device(q, kmin, kmax, table, num_pages, 4, 1, 1, rule="max")
+
+
+@cpu_only
+def test_mass_rule_finds_the_page_a_loud_flat_head_hides_interpreter():
+    """Head 0 scores every page about 10 (a flat, loud head); head 1 scores page 5 at 5 and the rest 0. The max over
+    heads (Quest's `bound`) ranks by head 0's noise and misses page 5; `mass` picks it."""
+    n = 10
+    noise = torch.linspace(0.05, 0.0, n)  # page 5 is among the quietest on head 0
+    keys = torch.zeros(n, 1, 2)
+    keys[:, 0, 0] = 10 + noise
+    keys[5, 0, 1] = 5.0
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [B=1, Hq=2, D=2], one kv head
+    table, num_pages = torch.arange(n)[None], torch.tensor([n])
+    args = (q, keys, keys, table, num_pages, 3, 1, 1)  # budget 3: sink page 0, tail page 9, one page by score
+    bound, _ = mux_kernels.select_pages_on_device(*args)
+    mass, _ = mux_kernels.select_pages_on_device(*args, rule="mass", scale=1.0)
+    assert bound[0].tolist() == [0, 1, 9]
+    assert mass[0].tolist() == [0, 5, 9]
+
+
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gather_scatter_pages_interpreter(dtype):

@@ -187,13 +187,17 @@ class FlashInferRoutedDecode:
         recent_pages: int = 1,
         forced: torch.Tensor | None = None,
         blocked: torch.Tensor | None = None,
+        rule: str = "mass",
+        scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Query-aware page choice for one layer on the GPU (`mux_kernels.select_pages_on_device`): top-k by
-        Quest score plus sinks, recent window, tail and the `forced` mask (pages other leaves chose), never a
-        `blocked` page. Plan the step with `plan_routed_counts(..., blocked_pages=...)` for the same counts."""
+        page score plus sinks, recent window, tail and the `forced` mask (pages other leaves chose), never a
+        `blocked` page. `rule` / `scale`: `--mux-retrieval-score` and the layer's scale divided by
+        `--mux-retrieval-temperature`, as on the CPU path. Plan the step with
+        `plan_routed_counts(..., blocked_pages=...)` for the same counts."""
         import mux_kernels
 
         return mux_kernels.select_pages_on_device(
             q, kmin, kmax, summary_table, num_pages, budget_pages, sink_pages, recent_pages,
-            forced=forced, blocked=blocked,
+            forced=forced, blocked=blocked, rule=rule, scale=scale,
         )
