@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tempfile
+
 import pytest
 
 from sglang_mux import launch_pd
@@ -60,9 +64,6 @@ def test_cluster_wires_router_to_its_servers():
 def test_cluster_stop_stops_every_part_when_one_fails_to_stop():
     """A router that will not stop must not leave the prefill and decode servers running (seen: sglang-router not
     reaped in time on a loaded machine, and both servers outlived the cluster). Real processes, no servers."""
-    import subprocess
-    import sys
-
     from sglang_mux.server_process import ManagedProcess
 
     class Stubborn(ManagedProcess):
@@ -74,8 +75,6 @@ def test_cluster_stop_stops_every_part_when_one_fails_to_stop():
         p.log_path = tmp
         p._spawn([sys.executable, "-c", "import time; time.sleep(600)"])
         return p
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         cluster = PDCluster.__new__(PDCluster)

@@ -146,16 +146,9 @@ def select_pages_on_device(
         head_scores = score_pages(q, kmin, kmax, summary_table, num_pages, per_head=True)
         hkv = kmin.shape[1] if per_group else None
         scores = reference.combine_head_scores(head_scores, num_pages, "mass", scale, num_kv_heads=hkv)
-        if per_group:
-            return reference.select_pages_per_group(
-                scores, num_pages, budget_pages, sink_pages, recent_pages, forced, blocked
-            )
-        return reference.select_pages(scores, num_pages, budget_pages, sink_pages, recent_pages, forced, blocked)
-    group_scores = score_pages(q, kmin, kmax, summary_table, num_pages)
-    if per_group:
-        return reference.select_pages_per_group(
-            group_scores, num_pages, budget_pages, sink_pages, recent_pages, forced, blocked
-        )
-    return reference.select_pages(
-        group_scores.amax(dim=1), num_pages, budget_pages, sink_pages, recent_pages, forced, blocked
-    )
+    else:
+        scores = score_pages(q, kmin, kmax, summary_table, num_pages)  # bound, already the max per group
+        if not per_group:
+            scores = scores.amax(dim=1)
+    select = reference.select_pages_per_group if per_group else reference.select_pages
+    return select(scores, num_pages, budget_pages, sink_pages, recent_pages, forced, blocked)
