@@ -50,6 +50,9 @@ def test_help(script):
     ("goodput.py", ["--rate", "0"], "--rate"),
     ("goodput.py", ["--server-arg", "max-total-tokens=9"], "--server-arg"),
     ("decode_latency.py", ["--mux-arg=--max-total-tokens=9"], "--mux-arg"),
+    ("pd_latency_by_length.py", ["--systems", "stock,vllm"], "--systems"),
+    ("pd_latency_by_length.py", ["--repeats", "0"], "--repeats"),
+    ("pd_latency_by_length.py", ["--lengths", "64,x"], "--lengths"),
 ])
 def test_bad_flag_is_one_clear_line(script, args, flag):
     p = _run(script, *args)
