@@ -178,7 +178,7 @@ def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[
     return segments
 
 
-def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_step: int, seed: int, prompt_digit_loss: bool = False):
+def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_step: int, seed: int, prompt_digit_loss: bool = False, chain: bool = False):
     """Token ids, next-token loss mask and answer mask for one step: same-length samples padded on the right.
 
     Digits in the prompt (needle values, ids, list numbers) are random, so next-token loss on them only
@@ -206,7 +206,7 @@ def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     valid = torch.zeros((len(rows), width), dtype=torch.bool)
     is_answer = torch.zeros((len(rows), width), dtype=torch.bool)
-    pairs = []
+    pairs, struct = [], {"statement": [], "chain": [], "chain_copy": [], "prev_needle": []}
     for i, row in enumerate(rows):
         pos = 0
         for toks, answer_flag in row:
@@ -216,18 +216,22 @@ def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_
                 valid[i, pos : pos + len(toks)] = ~torch.isin(torch.tensor(toks), DIGIT_IDS)
             is_answer[i, pos : pos + len(toks)] = answer_flag
             pos += len(toks)
-        pairs += [(i, t, src) for t, src in copy_pairs(row)]
-    return ids, valid, is_answer, pairs
+        pairs += [(i, t, src) for t, src in copy_pairs(row, first_occurrence=not chain)]
+        if STRUCTURE_IDS:
+            for name, found in structure_pairs(row, STRUCTURE_IDS).items():
+                struct[name] += [(i, *x) for x in found]
+    return ids, valid, is_answer, pairs, struct
 
 
-def copy_pairs(row: list[tuple[list[int], bool]]) -> list[tuple[int, int]]:
+def copy_pairs(row: list[tuple[list[int], bool]], first_occurrence: bool = True) -> list[tuple[int, int]]:
     """(query position, source position) pairs: the position that predicts an answer token, and the
     earlier position of that token in the context it is copied from.
 
     An answer run (the tokens between separators such as ',' '.' '"' and a lone space) is looked up as a
     whole in the text before the answer: its j-th token's source is the match start + j. A run not found
     whole (variable names listed with spaces) maps each token to its first occurrence (for a variable, the
-    statement that assigns it).
+    statement that assigns it), unless not `first_occurrence`: a causal key there cannot know which variable
+    comes next, so with the chain supervision (`structure_pairs`) those tokens are left to the chain head.
     """
     flat: list[int] = []
     spans = []
@@ -245,7 +249,7 @@ def copy_pairs(row: list[tuple[list[int], bool]]) -> list[tuple[int, int]]:
                     src = _find(flat[:a], run)
                     if src is not None:
                         out += [(run_start + k - 1, src + k) for k in range(len(run))]
-                    else:  # e.g. variable names listed with spaces: each token from its first occurrence
+                    elif first_occurrence:  # e.g. variable names listed with spaces: each token from its first occurrence
                         for k, tok in enumerate(run):
                             src = _find(flat[:a], [tok])
                             if src is not None:
@@ -262,6 +266,61 @@ def _find(hay: list[int], needle: list[int]) -> int | None:
     return None
 
 
+# Heads given a job by the structure losses, as (layer, head); layer -1 is the last. Their KV heads differ from
+# the needle head's (last layer, head 0) and the offset heads' (layer 0, heads 0 and 2).
+STATEMENT_HEAD = (1, 6)  # in "VAR Y = X." from "=", X and "." back to the name Y (a local pattern)
+CHAIN_HEAD = (-1, 4)  # vt answers: from the variable just written (or the asked value) to the statement that
+#                        assigns it, at that statement's last right-hand token, whose residual carries Y
+PREV_NEEDLE_HEAD = (1, 4)  # from a needle's first digit to the end of the needle before it (multi-value order)
+
+
+def structure_pairs(row: list[tuple[list[int], bool]], ids: dict) -> dict[str, list]:
+    """Targets of the structure losses for one sample (positions in the flattened row).
+
+    Variable tracking is a chain of lookups "which statement assigns the variable I just wrote": a causal
+    key can only say that at the statement's right-hand side (it has seen ``VAR Y =`` and the value), so
+    the chain head points there and reads ``Y``, which the statement head moved from the name to the end
+    of the statement. ``ids`` names the token ids: var, eq, period, is, digits (a set).
+
+    Returns lists of (query, source) pairs for ``statement``, ``chain`` and ``prev_needle``, and
+    (position, token) targets ``chain_copy`` for the chain head's value/output path."""
+    flat: list[int] = [t for toks, _ in row for t in toks]
+    prompt_end = len(row[0][0])
+    answer_pos = [p for (a, b) in _answer_spans(row) for p in range(a, b)]
+    out = {"statement": [], "chain": [], "chain_copy": [], "prev_needle": []}
+    rhs_end = {}  # variable name token -> last right-hand token of the statement that assigns it
+    in_statement = set()
+    for i in range(prompt_end - 3):
+        if flat[i] != ids["var"] or flat[i + 2] != ids["eq"]:
+            continue
+        e = next((j for j in range(i + 3, min(prompt_end, i + 12)) if flat[j] == ids["period"]), None)
+        if e is None or e == i + 3:
+            continue
+        out["statement"] += [(t, i + 1) for t in range(i + 2, e + 1)]
+        out["chain_copy"].append((e - 1, flat[i + 1]))
+        rhs_end[flat[i + 1]] = e - 1
+        in_statement.update(range(i, e + 1))
+    for p in answer_pos:
+        if flat[p] in rhs_end:
+            out["chain"].append((p - 1, rhs_end[flat[p]]))
+    ends = [e for e in range(1, prompt_end) if flat[e] == ids["period"] and flat[e - 1] in ids["digits"] and e not in in_statement]
+    for p in range(1, prompt_end):
+        if flat[p - 1] == ids["is"] and flat[p] in ids["digits"]:
+            before = [e for e in ends if e < p]
+            out["prev_needle"].append((p, before[-1] if before else 0))
+    return out
+
+
+def _answer_spans(row):
+    spans, pos = [], 0
+    for toks, answer_flag in row:
+        if answer_flag:
+            spans.append((pos, pos + len(toks)))
+        pos += len(toks)
+    return spans
+
+
+STRUCTURE_IDS: dict = {}  # token ids structure_pairs needs; set once the tokenizer exists
 SEPARATOR_IDS: set[int] = set()  # filled once the tokenizer exists: ids of ',', '.', '</s>' and the like
 DIGIT_IDS = None  # tensor of digit_token_ids, sorted; set once the tokenizer exists
 
@@ -294,10 +353,14 @@ def pointer_loss(attn, captured: dict, head: int, pairs: list[tuple[int, int, in
     return -logp[torch.arange(len(pairs), device=device), src].mean()
 
 
-def copy_loss(attn, model, captured: dict, head: int, ids, keep) -> "torch.Tensor":
+def copy_loss(attn, model, captured: dict, head: int, ids, keep, at=None, scale=None) -> "torch.Tensor":
     """Teach one head's value/output path to copy: what it writes from a position, read through the final norm
-    and the output head, should name that position's own token (cross-entropy over the ``keep`` positions).
+    and the output head, should name that position's own token (cross-entropy over the ``keep`` positions),
+    or with ``at`` (a list of (row, position, token)) the given token at each given position. The final norm
+    makes this blind to how loud the write is; with ``scale`` (the final norm's 1/RMS of the real residual) the
+    write is read at the model's own scale, so it must be loud enough to decide the output.
     Once the head attends to the needle (``pointer_loss``), its output then says which digit it found."""
+    import torch
     import torch.nn.functional as F
 
     h = captured["h"]
@@ -305,6 +368,10 @@ def copy_loss(attn, model, captured: dict, head: int, ids, keep) -> "torch.Tenso
     kvh = head // (attn.config.num_attention_heads // attn.config.num_key_value_heads)
     v = attn.v_proj(h)[..., kvh * hd : (kvh + 1) * hd]  # [B, T, hd]
     out = F.linear(v, attn.o_proj.weight[:, head * hd : (head + 1) * hd])  # the head's write to the residual
+    if at is not None:
+        b, t, target = (torch.tensor([x[j] for x in at], device=ids.device) for j in range(3))
+        read = model.model.norm(out[b, t]) if scale is None else model.model.norm.weight * out[b, t] * scale
+        return F.cross_entropy(model.lm_head(read).float(), target)
     logits = model.lm_head(model.model.norm(out))[keep]
     return F.cross_entropy(logits.float(), ids[keep])
 
@@ -340,13 +407,26 @@ def train(model, tokenizer, args, log):
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
     t0, ema, ema_ans, ema_ptr = time.time(), None, None, None
-    captured: dict = {}
-    last_attn = model.model.layers[-1].self_attn
-    first_captured: dict = {}
-    last_attn.register_forward_pre_hook(lambda mod, a, kw: captured.update(h=kw["hidden_states"], pe=kw["position_embeddings"]), with_kwargs=True)
-    first_attn = model.model.layers[0].self_attn
-    first_attn.register_forward_pre_hook(lambda mod, a, kw: first_captured.update(h=kw["hidden_states"], pe=kw["position_embeddings"]), with_kwargs=True)
-    stage, ema_acc = args.start_stage, 0.0
+    layers = model.model.layers
+    seen = [{} for _ in layers]  # each layer's attention input of this step (hidden states, rotary tables)
+    for layer, store in zip(layers, seen):
+        layer.self_attn.register_forward_pre_hook(
+            lambda mod, a, kw, store=store: store.update(h=kw["hidden_states"], pe=kw["position_embeddings"]), with_kwargs=True)
+    final: dict = {}  # the final norm's input of this step
+    model.model.norm.register_forward_pre_hook(lambda mod, a: final.update(h=a[0]))
+    captured, first_captured = seen[-1], seen[0]
+    last_attn, first_attn = layers[-1].self_attn, layers[0].self_attn
+    structure = args.chain_weight > 0 or args.prev_needle_weight > 0
+    if structure:
+        STRUCTURE_IDS.update(var=tokenizer.convert_tokens_to_ids("ĠVAR"), eq=tokenizer.convert_tokens_to_ids("Ġ="),
+                             period=tokenizer.convert_tokens_to_ids("."), digits=set(DIGIT_IDS.tolist()),
+                             **{"is": tokenizer.convert_tokens_to_ids("Ġis")})
+
+    def head_pointer(where, pairs):
+        layer, head = where
+        return pointer_loss(layers[layer].self_attn, seen[layer], head, pairs, device)
+
+    stage, ema_acc, ema_tok = args.start_stage, 0.0, 0.0
     digit_ids = DIGIT_IDS.to(device)
     for step in range(args.steps):
         # Curriculum: the next stage starts at its share of the steps, and (with --gate-accuracy) only once the
@@ -354,10 +434,11 @@ def train(model, tokenizer, args, log):
         if stage + 1 < len(STAGES) and step >= STAGES[stage][0] * args.steps and ema_acc >= args.gate_accuracy:
             stage += 1
             log(f"step {step}: stage {stage} ({STAGES[stage][1]}-{STAGES[stage][2]} tokens), digit accuracy {ema_acc:.2f}")
-        ids, valid, is_answer, pairs = make_batch(tokenizer, rng, stage, step, args.tokens_per_step, args.seed, args.prompt_digit_loss)
+        ids, valid, is_answer, pairs, struct = make_batch(tokenizer, rng, stage, step, args.tokens_per_step, args.seed,
+                                                          args.prompt_digit_loss, chain=args.chain_weight > 0)
         ids, valid, is_answer = ids.to(device), valid.to(device), is_answer.to(device)
-        captured.clear()
-        first_captured.clear()
+        for store in seen:
+            store.clear()
         logits = model(input_ids=ids).logits[:, :-1].float()
         target, mask, amask = ids[:, 1:], valid[:, 1:], is_answer[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").view_as(target)
@@ -371,6 +452,17 @@ def train(model, tokenizer, args, log):
                 loss = loss + args.offset_weight * pointer_loss(first_attn, first_captured, head, [(i, t, t - back) for i, t in at], device)
         if args.copy_weight > 0:
             loss = loss + args.copy_weight * copy_loss(last_attn, model, captured, 0, ids, ids != tokenizer.pad_token_id)
+        if args.chain_weight > 0 and struct["statement"]:
+            loss = loss + args.chain_weight * head_pointer(STATEMENT_HEAD, struct["statement"])
+            loss = loss + args.chain_weight * copy_loss(layers[STATEMENT_HEAD[0]].self_attn, model, seen[STATEMENT_HEAD[0]],
+                                                        STATEMENT_HEAD[1], ids, ids != tokenizer.pad_token_id)
+            loss = loss + args.chain_weight * copy_loss(layers[CHAIN_HEAD[0]].self_attn, model, seen[CHAIN_HEAD[0]],
+                                                        CHAIN_HEAD[1], ids, None, at=struct["chain_copy"],
+                                                        scale=final["h"].detach().pow(2).mean(-1).add(1e-6).rsqrt().mean())
+            if struct["chain"]:
+                loss = loss + args.chain_weight * head_pointer(CHAIN_HEAD, struct["chain"])
+        if args.prev_needle_weight > 0 and struct["prev_needle"]:
+            loss = loss + args.prev_needle_weight * head_pointer(PREV_NEEDLE_HEAD, struct["prev_needle"])
         if point is not None:
             loss = loss + args.pointer_weight * point
             ema_ptr = point.item() if ema_ptr is None else 0.98 * ema_ptr + 0.02 * point.item()
@@ -383,13 +475,15 @@ def train(model, tokenizer, args, log):
         ema = lm.item() if ema is None else 0.98 * ema + 0.02 * lm.item()
         ema_ans = ans.item() if ema_ans is None else 0.98 * ema_ans + 0.02 * ans.item()
         with torch.no_grad():
+            if amask.any():
+                ema_tok = 0.95 * ema_tok + 0.05 * (logits.argmax(-1) == target)[amask].float().mean().item()
             digit = amask & torch.isin(target, digit_ids)
             if digit.any():
                 acc = (logits.argmax(-1) == target)[digit].float().mean().item()
                 ema_acc = 0.95 * ema_acc + 0.05 * acc
         if step % 50 == 0 or step == args.steps - 1:
             ptr = f"{ema_ptr:.3f}" if ema_ptr is not None else "-"
-            log(f"step {step} len {ids.shape[1]} lm {ema:.3f} answer {ema_ans:.3f} digits {ema_acc:.2f} pointer {ptr} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
+            log(f"step {step} len {ids.shape[1]} lm {ema:.3f} answer {ema_ans:.3f} tokens {ema_tok:.2f} digits {ema_acc:.2f} pointer {ptr} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
     model.eval()
     return model
 
@@ -408,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--copy-weight", type=float, default=0.5, help="weight of the copy supervision of the retrieval head's value/output path (0: off)")
     ap.add_argument("--gate-accuracy", type=float, default=0.0, help="move to the next curriculum stage only when the answer-digit accuracy (EMA) reaches this")
     ap.add_argument("--offset-weight", type=float, default=0.5, help="weight of the supervision of layer 0's 1-back and 2-back heads (0: off)")
+    ap.add_argument("--chain-weight", type=float, default=0.0, help="weight of the variable-tracking supervision: statement head (layer 1) and chain head (last layer), see structure_pairs (0: off)")
+    ap.add_argument("--prev-needle-weight", type=float, default=0.0, help="weight of the supervision of layer 1's previous-needle head, which orders multi-value answers (0: off)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=384)

@@ -72,3 +72,44 @@ def test_mixture_flag_parses_and_names_what_is_wrong():
         with pytest.raises(ValueError, match="--mixture") as e:
             T.parse_mixture(bad)
         assert says in str(e.value), (bad, str(e.value))
+
+
+def test_structure_pairs_point_where_a_causal_key_can_answer(tok):
+    """Variable tracking: each answer variable is read at the end of the statement that assigns it (where a
+    causal key has seen both names); the statement head looks from a statement's tail back to its name; a
+    needle's first digit looks back to the end of the needle before it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_probe_model as T
+
+    from benchmark.quality.tasks import make_sample
+
+    digits = set(T.digit_token_ids(tok))
+    ids = {"var": tok.convert_tokens_to_ids("ĠVAR"), "eq": tok.convert_tokens_to_ids("Ġ="),
+           "period": tok.convert_tokens_to_ids("."), "is": tok.convert_tokens_to_ids("Ġis"), "digits": digits}
+    conv = tok.convert_ids_to_tokens
+    s = make_sample("vt", tok, 512, 3, 0)
+    prompt = tok.encode(s.prompt)
+    row = [(prompt, False), (tok.encode(s.completion, add_special_tokens=False) + [tok.eos_token_id], True)]
+    flat = prompt + row[1][0]
+    out = T.structure_pairs(row, ids)
+    assert len(out["chain"]) == len(s.answers) == 5
+    for (query, src), name in zip(out["chain"], s.answers):
+        assert query >= len(prompt) - 1 and src < len(prompt)
+        assert conv(flat[query + 1]) == "Ġ" + name  # the pair predicts this answer variable ...
+        start = max(i for i in range(src) if conv(flat[i]) == "ĠVAR")
+        assert conv(flat[start + 1]) == "Ġ" + name and conv(flat[src + 1]) == "."  # ... read at its statement's end
+        assert (src, flat[start + 1]) in out["chain_copy"]
+    # the first hop is read at the asked value's last digit, the others at the previous variable
+    assert conv(flat[out["chain"][0][1]]) == s.prompt.split("equal to ")[1][4]
+    assert [conv(flat[src]) for _, src in out["chain"][1:]] == ["Ġ" + n for n in s.answers[:-1]]
+    for query, src in out["statement"]:
+        assert conv(flat[src - 1]) == "ĠVAR" and 0 < query - src <= 9
+    s = make_sample("niah_multivalue", tok, 512, 3, 0)
+    prompt = tok.encode(s.prompt)
+    row = [(prompt, False), (tok.encode(s.completion, add_special_tokens=False) + [tok.eos_token_id], True)]
+    out = T.structure_pairs(row, ids)
+    assert [conv(prompt[q]).lstrip("Ġ") for q, _ in out["prev_needle"]] == [v[0] for v in s.answers]
+    assert out["prev_needle"][0][1] == 0  # the first needle has none before it: the start token
+    for (q, src), prev in zip(out["prev_needle"][1:], s.answers):
+        assert conv(prompt[src]) == "." and tok.decode(prompt[src - 6 : src]).strip() == prev
+    assert not out["statement"] and not out["chain"]  # no statements, no chain in a needle task
