@@ -186,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
 
             from sglang_mux.server_process import ServerProcess
 
-            with ServerProcess(shlex.split(args.launch)) as srv:
+            try:
+                server = ServerProcess(shlex.split(args.launch))
+            except ValueError as e:
+                raise TaskError(f"--launch: {e}") from None
+            with server as srv:
                 args.url = srv.url
                 tok = AutoTokenizer.from_pretrained(args.tokenizer or model_path(args.url))
                 result = run_suite(args, tok)

@@ -98,11 +98,15 @@ def test_cli_bad_input_is_one_line(capsys):
     assert main(["--policies", "nope"]) == 2
     assert main(["--lengths", "1k"]) == 2
     assert main(["--url", "http://127.0.0.1:9", "--tokenizer", "unused", "--tasks", "vt", "--samples", "0"]) == 2
+    # a port of the user's would win in SGLang's parser while the runner waits on its own: refused at once
+    assert main(["--launch", "--dtype float32 --port 30123", "--tasks", "vt", "--samples", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "error: --policies: unknown 'nope'; allowed: full, streaming, snapkv, quest, quest_mass, mux",
         "error: --lengths: expected comma-separated token counts like 1024,2048, got '1k'",
         "error: --samples: must be >= 1, got 0",
+        "error: --launch: server args: --port not allowed here; the server gets a free port on 127.0.0.1 "
+        "(pass port= to choose one)",
     ]
 
 
