@@ -458,7 +458,8 @@ def train(model, tokenizer, args, log):
                                                         STATEMENT_HEAD[1], ids, ids != tokenizer.pad_token_id)
             loss = loss + args.chain_weight * copy_loss(layers[CHAIN_HEAD[0]].self_attn, model, seen[CHAIN_HEAD[0]],
                                                         CHAIN_HEAD[1], ids, None, at=struct["chain_copy"],
-                                                        scale=final["h"].detach().pow(2).mean(-1).add(1e-6).rsqrt().mean())
+                                                        scale=final["h"].detach().pow(2).mean(-1).add(1e-6).rsqrt().mean()
+                                                        if args.chain_copy_read == "residual" else None)
             if struct["chain"]:
                 loss = loss + args.chain_weight * head_pointer(CHAIN_HEAD, struct["chain"])
         if args.prev_needle_weight > 0 and struct["prev_needle"]:
@@ -503,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gate-accuracy", type=float, default=0.0, help="move to the next curriculum stage only when the answer-digit accuracy (EMA) reaches this")
     ap.add_argument("--offset-weight", type=float, default=0.5, help="weight of the supervision of layer 0's 1-back and 2-back heads (0: off)")
     ap.add_argument("--chain-weight", type=float, default=0.0, help="weight of the variable-tracking supervision: statement head (layer 1) and chain head (last layer), see structure_pairs (0: off)")
+    ap.add_argument("--chain-copy-read", choices=("residual", "norm"), default="residual", help="how the chain head's copy loss reads its write: at the scale of the real residual (residual), or normalised on its own (norm: blind to how loud it is; the first chain stage of the bundled probe ran so)")
     ap.add_argument("--prev-needle-weight", type=float, default=0.0, help="weight of the supervision of layer 1's previous-needle head, which orders multi-value answers (0: off)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)
