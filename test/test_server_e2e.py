@@ -8,6 +8,7 @@ import time
 
 import pytest
 import requests
+from mux_test_support import hf_greedy_ignore_eos
 
 pytestmark = pytest.mark.server
 
@@ -31,14 +32,7 @@ def hf_greedy():
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(default_model_path(), torch_dtype=torch.float32).eval()
 
-    def run(ids, n):
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0
-            )
-        return out[0, len(ids):].tolist()
-
-    return run
+    return lambda ids, n: hf_greedy_ignore_eos(model, ids, n)
 
 
 def test_greedy_matches_stock_and_hf(mux_server, stock_server, tokenizer, hf_greedy):
