@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 import math
 import random
 import sys
@@ -206,7 +207,7 @@ def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     valid = torch.zeros((len(rows), width), dtype=torch.bool)
     is_answer = torch.zeros((len(rows), width), dtype=torch.bool)
-    pairs, struct = [], {"statement": [], "chain": [], "chain_copy": [], "prev_needle": []}
+    pairs, struct = [], defaultdict(list)  # struct: structure_pairs' lists, row index in front
     for i, row in enumerate(rows):
         pos = 0
         for toks, answer_flag in row:
@@ -233,12 +234,7 @@ def copy_pairs(row: list[tuple[list[int], bool]], first_occurrence: bool = True)
     statement that assigns it), unless not `first_occurrence`: a causal key there cannot know which variable
     comes next, so with the chain supervision (`structure_pairs`) those tokens are left to the chain head.
     """
-    flat: list[int] = []
-    spans = []
-    for toks, answer_flag in row:
-        if answer_flag:
-            spans.append((len(flat), len(flat) + len(toks)))
-        flat += toks
+    flat, spans = _flatten(row)
     out = []
     for a, b in spans:
         run_start = a
@@ -284,9 +280,9 @@ def structure_pairs(row: list[tuple[list[int], bool]], ids: dict) -> dict[str, l
 
     Returns lists of (query, source) pairs for ``statement``, ``chain`` and ``prev_needle``, and
     (position, token) targets ``chain_copy`` for the chain head's value/output path."""
-    flat: list[int] = [t for toks, _ in row for t in toks]
+    flat, spans = _flatten(row)
     prompt_end = len(row[0][0])
-    answer_pos = [p for (a, b) in _answer_spans(row) for p in range(a, b)]
+    answer_pos = [p for (a, b) in spans for p in range(a, b)]
     out = {"statement": [], "chain": [], "chain_copy": [], "prev_needle": []}
     rhs_end = {}  # variable name token -> last right-hand token of the statement that assigns it
     in_statement = set()
@@ -311,13 +307,15 @@ def structure_pairs(row: list[tuple[list[int], bool]], ids: dict) -> dict[str, l
     return out
 
 
-def _answer_spans(row):
-    spans, pos = [], 0
+def _flatten(row: list[tuple[list[int], bool]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """A sample's token segments as one list, and the (start, end) of each answer segment in it."""
+    flat: list[int] = []
+    spans = []
     for toks, answer_flag in row:
         if answer_flag:
-            spans.append((pos, pos + len(toks)))
-        pos += len(toks)
-    return spans
+            spans.append((len(flat), len(flat) + len(toks)))
+        flat += toks
+    return flat, spans
 
 
 STRUCTURE_IDS: dict = {}  # token ids structure_pairs needs; set once the tokenizer exists
@@ -416,8 +414,7 @@ def train(model, tokenizer, args, log):
     model.model.norm.register_forward_pre_hook(lambda mod, a: final.update(h=a[0]))
     captured, first_captured = seen[-1], seen[0]
     last_attn, first_attn = layers[-1].self_attn, layers[0].self_attn
-    structure = args.chain_weight > 0 or args.prev_needle_weight > 0
-    if structure:
+    if args.chain_weight > 0 or args.prev_needle_weight > 0:
         STRUCTURE_IDS.update(var=tokenizer.convert_tokens_to_ids("ĠVAR"), eq=tokenizer.convert_tokens_to_ids("Ġ="),
                              period=tokenizer.convert_tokens_to_ids("."), digits=set(DIGIT_IDS.tolist()),
                              **{"is": tokenizer.convert_tokens_to_ids("Ġis")})
@@ -453,13 +450,13 @@ def train(model, tokenizer, args, log):
         if args.copy_weight > 0:
             loss = loss + args.copy_weight * copy_loss(last_attn, model, captured, 0, ids, ids != tokenizer.pad_token_id)
         if args.chain_weight > 0 and struct["statement"]:
+            # the final norm's 1/RMS of this step's residual: the scale the chain head's write is read at
+            scale = final["h"].detach().pow(2).mean(-1).add(1e-6).rsqrt().mean() if args.chain_copy_read == "residual" else None
             loss = loss + args.chain_weight * head_pointer(STATEMENT_HEAD, struct["statement"])
             loss = loss + args.chain_weight * copy_loss(layers[STATEMENT_HEAD[0]].self_attn, model, seen[STATEMENT_HEAD[0]],
                                                         STATEMENT_HEAD[1], ids, ids != tokenizer.pad_token_id)
             loss = loss + args.chain_weight * copy_loss(layers[CHAIN_HEAD[0]].self_attn, model, seen[CHAIN_HEAD[0]],
-                                                        CHAIN_HEAD[1], ids, None, at=struct["chain_copy"],
-                                                        scale=final["h"].detach().pow(2).mean(-1).add(1e-6).rsqrt().mean()
-                                                        if args.chain_copy_read == "residual" else None)
+                                                        CHAIN_HEAD[1], ids, None, at=struct["chain_copy"], scale=scale)
             if struct["chain"]:
                 loss = loss + args.chain_weight * head_pointer(CHAIN_HEAD, struct["chain"])
         if args.prev_needle_weight > 0 and struct["prev_needle"]:
@@ -476,12 +473,12 @@ def train(model, tokenizer, args, log):
         ema = lm.item() if ema is None else 0.98 * ema + 0.02 * lm.item()
         ema_ans = ans.item() if ema_ans is None else 0.98 * ema_ans + 0.02 * ans.item()
         with torch.no_grad():
+            correct = logits.argmax(-1) == target
             if amask.any():
-                ema_tok = 0.95 * ema_tok + 0.05 * (logits.argmax(-1) == target)[amask].float().mean().item()
+                ema_tok = 0.95 * ema_tok + 0.05 * correct[amask].float().mean().item()
             digit = amask & torch.isin(target, digit_ids)
             if digit.any():
-                acc = (logits.argmax(-1) == target)[digit].float().mean().item()
-                ema_acc = 0.95 * ema_acc + 0.05 * acc
+                ema_acc = 0.95 * ema_acc + 0.05 * correct[digit].float().mean().item()
         if step % 50 == 0 or step == args.steps - 1:
             ptr = f"{ema_ptr:.3f}" if ema_ptr is not None else "-"
             log(f"step {step} len {ids.shape[1]} lm {ema:.3f} answer {ema_ans:.3f} tokens {ema_tok:.2f} digits {ema_acc:.2f} pointer {ptr} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")

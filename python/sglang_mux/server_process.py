@@ -111,7 +111,7 @@ class ServerProcess(ManagedProcess, GenerateClient):
         self.args = list(args or [])
         # The port and host are this helper's: a second --port would win inside SGLang's parser while readiness is
         # polled on ours, and the start would wait out its whole timeout.
-        clash = sorted({a.split("=")[0] for a in self.args if a.split("=")[0] in ("--port", "--host")})
+        clash = sorted({a.split("=")[0] for a in self.args} & {"--port", "--host"})
         if clash:
             raise ValueError(f"server args: {', '.join(clash)} not allowed here; the server gets a free port on "
                              "127.0.0.1 (pass port= to choose one)")
