@@ -278,12 +278,17 @@ def structure_pairs(row: list[tuple[list[int], bool]], ids: dict) -> dict[str, l
     the chain head points there and reads ``Y``, which the statement head moved from the name to the end
     of the statement. ``ids`` names the token ids: var, eq, period, is, digits (a set).
 
+    Multi-value answers are listed in the order of their needles, so after writing one value the needle head
+    must find the needle after the one holding it: the previous-needle head looks from each needle's first
+    digit to the end of the needle before it (``prev_needle``) and brings its last digit
+    (``prev_needle_copy``), which the answer's ',' also sees one token back.
+
     Returns lists of (query, source) pairs for ``statement``, ``chain`` and ``prev_needle``, and
-    (position, token) targets ``chain_copy`` for the chain head's value/output path."""
+    (position, token) targets ``chain_copy`` and ``prev_needle_copy`` for those heads' value/output paths."""
     flat, spans = _flatten(row)
     prompt_end = len(row[0][0])
     answer_pos = [p for (a, b) in spans for p in range(a, b)]
-    out = {"statement": [], "chain": [], "chain_copy": [], "prev_needle": []}
+    out = {"statement": [], "chain": [], "chain_copy": [], "prev_needle": [], "prev_needle_copy": []}
     rhs_end = {}  # variable name token -> last right-hand token of the statement that assigns it
     in_statement = set()
     for i in range(prompt_end - 3):
@@ -304,6 +309,8 @@ def structure_pairs(row: list[tuple[list[int], bool]], ids: dict) -> dict[str, l
         if flat[p - 1] == ids["is"] and flat[p] in ids["digits"]:
             before = [e for e in ends if e < p]
             out["prev_needle"].append((p, before[-1] if before else 0))
+            if before:  # what the previous needle's value ends with: the digit before its period
+                out["prev_needle_copy"].append((p, flat[before[-1] - 1]))
     return out
 
 
@@ -414,7 +421,7 @@ def train(model, tokenizer, args, log):
     model.model.norm.register_forward_pre_hook(lambda mod, a: final.update(h=a[0]))
     captured, first_captured = seen[-1], seen[0]
     last_attn, first_attn = layers[-1].self_attn, layers[0].self_attn
-    if args.chain_weight > 0 or args.prev_needle_weight > 0:
+    if args.chain_weight > 0 or args.prev_needle_weight > 0 or args.prev_needle_copy_weight > 0:
         STRUCTURE_IDS.update(var=tokenizer.convert_tokens_to_ids("ĠVAR"), eq=tokenizer.convert_tokens_to_ids("Ġ="),
                              period=tokenizer.convert_tokens_to_ids("."), digits=set(DIGIT_IDS.tolist()),
                              **{"is": tokenizer.convert_tokens_to_ids("Ġis")})
@@ -461,6 +468,9 @@ def train(model, tokenizer, args, log):
                 loss = loss + args.chain_weight * head_pointer(CHAIN_HEAD, struct["chain"])
         if args.prev_needle_weight > 0 and struct["prev_needle"]:
             loss = loss + args.prev_needle_weight * head_pointer(PREV_NEEDLE_HEAD, struct["prev_needle"])
+        if args.prev_needle_copy_weight > 0 and struct["prev_needle_copy"]:
+            loss = loss + args.prev_needle_copy_weight * copy_loss(layers[PREV_NEEDLE_HEAD[0]].self_attn, model, seen[PREV_NEEDLE_HEAD[0]],
+                                                                   PREV_NEEDLE_HEAD[1], ids, None, at=struct["prev_needle_copy"])
         if point is not None:
             loss = loss + args.pointer_weight * point
             ema_ptr = point.item() if ema_ptr is None else 0.98 * ema_ptr + 0.02 * point.item()
@@ -503,6 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chain-weight", type=float, default=0.0, help="weight of the variable-tracking supervision: statement head (layer 1) and chain head (last layer), see structure_pairs (0: off)")
     ap.add_argument("--chain-copy-read", choices=("residual", "norm"), default="residual", help="how the chain head's copy loss reads its write: at the scale of the real residual (residual), or normalised on its own (norm: blind to how loud it is; the first chain stage of the bundled probe ran so)")
     ap.add_argument("--prev-needle-weight", type=float, default=0.0, help="weight of the supervision of layer 1's previous-needle head, which orders multi-value answers (0: off)")
+    ap.add_argument("--prev-needle-copy-weight", type=float, default=0.0, help="weight of the copy supervision of the previous-needle head: what it writes at a needle names the last digit of the needle before (0: off; needs --prev-needle-weight)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=384)

@@ -112,4 +112,7 @@ def test_structure_pairs_point_where_a_causal_key_can_answer(tok):
     assert out["prev_needle"][0][1] == 0  # the first needle has none before it: the start token
     for (q, src), prev in zip(out["prev_needle"][1:], s.answers):
         assert conv(prompt[src]) == "." and tok.decode(prompt[src - 6 : src]).strip() == prev
+    # each needle but the first is told the last digit of the value before it
+    assert [(q, conv(t)) for q, t in out["prev_needle_copy"]] == [(q, v[-1]) for (q, _), v in zip(out["prev_needle"][1:], s.answers)]
     assert not out["statement"] and not out["chain"]  # no statements, no chain in a needle task
+
