@@ -35,13 +35,16 @@ def greedy_outputs(model, tokenizer, samples: list[TaskSample]) -> list[str]:
     return outs
 
 
-def evaluate(model, tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int = 0) -> dict:
-    """``{task: {length: {"recall": r, "exact": e, "n": n}}}`` for greedy outputs of ``model``."""
+def evaluate(model, tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int = 0, show: int = 0) -> dict:
+    """``{task: {length: {"recall": r, "exact": e, "n": n}}}`` for greedy outputs of ``model``; prints the first
+    ``show`` outputs of each cell next to their answers."""
     table: dict = {}
     for task in tasks:
         for length in lengths:
             samples = generate_tasks(task, tokenizer, length, n, seed)
             outs = greedy_outputs(model, tokenizer, samples)
+            for i, (o, s) in enumerate(zip(outs[:show], samples)):
+                print(f"{task} {length} #{i}: recall {recall(o, s.answers):.2f} answers {', '.join(s.answers)} | output {o.strip()!r}")
             table.setdefault(task, {})[str(length)] = {
                 "recall": round(mean(recall(o, s.answers) for o, s in zip(outs, samples)), 4),
                 "exact": round(mean(exact(o, s.answers) for o, s in zip(outs, samples)), 4),
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write the table as JSON here")
+    ap.add_argument("--show", type=int, default=0, help="print the first N outputs of each cell next to their answers")
     args = ap.parse_args(argv)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     t0 = time.time()
     lengths = [int(x) for x in args.lengths.split(",")]
-    table = evaluate(model, tok, parse_task_list(args.tasks), lengths, args.samples, args.seed)
+    table = evaluate(model, tok, parse_task_list(args.tasks), lengths, args.samples, args.seed, args.show)
     print(json.dumps(table, indent=1))
     print("exact match:\n" + markdown(table, "exact") + "\nrecall:\n" + markdown(table, "recall"))
     print(f"{time.time() - t0:.0f}s")

@@ -116,3 +116,22 @@ def test_structure_pairs_point_where_a_causal_key_can_answer(tok):
     assert [(q, conv(t)) for q, t in out["prev_needle_copy"]] == [(q, v[-1]) for (q, _), v in zip(out["prev_needle"][1:], s.answers)]
     assert not out["statement"] and not out["chain"]  # no statements, no chain in a needle task
 
+
+def test_hf_eval_shows_outputs_next_to_answers_and_scores_them(capsys):
+    """`hf_eval --show N` prints each of the first N greedy outputs with its answers and recall, and the table's
+    score is the mean of those recalls (one sample: the same number)."""
+    from benchmark.quality import hf_eval
+    from benchmark.quality.scoring import recall
+    from sglang_mux.models import default_model_path
+
+    hf_eval.main(["--model", str(default_model_path()), "--tasks", "niah_multivalue", "--lengths", "512",
+                  "--samples", "1", "--show", "1"])
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("niah_multivalue 512 #0:"))
+    answers = line.split("answers ")[1].split(" | ")[0].split(", ")
+    written = line.split("| output ")[1].strip("'\"")
+    assert len(answers) == 4 and all(a.isdigit() and len(a) == 6 for a in answers)
+    shown = float(line.split("recall ")[1].split()[0])
+    assert shown == round(recall(written, answers), 2)
+    table = json.loads(out[out.index("{") : out.index("exact match:")])
+    assert table["niah_multivalue"]["512"]["recall"] == pytest.approx(shown, abs=0.005)
