@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chain-weight", type=float, default=0.0, help="weight of the variable-tracking supervision: statement head (layer 1) and chain head (last layer), see structure_pairs (0: off)")
     ap.add_argument("--chain-copy-read", choices=("residual", "norm"), default="residual", help="how the chain head's copy loss reads its write: at the scale of the real residual (residual), or normalised on its own (norm: blind to how loud it is; the first chain stage of the bundled probe ran so)")
     ap.add_argument("--prev-needle-weight", type=float, default=0.0, help="weight of the supervision of layer 1's previous-needle head, which orders multi-value answers (0: off)")
-    ap.add_argument("--prev-needle-copy-weight", type=float, default=0.0, help="weight of the copy supervision of the previous-needle head: what it writes at a needle names the last digit of the needle before (0: off; needs --prev-needle-weight)")
+    ap.add_argument("--prev-needle-copy-weight", type=float, default=0.0, help="weight of the copy supervision of the previous-needle head: what it writes at a needle names the last digit of the needle before (0: off; with --prev-needle-weight the head is also told where to look)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=384)
