@@ -430,6 +430,10 @@ def train(model, tokenizer, args, log):
         layer, head = where
         return pointer_loss(layers[layer].self_attn, seen[layer], head, pairs, device)
 
+    def head_copy(where, keep=None, at=None, scale=None):
+        layer, head = where
+        return copy_loss(layers[layer].self_attn, model, seen[layer], head, ids, keep, at=at, scale=scale)
+
     stage, ema_acc, ema_tok = args.start_stage, 0.0, 0.0
     digit_ids = DIGIT_IDS.to(device)
     for step in range(args.steps):
@@ -460,17 +464,14 @@ def train(model, tokenizer, args, log):
             # the final norm's 1/RMS of this step's residual: the scale the chain head's write is read at
             scale = final["h"].detach().pow(2).mean(-1).add(1e-6).rsqrt().mean() if args.chain_copy_read == "residual" else None
             loss = loss + args.chain_weight * head_pointer(STATEMENT_HEAD, struct["statement"])
-            loss = loss + args.chain_weight * copy_loss(layers[STATEMENT_HEAD[0]].self_attn, model, seen[STATEMENT_HEAD[0]],
-                                                        STATEMENT_HEAD[1], ids, ids != tokenizer.pad_token_id)
-            loss = loss + args.chain_weight * copy_loss(layers[CHAIN_HEAD[0]].self_attn, model, seen[CHAIN_HEAD[0]],
-                                                        CHAIN_HEAD[1], ids, None, at=struct["chain_copy"], scale=scale)
+            loss = loss + args.chain_weight * head_copy(STATEMENT_HEAD, keep=ids != tokenizer.pad_token_id)
+            loss = loss + args.chain_weight * head_copy(CHAIN_HEAD, at=struct["chain_copy"], scale=scale)
             if struct["chain"]:
                 loss = loss + args.chain_weight * head_pointer(CHAIN_HEAD, struct["chain"])
         if args.prev_needle_weight > 0 and struct["prev_needle"]:
             loss = loss + args.prev_needle_weight * head_pointer(PREV_NEEDLE_HEAD, struct["prev_needle"])
         if args.prev_needle_copy_weight > 0 and struct["prev_needle_copy"]:
-            loss = loss + args.prev_needle_copy_weight * copy_loss(layers[PREV_NEEDLE_HEAD[0]].self_attn, model, seen[PREV_NEEDLE_HEAD[0]],
-                                                                   PREV_NEEDLE_HEAD[1], ids, None, at=struct["prev_needle_copy"])
+            loss = loss + args.prev_needle_copy_weight * head_copy(PREV_NEEDLE_HEAD, at=struct["prev_needle_copy"])
         if point is not None:
             loss = loss + args.pointer_weight * point
             ema_ptr = point.item() if ema_ptr is None else 0.98 * ema_ptr + 0.02 * point.item()
