@@ -1,5 +1,5 @@
 """Quality gate on the real path: the bundled probe model, served by SGLang (mux, full KV), answers needle tasks
-and variable tracking at 1024 tokens (half its training length), and its greedy outputs equal HF transformers' (the oracle); at 1/8 of the context as
+and variable tracking at 1024 tokens, and its greedy outputs equal HF transformers' (the oracle); at 1/8 of the context as
 device-KV budget, the combined mux policy keeps the needle while sink+window (StreamingLLM) loses it."""
 
 from __future__ import annotations
