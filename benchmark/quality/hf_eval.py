@@ -14,8 +14,9 @@ from benchmark.quality.scoring import exact, mean, recall
 from benchmark.quality.tasks import TaskSample, generate_tasks, parse_task_list
 
 
-def greedy_outputs(model, tokenizer, samples: list[TaskSample]) -> list[str]:
-    """Greedy completions (special tokens dropped), one sample at a time, stopping at EOS."""
+def greedy_outputs(model, tokenizer, samples: list[TaskSample], bar=None) -> list[str]:
+    """Greedy completions (special tokens dropped), one sample at a time, stopping at EOS; ``bar`` (a tqdm) is
+    advanced once per sample."""
     import torch
 
     outs = []
@@ -32,17 +33,24 @@ def greedy_outputs(model, tokenizer, samples: list[TaskSample]) -> list[str]:
                 pad_token_id=tokenizer.pad_token_id,
             )
         outs.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+        if bar is not None:
+            bar.update(1)
     return outs
 
 
-def evaluate(model, tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int = 0, show: int = 0) -> dict:
+def evaluate(model, tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int = 0, show: int = 0,
+             progress: bool = False) -> dict:
     """``{task: {length: {"recall": r, "exact": e, "n": n}}}`` for greedy outputs of ``model``; prints the first
-    ``show`` outputs of each cell next to their answers."""
+    ``show`` outputs of each cell next to their answers; ``progress`` shows a bar over all samples."""
+    from tqdm import tqdm
+
     table: dict = {}
+    bar = tqdm(total=len(tasks) * len(lengths) * n, desc="hf_eval", unit="sample", disable=not progress)
     for task in tasks:
         for length in lengths:
+            bar.set_postfix_str(f"{task} {length}")
             samples = generate_tasks(task, tokenizer, length, n, seed)
-            outs = greedy_outputs(model, tokenizer, samples)
+            outs = greedy_outputs(model, tokenizer, samples, bar)
             for i, (o, s) in enumerate(zip(outs[:show], samples)):
                 print(f"{task} {length} #{i}: recall {recall(o, s.answers):.2f} answers {', '.join(s.answers)} | output {o.strip()!r}")
             table.setdefault(task, {})[str(length)] = {
@@ -50,6 +58,7 @@ def evaluate(model, tokenizer, tasks: list[str], lengths: list[int], n: int, see
                 "exact": round(mean(exact(o, s.answers) for o, s in zip(outs, samples)), 4),
                 "n": n,
             }
+    bar.close()
     return table
 
 
@@ -81,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     t0 = time.time()
     lengths = [int(x) for x in args.lengths.split(",")]
-    table = evaluate(model, tok, parse_task_list(args.tasks), lengths, args.samples, args.seed, args.show)
+    table = evaluate(model, tok, parse_task_list(args.tasks), lengths, args.samples, args.seed, args.show,
+                     progress=True)
     print(json.dumps(table, indent=1))
     print("exact match:\n" + markdown(table, "exact") + "\nrecall:\n" + markdown(table, "recall"))
     print(f"{time.time() - t0:.0f}s")
