@@ -133,3 +133,23 @@ def test_plot_sweep_tables_the_runs_and_rejects_bad_points(tmp_path, capsys):
     assert sweep_main([f"1={tmp_path / 'a'}", "--policy", "quest", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "expected VALUE=DIR" in err and "not a runner summary" in err and "no results for policy 'quest'" in err
+
+
+def test_plot_lengths_merges_tables_per_label_and_rejects_bad_ones(tmp_path, capsys):
+    from benchmark.quality.plot_lengths import as_results, load_tables, main as lengths_main
+
+    (tmp_path / "a.json").write_text(json.dumps({"vt": {"1024": {"exact": 0.5, "recall": 0.75, "n": 4}}}))
+    (tmp_path / "b.json").write_text(json.dumps({"vt": {"8192": {"exact": 0.25, "recall": 0.5, "n": 4}}}))
+    label, table = load_tables(f"YaRN x4={tmp_path / 'a.json'},{tmp_path / 'b.json'}")
+    assert label == "YaRN x4" and table == {"vt": {"1024": {"exact": 0.5, "recall": 0.75}, "8192": {"exact": 0.25, "recall": 0.5}}}
+    rows = sorted(as_results([(label, table)]), key=lambda r: r["length"])
+    assert [(r["policy"], r["task"], r["length"], r["exact"]) for r in rows] == [("YaRN x4", "vt", 1024, 0.5), ("YaRN x4", "vt", 8192, 0.25)]
+    out = tmp_path / "lengths.png"
+    assert lengths_main([f"plain={tmp_path / 'a.json'}", f"yarn={tmp_path / 'b.json'}", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    (tmp_path / "bad.json").write_text(json.dumps({"vt": {"1024": {"n": 4}}}))
+    assert lengths_main([str(tmp_path / "a.json"), "--out", str(out)]) == 2
+    assert lengths_main([f"x={tmp_path / 'bad.json'}", "--out", str(out)]) == 2
+    assert lengths_main([f"x={tmp_path / 'missing.json'}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "expected LABEL=FILE.json" in err and "bad.json: not an hf_eval --out table" in err and "missing.json" in err
