@@ -120,6 +120,20 @@ def build_model(tokenizer, args):
     return LlamaForCausalLM(config)
 
 
+def load_for_training(path: Path, log):
+    """A saved probe with plain RoPE: training always runs without RoPE scaling, so a YaRN extension written by
+    scripts/extend_probe_context.py is dropped here (run that script again after the last stage)."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    rope = dict(config.rope_parameters or {})
+    if rope.get("rope_type", "default") != "default":
+        log(f"{path}: dropping RoPE scaling {rope} for training (plain RoPE, theta {rope['rope_theta']:g})")
+        config.rope_parameters = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+    return LlamaForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+
+
 def untie_and_reset_digits(model, tokenizer, seed: int) -> None:
     """Give the model its own output head (a copy of the tied embeddings) and fresh, distinct input
     embeddings for the digit tokens: under tied embeddings, next-token loss on unpredictable digits pulls
@@ -570,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     SEPARATOR_IDS.update(i for t, i in tok.get_vocab().items() if t in {",", ".", "Ġ,", "Ġ.", '"', 'Ġ"', "Ġ", "Ċ", "</s>"})
     global DIGIT_IDS
     DIGIT_IDS = torch.tensor(sorted(digit_token_ids(tok)))
-    model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32) if args.init_from else build_model(tok, args)
+    model = load_for_training(args.init_from, log) if args.init_from else build_model(tok, args)
     if args.untie_embeddings:
         untie_and_reset_digits(model, tok, args.seed)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
