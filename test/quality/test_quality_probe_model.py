@@ -38,6 +38,11 @@ def test_bundled_model_is_a_standard_llama(tok):
     assert weights.stat().st_size < 8 * 2**20
     card = json.loads((Path(default_model_path()) / "mux_model_card.json").read_text())
     assert "seed" in card and "built_by" in card
+    # served with YaRN set for 4x the longest training length (scripts/extend_probe_context.py), as recorded
+    longest = max(stage[-1] for stage in card["training_lengths"])  # [fraction of steps, shortest, longest]
+    assert cfg.rope_parameters == card["context_extension"]["rope_parameters"]
+    assert cfg.rope_parameters["rope_type"] == "yarn" and cfg.rope_parameters["factor"] == 4.0
+    assert cfg.rope_parameters["original_max_position_embeddings"] == longest == 3072
 
 
 def test_copy_pairs_point_at_the_copied_tokens(tok):
