@@ -120,15 +120,18 @@ def build_model(tokenizer, args):
     return LlamaForCausalLM(config)
 
 
-def load_for_training(path: Path, log):
-    """A saved probe with plain RoPE: training always runs without RoPE scaling, so a YaRN extension written by
-    scripts/extend_probe_context.py is dropped here (run that script again after the last stage)."""
+def load_for_training(path: Path, log, keep_rope_scaling: bool = False):
+    """A saved probe with plain RoPE: by default training runs without RoPE scaling, so a YaRN extension written by
+    scripts/extend_probe_context.py is dropped here (run that script again after the last stage);
+    ``keep_rope_scaling`` trains under it instead (and saves it)."""
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
     config = AutoConfig.from_pretrained(path)
     rope = dict(config.rope_parameters or {})
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", "default") != "default" and keep_rope_scaling:
+        log(f"{path}: training under its RoPE scaling {rope}")
+    elif rope.get("rope_type", "default") != "default":
         log(f"{path}: dropping RoPE scaling {rope} for training (plain RoPE, theta {rope['rope_theta']:g})")
         config.rope_parameters = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
     return LlamaForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
@@ -542,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-samples", type=int, default=25)
     ap.add_argument("--eval-lengths", default="1024")
     ap.add_argument("--init-from", type=Path, help="continue from a probe saved by this script (second stage)")
+    ap.add_argument("--keep-rope-scaling", action="store_true", help="with --init-from: train under the model's RoPE scaling (YaRN from scripts/extend_probe_context.py) and save it; default: drop it and train on plain RoPE")
     ap.add_argument("--untie-embeddings", action="store_true", help="with --init-from: own output head, fresh digit embeddings")
     ap.add_argument("--tie-embeddings", action="store_true", help="tie input and output embeddings (off: under tied embeddings the digits collapse)")
     ap.add_argument("--prompt-digit-loss", action="store_true", help="also put next-token loss on the prompt's (random) digits")
@@ -549,6 +553,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mixture", help="training mixture after the warm-up stage, TASK=WEIGHT,... (default: MIXTURE in this script)")
     ap.add_argument("--start-stage", type=int, default=0, choices=range(len(STAGES)), help="first curriculum stage (2: straight to the longest lengths, for further stages of a trained probe)")
     args = ap.parse_args(argv)
+    if args.keep_rope_scaling and not args.init_from:
+        ap.error("--keep-rope-scaling: needs --init-from (a new model starts on plain RoPE)")
     if args.max_positions < 32768:
         ap.error("--max-positions: must be >= 32768 (benchmarks use long prompts)")
     if args.mixture:
@@ -584,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
     SEPARATOR_IDS.update(i for t, i in tok.get_vocab().items() if t in {",", ".", "Ġ,", "Ġ.", '"', 'Ġ"', "Ġ", "Ċ", "</s>"})
     global DIGIT_IDS
     DIGIT_IDS = torch.tensor(sorted(digit_token_ids(tok)))
-    model = load_for_training(args.init_from, log) if args.init_from else build_model(tok, args)
+    model = load_for_training(args.init_from, log, args.keep_rope_scaling) if args.init_from else build_model(tok, args)
     if args.untie_embeddings:
         untie_and_reset_digits(model, tok, args.seed)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")

@@ -77,3 +77,18 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts/extend_probe_context.py"), "--model", str(tmp_path / "nope"),
                         "--original-length", "3072"], capture_output=True, text=True)
     assert r.returncode == 2 and "--model" in r.stderr and "config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_training_can_keep_the_scaling(probe_copy):
+    import train_probe_model as T
+
+    import extend_probe_context as E
+
+    E.extend(probe_copy, 4.0, 3072, "cmd")
+    logged = []
+    model = T.load_for_training(probe_copy, logged.append, keep_rope_scaling=True)
+    assert model.config.rope_parameters["rope_type"] == "yarn" and "training under its RoPE scaling" in logged[0]
+    assert model.model.rotary_emb.attention_scaling == pytest.approx(0.1 * math.log(4.0) + 1)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/train_probe_model.py"), "--keep-rope-scaling", "--steps", "1",
+                        "--out", str(probe_copy / "new")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--keep-rope-scaling" in r.stderr and "--init-from" in r.stderr
