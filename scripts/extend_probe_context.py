@@ -11,8 +11,8 @@ at every length, so it also shifts short prompts a little (docs/quality.md has b
     .venv/bin/python scripts/extend_probe_context.py --model python/sglang_mux/models/default \\
         --factor 4 --original-length 3072
 
-``scripts/train_probe_model.py --init-from`` trains on with plain RoPE again (it drops the scaling), so run this
-after the last stage.
+``scripts/train_probe_model.py --init-from`` trains on with plain RoPE again (it drops the scaling unless
+``--keep-rope-scaling``), so run this after the last stage.
 """
 
 from __future__ import annotations

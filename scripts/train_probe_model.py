@@ -121,7 +121,7 @@ def build_model(tokenizer, args):
 
 
 def load_for_training(path: Path, log, keep_rope_scaling: bool = False):
-    """A saved probe with plain RoPE: by default training runs without RoPE scaling, so a YaRN extension written by
+    """A saved probe to train on. By default on plain RoPE: a YaRN extension written by
     scripts/extend_probe_context.py is dropped here (run that script again after the last stage);
     ``keep_rope_scaling`` trains under it instead (and saves it)."""
     import torch
@@ -129,11 +129,12 @@ def load_for_training(path: Path, log, keep_rope_scaling: bool = False):
 
     config = AutoConfig.from_pretrained(path)
     rope = dict(config.rope_parameters or {})
-    if rope.get("rope_type", "default") != "default" and keep_rope_scaling:
-        log(f"{path}: training under its RoPE scaling {rope}")
-    elif rope.get("rope_type", "default") != "default":
-        log(f"{path}: dropping RoPE scaling {rope} for training (plain RoPE, theta {rope['rope_theta']:g})")
-        config.rope_parameters = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        if keep_rope_scaling:
+            log(f"{path}: training under its RoPE scaling {rope}")
+        else:
+            log(f"{path}: dropping RoPE scaling {rope} for training (plain RoPE, theta {rope['rope_theta']:g})")
+            config.rope_parameters = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
     return LlamaForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
 
 

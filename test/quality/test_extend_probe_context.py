@@ -1,5 +1,5 @@
 """scripts/extend_probe_context.py writes YaRN into a probe's config the way HF transformers reads it, records it
-in the model card, rejects bad values with the field's name, and training drops it again."""
+in the model card, rejects bad values with the field's name, and training drops it again (or, asked to, keeps it)."""
 
 from __future__ import annotations
 
