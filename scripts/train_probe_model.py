@@ -197,7 +197,7 @@ def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[
     return segments
 
 
-def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_step: int, seed: int, prompt_digit_loss: bool = False, chain: bool = False):
+def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_step: int, seed: int, prompt_digit_loss: bool = False, chain: bool = False, prev_positions: int = 1):
     """Token ids, next-token loss mask and answer mask for one step: same-length samples padded on the right.
 
     Digits in the prompt (needle values, ids, list numbers) are random, so next-token loss on them only
@@ -237,7 +237,7 @@ def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_
             pos += len(toks)
         pairs += [(i, t, src) for t, src in copy_pairs(row, first_occurrence=not chain)]
         if STRUCTURE_IDS:
-            for name, found in structure_pairs(row, STRUCTURE_IDS).items():
+            for name, found in structure_pairs(row, STRUCTURE_IDS, prev_positions).items():
                 struct[name] += [(i, *x) for x in found]
     return ids, valid, is_answer, pairs, struct
 
@@ -272,6 +272,12 @@ def copy_pairs(row: list[tuple[list[int], bool]], first_occurrence: bool = True)
     return out
 
 
+def listed_pairs(pairs: list[tuple[int, int, int]], ids, is_answer, comma_id: int) -> list[tuple[int, int, int]]:
+    """The (row, query, source) pairs of ``pairs`` whose query is an answer's ',': where a listed answer
+    (multi-value, multi-query) goes on, the needle head picks the needle of the next value."""
+    return [p for p in pairs if ids[p[0], p[1]] == comma_id and is_answer[p[0], p[1]]]
+
+
 def _find(hay: list[int], needle: list[int]) -> int | None:
     n = len(needle)
     for i in range(len(hay) - n + 1):
@@ -286,9 +292,10 @@ STATEMENT_HEAD = (1, 6)  # in "VAR Y = X." from "=", X and "." back to the name 
 CHAIN_HEAD = (-1, 4)  # vt answers: from the variable just written (or the asked value) to the statement that
 #                        assigns it, at that statement's last right-hand token, whose residual carries Y
 PREV_NEEDLE_HEAD = (1, 4)  # from a needle's first digit to the end of the needle before it (multi-value order)
+PREV_NEEDLE_HEAD_2 = (1, 0)  # the same look, bringing the digit before that one (--prev-needle-digits 2)
 
 
-def structure_pairs(row: list[tuple[list[int], bool]], ids: dict) -> dict[str, list]:
+def structure_pairs(row: list[tuple[list[int], bool]], ids: dict, prev_positions: int = 1) -> dict[str, list]:
     """Targets of the structure losses for one sample (positions in the flattened row).
 
     Variable tracking is a chain of lookups "which statement assigns the variable I just wrote": a causal
@@ -306,7 +313,7 @@ def structure_pairs(row: list[tuple[list[int], bool]], ids: dict) -> dict[str, l
     flat, spans = _flatten(row)
     prompt_end = len(row[0][0])
     answer_pos = [p for (a, b) in spans for p in range(a, b)]
-    out = {"statement": [], "chain": [], "chain_copy": [], "prev_needle": [], "prev_needle_copy": []}
+    out = {"statement": [], "chain": [], "chain_copy": [], "prev_needle": [], "prev_needle_copy": [], "prev_needle_copy_2": []}
     rhs_end = {}  # variable name token -> last right-hand token of the statement that assigns it
     in_statement = set()
     for i in range(prompt_end - 3):
@@ -326,9 +333,13 @@ def structure_pairs(row: list[tuple[list[int], bool]], ids: dict) -> dict[str, l
     for p in range(1, prompt_end):
         if flat[p - 1] == ids["is"] and flat[p] in ids["digits"]:
             before = [e for e in ends if e < p]
-            out["prev_needle"].append((p, before[-1] if before else 0))
-            if before:  # what the previous needle's value ends with: the digit before its period
-                out["prev_needle_copy"].append((p, flat[before[-1] - 1]))
+            for q in range(p, min(p + prev_positions, prompt_end)):
+                if flat[q] not in ids["digits"]:
+                    break
+                out["prev_needle"].append((q, before[-1] if before else 0))
+                if before:  # what the previous needle's value ends with: the digit before its period
+                    out["prev_needle_copy"].append((q, flat[before[-1] - 1]))
+                    out["prev_needle_copy_2"].append((q, flat[before[-1] - 2]))
     return out
 
 
@@ -348,6 +359,11 @@ SEPARATOR_IDS: set[int] = set()  # filled once the tokenizer exists: ids of ',',
 DIGIT_IDS = None  # tensor of digit_token_ids, sorted; set once the tokenizer exists
 
 
+def separator_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokens that end an answer run in ``copy_pairs``: ',', '.', quotes, a lone space, newline, eos."""
+    return {i for t, i in tokenizer.get_vocab().items() if t in {",", ".", "Ġ,", "Ġ.", '"', 'Ġ"', "Ġ", "Ċ", "</s>"}}
+
+
 def digit_token_ids(tokenizer) -> list[int]:
     """The single-digit tokens (with or without a leading space), in vocabulary order."""
     return [i for t, i in tokenizer.get_vocab().items() if len(t.lstrip("Ġ")) == 1 and t.lstrip("Ġ").isdigit()]
@@ -364,16 +380,37 @@ def pointer_loss(attn, captured: dict, head: int, pairs: list[tuple[int, int, in
     B, T = h.shape[:2]
     hd = attn.head_dim
     kvh = head // (attn.config.num_attention_heads // attn.config.num_key_value_heads)
-    q = attn.q_proj(h)[..., head * hd : (head + 1) * hd].view(B, 1, T, hd)  # this head, every position
-    k = attn.k_proj(h)[..., kvh * hd : (kvh + 1) * hd].view(B, 1, T, hd)  # its kv head
+    q = _head_proj(attn.q_proj, h, head, hd).view(B, 1, T, hd)  # this head, every position
+    k = _head_proj(attn.k_proj, h, kvh, hd).view(B, 1, T, hd)  # its kv head
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    b = torch.tensor([p[0] for p in pairs], device=device)
+    pairs = sorted(pairs)  # grouped by row: each row's queries are scored against that row's keys only
     t = torch.tensor([p[1] for p in pairs], device=device)
     src = torch.tensor([p[2] for p in pairs], device=device)
-    scores = (q[:, 0] @ k[:, 0].transpose(-1, -2))[b, t] * attn.scaling  # [P, T]
+    # only the supervised query rows of the score matrix ([P, T], not [B, T, T]): at long contexts the full
+    # matrix and its gradient would cost more than the model's own attention
+    scores = torch.cat([q[row, 0, t[idx]] @ k[row, 0].T for row, idx in _row_groups(pairs, device)]) * attn.scaling
     causal = torch.arange(scores.shape[1], device=device)[None] > t[:, None]
     logp = torch.log_softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
     return -logp[torch.arange(len(pairs), device=device), src].mean()
+
+
+def _head_proj(proj, h, head: int, hd: int):
+    """One head's slice of a q/k/v projection, without computing the other heads."""
+    import torch.nn.functional as F
+
+    part = slice(head * hd, (head + 1) * hd)
+    return F.linear(h, proj.weight[part], None if proj.bias is None else proj.bias[part])
+
+
+def _row_groups(pairs: list[tuple], device):
+    """(row, index tensor) for each run of equal rows in ``pairs`` (sorted by row)."""
+    import torch
+
+    start = 0
+    for i in range(1, len(pairs) + 1):
+        if i == len(pairs) or pairs[i][0] != pairs[start][0]:
+            yield pairs[start][0], torch.arange(start, i, device=device)
+            start = i
 
 
 def copy_loss(attn, model, captured: dict, head: int, ids, keep, at=None, scale=None) -> "torch.Tensor":
@@ -389,7 +426,7 @@ def copy_loss(attn, model, captured: dict, head: int, ids, keep, at=None, scale=
     h = captured["h"]
     hd = attn.head_dim
     kvh = head // (attn.config.num_attention_heads // attn.config.num_key_value_heads)
-    v = attn.v_proj(h)[..., kvh * hd : (kvh + 1) * hd]  # [B, T, hd]
+    v = _head_proj(attn.v_proj, h, kvh, hd)  # [B, T, hd]
     out = F.linear(v, attn.o_proj.weight[:, head * hd : (head + 1) * hd])  # the head's write to the residual
     if at is not None:
         b, t, target = (torch.tensor([x[j] for x in at], device=ids.device) for j in range(3))
@@ -453,6 +490,7 @@ def train(model, tokenizer, args, log):
         return copy_loss(layers[layer].self_attn, model, seen[layer], head, ids, keep, at=at, scale=scale)
 
     stage, ema_acc, ema_tok = args.start_stage, 0.0, 0.0
+    comma_id = tokenizer.convert_tokens_to_ids(",")
     digit_ids = DIGIT_IDS.to(device)
     for step in range(args.steps):
         # Curriculum: the next stage starts at its share of the steps, and (with --gate-accuracy) only once the
@@ -461,7 +499,8 @@ def train(model, tokenizer, args, log):
             stage += 1
             log(f"step {step}: stage {stage} ({STAGES[stage][1]}-{STAGES[stage][2]} tokens), digit accuracy {ema_acc:.2f}")
         ids, valid, is_answer, pairs, struct = make_batch(tokenizer, rng, stage, step, args.tokens_per_step, args.seed,
-                                                          args.prompt_digit_loss, chain=args.chain_weight > 0)
+                                                          args.prompt_digit_loss, chain=args.chain_weight > 0,
+                                                          prev_positions=args.prev_needle_positions)
         ids, valid, is_answer = ids.to(device), valid.to(device), is_answer.to(device)
         for store in seen:
             store.clear()
@@ -490,6 +529,14 @@ def train(model, tokenizer, args, log):
             loss = loss + args.prev_needle_weight * head_pointer(PREV_NEEDLE_HEAD, struct["prev_needle"])
         if args.prev_needle_copy_weight > 0 and struct["prev_needle_copy"]:
             loss = loss + args.prev_needle_copy_weight * head_copy(PREV_NEEDLE_HEAD, at=struct["prev_needle_copy"])
+        if args.prev_needle_digits == 2 and args.prev_needle_weight > 0 and struct["prev_needle"]:
+            loss = loss + args.prev_needle_weight * head_pointer(PREV_NEEDLE_HEAD_2, struct["prev_needle"])
+        if args.prev_needle_digits == 2 and args.prev_needle_copy_weight > 0 and struct["prev_needle_copy_2"]:
+            loss = loss + args.prev_needle_copy_weight * head_copy(PREV_NEEDLE_HEAD_2, at=struct["prev_needle_copy_2"])
+        if args.list_pointer_weight > 0:
+            listed = listed_pairs(pairs, ids, is_answer, comma_id)
+            if listed:
+                loss = loss + args.list_pointer_weight * pointer_loss(last_attn, captured, 0, listed, device)
         if point is not None:
             loss = loss + args.pointer_weight * point
             ema_ptr = point.item() if ema_ptr is None else 0.98 * ema_ptr + 0.02 * point.item()
@@ -533,6 +580,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chain-copy-read", choices=("residual", "norm"), default="residual", help="how the chain head's copy loss reads its write: at the scale of the real residual (residual), or normalised on its own (norm: blind to how loud it is; the first chain stage of the bundled probe ran so)")
     ap.add_argument("--prev-needle-weight", type=float, default=0.0, help="weight of the supervision of layer 1's previous-needle head, which orders multi-value answers (0: off)")
     ap.add_argument("--prev-needle-copy-weight", type=float, default=0.0, help="weight of the copy supervision of the previous-needle head: what it writes at a needle names the last digit of the needle before (0: off; with --prev-needle-weight the head is also told where to look)")
+    ap.add_argument("--prev-needle-digits", type=int, choices=(1, 2), default=1, help="how many of the previous needle's last digits the previous-needle heads bring to each needle (2: a second head, layer 1 head 0, brings the digit before the last, with the same weights)")
+    ap.add_argument("--prev-needle-positions", type=int, choices=(1, 2), default=1, help="at how many of a needle's first digits the previous-needle heads look back (2: also at the second digit, which the answer's first digit reads)")
+    ap.add_argument("--list-pointer-weight", type=float, default=0.0, help="extra weight of the needle head's attention supervision where a listed answer goes on (the ',' before the next value of multi-value and multi-query answers), the step that decides which needle comes next (0: off)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=384)
@@ -556,6 +606,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.keep_rope_scaling and not args.init_from:
         ap.error("--keep-rope-scaling: needs --init-from (a new model starts on plain RoPE)")
+    prev_needle_on = args.prev_needle_weight > 0 or args.prev_needle_copy_weight > 0
+    for flag, value in (("--prev-needle-digits", args.prev_needle_digits), ("--prev-needle-positions", args.prev_needle_positions)):
+        if value != 1 and not prev_needle_on:
+            ap.error(f"{flag}: needs --prev-needle-weight or --prev-needle-copy-weight > 0 (it shapes their supervision)")
     if args.max_positions < 32768:
         ap.error("--max-positions: must be >= 32768 (benchmarks use long prompts)")
     if args.mixture:
@@ -588,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tok = build_tokenizer(args.out, args.seed, args.vocab_size)
     log(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.0f}s)")
-    SEPARATOR_IDS.update(i for t, i in tok.get_vocab().items() if t in {",", ".", "Ġ,", "Ġ.", '"', 'Ġ"', "Ġ", "Ċ", "</s>"})
+    SEPARATOR_IDS.update(separator_token_ids(tok))
     global DIGIT_IDS
     DIGIT_IDS = torch.tensor(sorted(digit_token_ids(tok)))
     model = load_for_training(args.init_from, log, args.keep_rope_scaling) if args.init_from else build_model(tok, args)

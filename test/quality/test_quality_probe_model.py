@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def test_copy_pairs_point_at_the_copied_tokens(tok):
 
     from benchmark.quality.tasks import make_sample
 
-    T.SEPARATOR_IDS.update(i for t, i in tok.get_vocab().items() if t in {",", ".", "Ġ,", "Ġ.", '"', 'Ġ"', "Ġ", "Ċ", "</s>"})
+    T.SEPARATOR_IDS.update(T.separator_token_ids(tok))
     for task in ("niah_multikey", "niah_multivalue", "vt", "kv"):
         s = make_sample(task, tok, 512, 0, 0)
         prompt = tok.encode(s.prompt)
@@ -120,6 +121,40 @@ def test_structure_pairs_point_where_a_causal_key_can_answer(tok):
     # each needle but the first is told the last digit of the value before it
     assert [(q, conv(t)) for q, t in out["prev_needle_copy"]] == [(q, v[-1]) for (q, _), v in zip(out["prev_needle"][1:], s.answers)]
     assert not out["statement"] and not out["chain"]  # no statements, no chain in a needle task
+    # the second previous-needle head brings the digit before the last one
+    assert [(q, conv(t)) for q, t in out["prev_needle_copy_2"]] == [(q, v[-2]) for (q, _), v in zip(out["prev_needle"][1:], s.answers)]
+    # with two positions, each needle's second digit looks back too, to the same place, for the same digits
+    two = T.structure_pairs(row, ids, prev_positions=2)
+    assert two["prev_needle"] == sorted(out["prev_needle"] + [(q + 1, src) for q, src in out["prev_needle"]])
+    assert [conv(prompt[q]).lstrip("Ġ") for q, _ in two["prev_needle"]] == [d for v in s.answers for d in v[:2]]
+    assert two["prev_needle_copy"] == sorted(out["prev_needle_copy"] + [(q + 1, t) for q, t in out["prev_needle_copy"]])
+
+
+def test_listed_pairs_are_where_a_list_goes_on(tok):
+    """The extra pointer supervision of listed answers: exactly the ',' that precede the next value, each
+    pointing at that value's first digit in its needle; single-answer tasks have none."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import torch
+    import train_probe_model as T
+
+    from benchmark.quality.tasks import make_sample
+
+    comma = tok.convert_tokens_to_ids(",")
+    for task, n_listed in [("niah_multivalue", 3), ("niah_multiquery", 1), ("niah_single", 0), ("vt", 0)]:
+        s = make_sample(task, tok, 512, 1, 0)
+        prompt = tok.encode(s.prompt)
+        row = [(prompt, False), (tok.encode(s.completion, add_special_tokens=False) + [tok.eos_token_id], True)]
+        flat = prompt + row[1][0]
+        ids = torch.tensor([flat])
+        is_answer = torch.zeros_like(ids, dtype=torch.bool)
+        is_answer[0, len(prompt):] = True
+        listed = T.listed_pairs([(0, t, src) for t, src in T.copy_pairs(row)], ids, is_answer, comma)
+        assert len(listed) == n_listed, task
+        if n_listed:  # each points at the next listed value, in its needle
+            assert [tok.decode(flat[src : src + 6]).strip() for _, _, src in listed] == list(s.answers[1:]), task
+        assert all(flat[q] == comma and q >= len(prompt) for _, q, _ in listed)
+        if task == "niah_multivalue":  # the same ',' outside an answer (as in a prompt) is not one
+            assert listed and not T.listed_pairs(listed, ids, torch.zeros_like(is_answer), comma)
 
 
 def test_hf_eval_shows_outputs_next_to_answers_and_scores_them(capsys):
@@ -140,3 +175,92 @@ def test_hf_eval_shows_outputs_next_to_answers_and_scores_them(capsys):
     assert shown == round(recall(written, answers), 2)
     table = json.loads(out[out.index("{") : out.index("exact match:")])
     assert table["niah_multivalue"]["512"]["recall"] == pytest.approx(shown, abs=0.005)
+
+
+def test_pointer_loss_equals_the_full_score_matrix_formula():
+    """pointer_loss scores only the supervised query rows; the loss and its gradient must equal those of the
+    whole [B, T, T] score matrix (float64 reference, several rows, pairs out of row order)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import torch
+    import train_probe_model as T
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8, intermediate_size=32)
+    attn = LlamaAttention(cfg, 0).double()
+    B, n, head, hd = 3, 40, 5, 8
+    h = torch.randn(B, n, 64, dtype=torch.float64)
+    cos, sin = (x.double() for x in LlamaRotaryEmbedding(cfg)(h.float(), torch.arange(n)[None].expand(B, -1)))
+    rng = random.Random(0)
+    pairs = [(rng.randrange(B), t, rng.randrange(t + 1)) for t in (rng.randrange(1, n) for _ in range(30))]
+
+    got = T.pointer_loss(attn, {"h": h, "pe": (cos, sin)}, head, pairs, "cpu")
+    (g_got,) = torch.autograd.grad(got, attn.q_proj.weight)
+
+    kvh = head // 2
+    q = attn.q_proj(h)[..., head * hd : (head + 1) * hd].view(B, 1, n, hd)
+    k = attn.k_proj(h)[..., kvh * hd : (kvh + 1) * hd].view(B, 1, n, hd)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    b, t, src = (torch.tensor([p[j] for p in pairs]) for j in range(3))
+    scores = (q[:, 0] @ k[:, 0].transpose(-1, -2))[b, t] * attn.scaling
+    scores = scores.masked_fill(torch.arange(n)[None] > t[:, None], float("-inf"))
+    want = -torch.log_softmax(scores, -1)[torch.arange(len(pairs)), src].mean()
+    (g_want,) = torch.autograd.grad(want, attn.q_proj.weight)
+    assert abs(float(got) - float(want)) < 1e-12 and float(want) > 0.1
+    assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-12) and g_want.abs().max() > 0
+
+
+@pytest.mark.parametrize("flag", ["--prev-needle-digits", "--prev-needle-positions"])
+def test_previous_needle_shape_flags_need_the_previous_needle_losses(tmp_path, flag):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/train_probe_model.py"), flag, "2", "--steps", "1",
+                        "--out", str(tmp_path / "m")], capture_output=True, text=True)
+    assert r.returncode == 2 and flag in r.stderr and "--prev-needle-weight" in r.stderr
+    assert not (tmp_path / "m").exists()
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/train_probe_model.py"), flag, "3"], capture_output=True, text=True)
+    assert r.returncode == 2 and flag in r.stderr and "choose from 1, 2" in r.stderr
+
+
+def test_answer_digit_table_of_the_bundled_probe(tmp_path, tok):
+    """scripts/probe_answer_digits.py: one row per digit of a 6-digit value, counted over every value; the bundled
+    probe reads single needles at 512 tokens without a miss, so every rate there is 1."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import probe_answer_digits as P
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from sglang_mux.models import default_model_path
+
+    torch.set_num_threads(1)
+    model = LlamaForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32, attn_implementation="eager").eval()
+    rows = P.digit_table(model, tok, "niah_single", 512, 3, 12345)
+    assert [(r["digit"], r["n"], r["attention"], r["prediction"]) for r in rows] == [(k, 3, 1.0, 1.0) for k in range(6)]
+    rows = P.digit_table(model, tok, "niah_multivalue", 512, 2, 12345)
+    assert [(r["digit"], r["n"]) for r in rows] == [(k, 8) for k in range(6)]  # 4 values a sample
+    assert all(0.0 <= r["attention"] <= 1.0 and 0.0 <= r["prediction"] <= 1.0 for r in rows)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/probe_answer_digits.py"), "--model", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--model" in r.stderr and "config.json" in r.stderr
+
+
+def test_training_runs_every_supervision_and_is_deterministic(tmp_path):
+    """A few steps with every structure loss on (chain, two previous-needle digits at two positions, the listed
+    answers' pointer): the run saves a loadable model, the same flags give the same weights, and dropping the
+    listed-answer loss changes them (so it takes part in training)."""
+    from safetensors.torch import load_file
+
+    base = [sys.executable, str(ROOT / "scripts/train_probe_model.py"), "--seed", "0", "--steps", "3", "--train-length",
+            "512", "--tokens-per-step", "1024", "--start-stage", "2", "--chain-weight", "2", "--prev-needle-weight", "1",
+            "--prev-needle-copy-weight", "2", "--prev-needle-digits", "2", "--prev-needle-positions", "2",
+            "--mixture", "niah_multivalue=0.5,niah_multiquery=0.3,vt=0.2", "--eval-samples", "0"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    weights = {}
+    for name, extra in [("a", ["--list-pointer-weight", "2"]), ("b", ["--list-pointer-weight", "2"]), ("c", [])]:
+        r = subprocess.run(base + extra + ["--out", str(tmp_path / name)], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
+        card = json.loads((tmp_path / name / "mux_model_card.json").read_text())
+        assert "--prev-needle-digits 2" in json.dumps(card)
+    assert weights["a"].keys() == weights["c"].keys()
+    assert all((weights["a"][k] == weights["b"][k]).all() for k in weights["a"])
+    assert any(not (weights["a"][k] == weights["c"][k]).all() for k in weights["a"])
