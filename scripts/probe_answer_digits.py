@@ -38,10 +38,8 @@ def digit_table(model, tokenizer, task: str, length: int, samples: int, seed: in
     n, attended, predicted = {}, {}, {}
     for i in tqdm(range(samples), desc="answer digits", disable=not progress):
         s = make_sample(task, tokenizer, length, i, seed)
-        prompt = tokenizer.encode(s.prompt)
-        answer = tokenizer.encode(s.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
-        row = [(prompt, False), (answer, True)]
-        flat = prompt + answer
+        row = T.sample_row(tokenizer, s)
+        flat = row[0][0] + row[1][0]
         with torch.no_grad():
             out = model(torch.tensor([flat]), output_attentions=True)
         pred, attn = out.logits[0].argmax(-1), out.attentions[-1][0][NEEDLE_HEAD]

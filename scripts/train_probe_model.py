@@ -197,6 +197,12 @@ def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[
     return segments
 
 
+def sample_row(tokenizer, sample) -> list[tuple[list[int], bool]]:
+    """A task sample as token segments: its prompt, then its reference completion and eos (the answer)."""
+    answer = tokenizer.encode(sample.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return [(tokenizer.encode(sample.prompt), False), (answer, True)]
+
+
 def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_step: int, seed: int, prompt_digit_loss: bool = False, chain: bool = False, prev_positions: int = 1):
     """Token ids, next-token loss mask and answer mask for one step: same-length samples padded on the right.
 
@@ -218,8 +224,7 @@ def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_
                 s = make_sample(task, tokenizer, length, step * 64 + b, seed + 1_000_000)
             except TaskError:
                 continue
-            answer = tokenizer.encode(s.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
-            rows.append([(tokenizer.encode(s.prompt), False), (answer, True)])
+            rows.append(sample_row(tokenizer, s))
             break
     width = max(sum(len(t) for t, _ in row) for row in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -291,8 +296,10 @@ def _find(hay: list[int], needle: list[int]) -> int | None:
 STATEMENT_HEAD = (1, 6)  # in "VAR Y = X." from "=", X and "." back to the name Y (a local pattern)
 CHAIN_HEAD = (-1, 4)  # vt answers: from the variable just written (or the asked value) to the statement that
 #                        assigns it, at that statement's last right-hand token, whose residual carries Y
-PREV_NEEDLE_HEAD = (1, 4)  # from a needle's first digit to the end of the needle before it (multi-value order)
-PREV_NEEDLE_HEAD_2 = (1, 0)  # the same look, bringing the digit before that one (--prev-needle-digits 2)
+# The previous-needle heads, with the structure_pairs list each one's copy loss names: the first (multi-value
+# order) looks from a needle's first digit to the end of the needle before it and brings its last digit; the
+# second (--prev-needle-digits 2) makes the same look and brings the digit before that one.
+PREV_NEEDLE_HEADS = (((1, 4), "prev_needle_copy"), ((1, 0), "prev_needle_copy_2"))
 
 
 def structure_pairs(row: list[tuple[list[int], bool]], ids: dict, prev_positions: int = 1) -> dict[str, list]:
@@ -525,14 +532,11 @@ def train(model, tokenizer, args, log):
             loss = loss + args.chain_weight * head_copy(CHAIN_HEAD, at=struct["chain_copy"], scale=scale)
             if struct["chain"]:
                 loss = loss + args.chain_weight * head_pointer(CHAIN_HEAD, struct["chain"])
-        if args.prev_needle_weight > 0 and struct["prev_needle"]:
-            loss = loss + args.prev_needle_weight * head_pointer(PREV_NEEDLE_HEAD, struct["prev_needle"])
-        if args.prev_needle_copy_weight > 0 and struct["prev_needle_copy"]:
-            loss = loss + args.prev_needle_copy_weight * head_copy(PREV_NEEDLE_HEAD, at=struct["prev_needle_copy"])
-        if args.prev_needle_digits == 2 and args.prev_needle_weight > 0 and struct["prev_needle"]:
-            loss = loss + args.prev_needle_weight * head_pointer(PREV_NEEDLE_HEAD_2, struct["prev_needle"])
-        if args.prev_needle_digits == 2 and args.prev_needle_copy_weight > 0 and struct["prev_needle_copy_2"]:
-            loss = loss + args.prev_needle_copy_weight * head_copy(PREV_NEEDLE_HEAD_2, at=struct["prev_needle_copy_2"])
+        for where, copied in PREV_NEEDLE_HEADS[: args.prev_needle_digits]:
+            if args.prev_needle_weight > 0 and struct["prev_needle"]:
+                loss = loss + args.prev_needle_weight * head_pointer(where, struct["prev_needle"])
+            if args.prev_needle_copy_weight > 0 and struct[copied]:
+                loss = loss + args.prev_needle_copy_weight * head_copy(where, at=struct[copied])
         if args.list_pointer_weight > 0:
             listed = listed_pairs(pairs, ids, is_answer, comma_id)
             if listed:

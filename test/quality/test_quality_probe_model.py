@@ -4,6 +4,7 @@ script's copy-source bookkeeping (used to supervise one attention head) points a
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -55,8 +56,8 @@ def test_copy_pairs_point_at_the_copied_tokens(tok):
     T.SEPARATOR_IDS.update(T.separator_token_ids(tok))
     for task in ("niah_multikey", "niah_multivalue", "vt", "kv"):
         s = make_sample(task, tok, 512, 0, 0)
-        prompt = tok.encode(s.prompt)
-        row = [(prompt, False), (tok.encode(s.completion, add_special_tokens=False) + [tok.eos_token_id], True)]
+        row = T.sample_row(tok, s)
+        prompt = row[0][0]
         flat = prompt + row[1][0]
         pairs = T.copy_pairs(row)
         assert pairs, task
@@ -94,8 +95,8 @@ def test_structure_pairs_point_where_a_causal_key_can_answer(tok):
            "period": tok.convert_tokens_to_ids("."), "is": tok.convert_tokens_to_ids("Ġis"), "digits": digits}
     conv = tok.convert_ids_to_tokens
     s = make_sample("vt", tok, 512, 3, 0)
-    prompt = tok.encode(s.prompt)
-    row = [(prompt, False), (tok.encode(s.completion, add_special_tokens=False) + [tok.eos_token_id], True)]
+    row = T.sample_row(tok, s)
+    prompt = row[0][0]
     flat = prompt + row[1][0]
     out = T.structure_pairs(row, ids)
     assert len(out["chain"]) == len(s.answers) == 5
@@ -111,8 +112,8 @@ def test_structure_pairs_point_where_a_causal_key_can_answer(tok):
     for query, src in out["statement"]:
         assert conv(flat[src - 1]) == "ĠVAR" and 0 < query - src <= 9
     s = make_sample("niah_multivalue", tok, 512, 3, 0)
-    prompt = tok.encode(s.prompt)
-    row = [(prompt, False), (tok.encode(s.completion, add_special_tokens=False) + [tok.eos_token_id], True)]
+    row = T.sample_row(tok, s)
+    prompt = row[0][0]
     out = T.structure_pairs(row, ids)
     assert [conv(prompt[q]).lstrip("Ġ") for q, _ in out["prev_needle"]] == [v[0] for v in s.answers]
     assert out["prev_needle"][0][1] == 0  # the first needle has none before it: the start token
@@ -142,8 +143,8 @@ def test_listed_pairs_are_where_a_list_goes_on(tok):
     comma = tok.convert_tokens_to_ids(",")
     for task, n_listed in [("niah_multivalue", 3), ("niah_multiquery", 1), ("niah_single", 0), ("vt", 0)]:
         s = make_sample(task, tok, 512, 1, 0)
-        prompt = tok.encode(s.prompt)
-        row = [(prompt, False), (tok.encode(s.completion, add_special_tokens=False) + [tok.eos_token_id], True)]
+        row = T.sample_row(tok, s)
+        prompt = row[0][0]
         flat = prompt + row[1][0]
         ids = torch.tensor([flat])
         is_answer = torch.zeros_like(ids, dtype=torch.bool)
@@ -253,7 +254,7 @@ def test_training_runs_every_supervision_and_is_deterministic(tmp_path):
             "512", "--tokens-per-step", "1024", "--start-stage", "2", "--chain-weight", "2", "--prev-needle-weight", "1",
             "--prev-needle-copy-weight", "2", "--prev-needle-digits", "2", "--prev-needle-positions", "2",
             "--mixture", "niah_multivalue=0.5,niah_multiquery=0.3,vt=0.2", "--eval-samples", "0"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     weights = {}
     for name, extra in [("a", ["--list-pointer-weight", "2"]), ("b", ["--list-pointer-weight", "2"]), ("c", [])]:
         r = subprocess.run(base + extra + ["--out", str(tmp_path / name)], capture_output=True, text=True, env=env)
