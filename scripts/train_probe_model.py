@@ -48,6 +48,7 @@ MIXTURE = {
     "kv": 0.07,
     "cwe": 0.04,
     "fwe": 0.04,
+    "many_values": 0.0,  # training-only, off unless --mixture names it (see many_values_recall)
 }
 # Curriculum: (fraction of steps where the stage ends, min length, max length) in tokens, for the default
 # training length; --train-length L scales the last two stages to (L/8, L/2) and (L/4, L).
@@ -197,6 +198,29 @@ def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[
     return segments
 
 
+def many_values_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[int], bool]]:
+    """A training-only multi-value variant: 2-8 needles with one key, all asked for at once and listed in the
+    order of their needles (the suite's niah_multivalue wording). With the suite's four values a model can
+    pick the next needle by counting the values it has written (the first and the last needle sharp, the
+    middle ones blurred: seen in the needle head of the bundled model); with up to eight, counting blurs
+    and it pays to find the needle after the one whose value was just written. Token segments as
+    dense_recall's."""
+    n = rng.randint(2, max(2, min(8, length // 64)))
+    key = rng.choice(KEY_WORDS)
+    values = [number(rng, 6) for _ in range(n)]
+    depths = sorted(rng.uniform(0.02, 0.98) for _ in range(n))
+    n_phrases = max(2, (length - 24 - 19 * n) // 6)  # a needle is about 12 tokens, a listed value 7
+    needles = [(d, f"The magic number for {key} is {v}.") for d, v in zip(depths, values)]
+    haystack = " ".join(insert_at_depths(filler_phrases(rng, n_phrases), needles))
+    q = f"\nWhat are all the magic numbers for {key}? The magic numbers for {key} are"
+    return [(tokenizer.encode(haystack), False), (tokenizer.encode(q, add_special_tokens=False), False),
+            (tokenizer.encode(" " + ", ".join(values) + ".", add_special_tokens=False) + [tokenizer.eos_token_id], True)]
+
+
+# Mixture entries that are not suite tasks: their samples are built here (row builders of token segments).
+TRAINING_ONLY = {"dense": dense_recall, "many_values": many_values_recall}
+
+
 def sample_row(tokenizer, sample) -> list[tuple[list[int], bool]]:
     """A task sample as token segments: its prompt, then its reference completion and eos (the answer)."""
     answer = tokenizer.encode(sample.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
@@ -217,8 +241,8 @@ def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_
     for b in range(max(1, tokens_per_step // length)):
         while True:
             task = rng.choices(list(mixture), weights=list(mixture.values()))[0]
-            if task == "dense":
-                rows.append(dense_recall(tokenizer, rng, length))
+            if task in TRAINING_ONLY:
+                rows.append(TRAINING_ONLY[task](tokenizer, rng, length))
                 break
             try:
                 s = make_sample(task, tokenizer, length, step * 64 + b, seed + 1_000_000)

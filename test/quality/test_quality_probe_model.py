@@ -158,6 +158,51 @@ def test_listed_pairs_are_where_a_list_goes_on(tok):
             assert listed and not T.listed_pairs(listed, ids, torch.zeros_like(is_answer), comma)
 
 
+def test_many_values_rows_list_every_same_key_needle_in_order(tok):
+    """The training-only multi-value variant: 2-8 needles of one key, asked in the suite's wording, answered
+    with every value in needle order; each listed value's copy source, list pointer and previous-needle tag
+    point where the suite's own multi-value samples do. Off in the default mixture."""
+    import re
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import torch
+    import train_probe_model as T
+
+    from benchmark.quality.tasks import make_sample
+
+    T.SEPARATOR_IDS.update(T.separator_token_ids(tok))
+    assert T.MIXTURE["many_values"] == 0 and T.parse_mixture("many_values=1") == {"many_values": 1.0}
+    ids = {"var": tok.convert_tokens_to_ids("ĠVAR"), "eq": tok.convert_tokens_to_ids("Ġ="),
+           "period": tok.convert_tokens_to_ids("."), "is": tok.convert_tokens_to_ids("Ġis"),
+           "digits": set(T.digit_token_ids(tok))}
+    suite_q = make_sample("niah_multivalue", tok, 512, 0, 0).prompt.split("\n")[-1]
+    comma = tok.convert_tokens_to_ids(",")
+    counts = set()
+    rng = random.Random(0)
+    for length in (256, 1024, 3072) * 10:
+        row = T.many_values_recall(tok, rng, length)
+        haystack, question, answer = (tok.decode(t, skip_special_tokens=True) for t, _ in row)
+        assert [flag for _, flag in row] == [False, False, True] and row[2][0][-1] == tok.eos_token_id
+        key = re.search(r"numbers for (\w+)\?", question).group(1)
+        assert question.strip() == re.sub(r"for \w+([?]| are)", rf"for {key}\1", suite_q)  # the suite's wording
+        values = answer.strip().rstrip(".").split(", ")
+        counts.add(len(values))
+        assert 2 <= len(values) <= 8 and re.findall(rf"for {key} is (\d+)\.", haystack) == values  # needle order
+        flat = [x for t, _ in row for x in t]
+        assert 0.75 * length <= len(flat) <= length + 8  # sized by estimate, as dense_recall's rows
+        prompt_len = len(row[0][0]) + len(row[1][0])
+        pairs = T.copy_pairs(row)
+        assert len(pairs) == 6 * len(values) and all(flat[t + 1] == flat[src] for t, src in pairs)
+        x = torch.tensor([flat])
+        is_answer = torch.zeros_like(x, dtype=torch.bool)
+        is_answer[0, prompt_len:] = True
+        listed = T.listed_pairs([(0, t, src) for t, src in pairs], x, is_answer, comma)
+        assert [tok.decode(flat[src : src + 6]).strip() for _, q, src in listed if flat[q] == comma] == values[1:]
+        tags = T.structure_pairs([(row[0][0] + row[1][0], False), row[2]], ids)["prev_needle_copy"]
+        assert [tok.convert_ids_to_tokens(t) for _, t in tags] == [v[-1] for v in values[:-1]]
+    assert {2, 8} <= counts  # the whole range is drawn
+
+
 def test_hf_eval_shows_outputs_next_to_answers_and_scores_them(capsys):
     """`hf_eval --show N` prints each of the first N greedy outputs with its answers and recall, and the table's
     score is the mean of those recalls (one sample: the same number)."""
