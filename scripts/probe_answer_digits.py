@@ -8,6 +8,10 @@ Each sample's prompt is followed by its reference completion (teacher forcing), 
 the context a perfect model would have written. Digit 0 of a value is where the head picks a needle (for
 multi-value: the needle after the one just written), digits 1-5 continue copying from it. ``--json`` writes
 the table as JSON.
+
+``--by-value`` (multi-value only) breaks digit 0 down by the value's place in the list, with the needle
+head's weight on each needle's first digit where it picks that value, and digit 1 by whether another value
+starts with the same digit (then digit 0 alone does not say which needle is being copied).
 """
 
 from __future__ import annotations
@@ -52,6 +56,50 @@ def digit_table(model, tokenizer, task: str, length: int, samples: int, seed: in
     return [{"digit": k, "n": n[k], "attention": attended[k] / n[k], "prediction": predicted[k] / n[k]} for k in sorted(n)]
 
 
+def value_table(model, tokenizer, length: int, samples: int, seed: int, progress: bool = False) -> dict:
+    """Multi-value, teacher-forced: ``by_value`` rows ``{value, n, first_digit, weights}`` (how often the k-th
+    listed value's first digit is predicted, and the needle head's mean weight on each needle's first
+    digit, in prompt order, at the position that predicts it) and ``second_digit`` rows ``{shared, n,
+    predicted}`` (digit 1 split by whether another value of the sample starts with the same digit)."""
+    import torch
+    from tqdm import tqdm
+
+    import train_probe_model as T
+
+    is_id, digits = tokenizer.convert_tokens_to_ids("Ġis"), set(T.digit_token_ids(tokenizer))
+    first, weights, second = {}, {}, {}
+    for i in tqdm(range(samples), desc="values", disable=not progress):
+        s = make_sample("niah_multivalue", tokenizer, length, i, seed)
+        values = list(s.answers)
+        row = T.sample_row(tokenizer, s)
+        flat, prompt_end = row[0][0] + row[1][0], len(row[0][0])
+        needles = [p for p in range(1, prompt_end) if flat[p - 1] == is_id and flat[p] in digits]
+        with torch.no_grad():
+            out = model(torch.tensor([flat]), output_attentions=True)
+        pred, attn = out.logits[0].argmax(-1), out.attentions[-1][0][NEEDLE_HEAD]
+        k = -1
+        for p in range(prompt_end, len(flat)):
+            token = tokenizer.convert_ids_to_tokens(flat[p])
+            if not token.lstrip("Ġ").isdigit():
+                continue
+            k += token.startswith("Ġ")  # a value's first digit keeps its leading space
+            j = next(d for d in range(6) if tokenizer.convert_ids_to_tokens(flat[p - d]).startswith("Ġ"))  # place in the value
+            hit = int(int(pred[p - 1]) == flat[p])
+            if j == 0:
+                n, ok = first.get(k, (0, 0))
+                first[k] = (n + 1, ok + hit)
+                w = weights.setdefault(k, [0.0] * len(needles))
+                for m, q in enumerate(needles):
+                    w[m] += float(attn[p - 1, q])
+            elif j == 1:
+                shared = any(v[0] == values[k][0] for m, v in enumerate(values) if m != k)
+                n, ok = second.get(shared, (0, 0))
+                second[shared] = (n + 1, ok + hit)
+    return {"by_value": [{"value": k, "n": n, "first_digit": ok / n, "weights": [w / n for w in weights[k]]}
+                         for k, (n, ok) in sorted(first.items())],
+            "second_digit": [{"shared": sh, "n": n, "predicted": ok / n} for sh, (n, ok) in sorted(second.items())]}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ROOT / "python/sglang_mux/models/default", help="a probe model folder (HF format)")
@@ -60,10 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=25)
     ap.add_argument("--seed", type=int, default=12345, help="task seed (12345: the held-out evaluation samples)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--by-value", action="store_true", help="niah_multivalue only: also break digits 0 and 1 down (see above)")
     ap.add_argument("--json", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
     if not (args.model / "config.json").is_file():
         ap.error(f"--model: {args.model} has no config.json (expected a probe model folder)")
+    if args.by_value and args.task != "niah_multivalue":
+        ap.error(f"--by-value: only with --task niah_multivalue, got --task {args.task}")
     if args.samples < 1 or args.length < 128:
         ap.error("--samples must be >= 1 and --length >= 128")
 
@@ -78,8 +129,19 @@ def main(argv: list[str] | None = None) -> None:
     print("| digit | n | needle head on the source | digit predicted |\n|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['digit']} | {r['n']} | {r['attention']:.3f} | {r['prediction']:.3f} |")
+    result = {"task": args.task, "length": args.length, "samples": args.samples, "rows": rows}
+    if args.by_value:
+        result.update(value_table(model, tokenizer, args.length, args.samples, args.seed, progress=True))
+        print("\nfirst digit of each listed value, and the needle head's mean weight on each needle (prompt order) there:")
+        print("| value | n | first digit predicted | weight on needles |\n|---:|---:|---:|---|")
+        for r in result["by_value"]:
+            print(f"| {r['value']} | {r['n']} | {r['first_digit']:.3f} | {' '.join(f'{w:.2f}' for w in r['weights'])} |")
+        print("\nsecond digit, by whether another value starts with the same digit:")
+        print("| shared first digit | n | predicted |\n|---|---:|---:|")
+        for r in result["second_digit"]:
+            print(f"| {'yes' if r['shared'] else 'no'} | {r['n']} | {r['predicted']:.3f} |")
     if args.json:
-        args.json.write_text(json.dumps({"task": args.task, "length": args.length, "samples": args.samples, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

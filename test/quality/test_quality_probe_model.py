@@ -284,9 +284,21 @@ def test_answer_digit_table_of_the_bundled_probe(tmp_path, tok):
     rows = P.digit_table(model, tok, "niah_multivalue", 512, 2, 12345)
     assert [(r["digit"], r["n"]) for r in rows] == [(k, 8) for k in range(6)]  # 4 values a sample
     assert all(0.0 <= r["attention"] <= 1.0 and 0.0 <= r["prediction"] <= 1.0 for r in rows)
-    r = subprocess.run([sys.executable, str(ROOT / "scripts/probe_answer_digits.py"), "--model", str(tmp_path)],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "--model" in r.stderr and "config.json" in r.stderr
+    # the per-value breakdown splits the same digits: pooled, it gives the digit table's rates back
+    rows = P.digit_table(model, tok, "niah_multivalue", 1024, 4, 12345)
+    split = P.value_table(model, tok, 1024, 4, 12345)
+    assert [r["n"] for r in split["by_value"]] == [4] * 4
+    assert sum(r["first_digit"] * r["n"] for r in split["by_value"]) == pytest.approx(rows[0]["prediction"] * 16)
+    assert sum(r["n"] for r in split["second_digit"]) == 16
+    assert sum(r["predicted"] * r["n"] for r in split["second_digit"]) == pytest.approx(rows[1]["prediction"] * 16)
+    for r in split["by_value"]:  # one weight per needle; the first listed value is read from the first needle
+        assert len(r["weights"]) == 4 and 0.0 <= sum(r["weights"]) <= 1.0 + 1e-6
+    assert split["by_value"][0]["weights"][0] > 0.9
+    for argv, says in [([], "config.json"), (["--task", "niah_single", "--by-value"], "--by-value")]:
+        model_dir = tmp_path if not argv else default_model_path()
+        r = subprocess.run([sys.executable, str(ROOT / "scripts/probe_answer_digits.py"), "--model", str(model_dir), *argv],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr
 
 
 def test_training_runs_every_supervision_and_is_deterministic(tmp_path):
