@@ -49,6 +49,7 @@ MIXTURE = {
     "cwe": 0.04,
     "fwe": 0.04,
     "many_values": 0.0,  # training-only, off unless --mixture names it (see many_values_recall)
+    "many_values_among_others": 0.0,  # the same with other keys' needles before and after (others=True)
 }
 # Curriculum: (fraction of steps where the stage ends, min length, max length) in tokens, for the default
 # training length; --train-length L scales the last two stages to (L/8, L/2) and (L/4, L).
@@ -198,19 +199,31 @@ def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[
     return segments
 
 
-def many_values_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[int], bool]]:
+def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool = False) -> list[tuple[list[int], bool]]:
     """A training-only multi-value variant: 2-8 needles with one key, all asked for at once and listed in the
     order of their needles (the suite's niah_multivalue wording). With the suite's four values a model can
     pick the next needle by counting the values it has written (the first and the last needle sharp, the
     middle ones blurred: seen in the needle head of the bundled model); with up to eight, counting blurs
     and it pays to find the needle after the one whose value was just written. Token segments as
-    dense_recall's."""
+    dense_recall's.
+
+    With ``others``, 0-2 needles of other keys come before the first of them and 0-2 after the last:
+    without them the first value is always the first needle of the prompt and the last the last, a
+    shortcut that teaches "the numbers ... are" to start at the first needle, which multi-query (the
+    same question over two keys) then pays for. The listed needles stay consecutive, so each one's
+    previous needle is still the one holding the value written before it."""
     n = rng.randint(2, max(2, min(8, length // 64)))
     key = rng.choice(KEY_WORDS)
     values = [number(rng, 6) for _ in range(n)]
     depths = sorted(rng.uniform(0.02, 0.98) for _ in range(n))
     n_phrases = max(2, (length - 24 - 19 * n) // 6)  # a needle is about 12 tokens, a listed value 7
     needles = [(d, f"The magic number for {key} is {v}.") for d, v in zip(depths, values)]
+    if others:
+        n_before, n_after = rng.randint(0, 2), rng.randint(0, 2)
+        keys = rng.sample([k for k in KEY_WORDS if k != key], n_before + n_after)
+        spots = [rng.uniform(0.0, depths[0]) for _ in range(n_before)] + [rng.uniform(depths[-1], 1.0) for _ in range(n_after)]
+        needles += [(d, f"The magic number for {k} is {number(rng, 6)}.") for d, k in zip(spots, keys)]
+        n_phrases = max(2, n_phrases - 2 * (n_before + n_after))
     haystack = " ".join(insert_at_depths(filler_phrases(rng, n_phrases), needles))
     q = f"\nWhat are all the magic numbers for {key}? The magic numbers for {key} are"
     return [(tokenizer.encode(haystack), False), (tokenizer.encode(q, add_special_tokens=False), False),
@@ -218,7 +231,8 @@ def many_values_recall(tokenizer, rng: random.Random, length: int) -> list[tuple
 
 
 # Mixture entries that are not suite tasks: their samples are built here (row builders of token segments).
-TRAINING_ONLY = {"dense": dense_recall, "many_values": many_values_recall}
+TRAINING_ONLY = {"dense": dense_recall, "many_values": many_values_recall,
+                 "many_values_among_others": lambda tok, rng, length: many_values_recall(tok, rng, length, others=True)}
 
 
 def sample_row(tokenizer, sample) -> list[tuple[list[int], bool]]:

@@ -177,10 +177,10 @@ def test_many_values_rows_list_every_same_key_needle_in_order(tok):
            "digits": set(T.digit_token_ids(tok))}
     suite_q = make_sample("niah_multivalue", tok, 512, 0, 0).prompt.split("\n")[-1]
     comma = tok.convert_tokens_to_ids(",")
-    counts = set()
+    counts, outside = set(), set()
     rng = random.Random(0)
-    for length in (256, 1024, 3072) * 10:
-        row = T.many_values_recall(tok, rng, length)
+    for length, others in [(n, o) for n in (256, 1024, 3072) * 10 for o in (False, True)]:
+        row = T.many_values_recall(tok, rng, length, others=others)
         haystack, question, answer = (tok.decode(t, skip_special_tokens=True) for t, _ in row)
         assert [flag for _, flag in row] == [False, False, True] and row[2][0][-1] == tok.eos_token_id
         key = re.search(r"numbers for (\w+)\?", question).group(1)
@@ -188,8 +188,17 @@ def test_many_values_rows_list_every_same_key_needle_in_order(tok):
         values = answer.strip().rstrip(".").split(", ")
         counts.add(len(values))
         assert 2 <= len(values) <= 8 and re.findall(rf"for {key} is (\d+)\.", haystack) == values  # needle order
+        found = re.findall(r"for (\w+) is (\d+)\.", haystack)
+        mine = [i for i, (k, _) in enumerate(found) if k == key]
+        assert mine == list(range(mine[0], mine[0] + len(values)))  # consecutive: no other key between them
+        if not others:
+            assert len(found) == len(values)
+        else:  # 0-2 needles of other, distinct keys before the first and after the last
+            assert mine[0] <= 2 and len(found) - mine[-1] - 1 <= 2
+            assert len({k for k, _ in found}) == len(found) - len(values) + 1
+            outside.add((mine[0], len(found) - mine[-1] - 1))
         flat = [x for t, _ in row for x in t]
-        assert 0.75 * length <= len(flat) <= length + 8  # sized by estimate, as dense_recall's rows
+        assert 0.75 * length <= len(flat) <= 1.02 * length + 8  # sized by estimate (as dense_recall rows), about length
         prompt_len = len(row[0][0]) + len(row[1][0])
         pairs = T.copy_pairs(row)
         assert len(pairs) == 6 * len(values) and all(flat[t + 1] == flat[src] for t, src in pairs)
@@ -199,8 +208,10 @@ def test_many_values_rows_list_every_same_key_needle_in_order(tok):
         listed = T.listed_pairs([(0, t, src) for t, src in pairs], x, is_answer, comma)
         assert [tok.decode(flat[src : src + 6]).strip() for _, q, src in listed if flat[q] == comma] == values[1:]
         tags = T.structure_pairs([(row[0][0] + row[1][0], False), row[2]], ids)["prev_needle_copy"]
-        assert [tok.convert_ids_to_tokens(t) for _, t in tags] == [v[-1] for v in values[:-1]]
-    assert {2, 8} <= counts  # the whole range is drawn
+        tags = [tok.convert_ids_to_tokens(t) for _, t in tags][mine[0] : mine[-1]]  # tags of the 2nd..last listed
+        assert tags == [v[-1] for v in values[:-1]]  # each listed needle is told the value written before it
+    assert {2, 8} <= counts and {(0, 0), (2, 2)} <= outside  # the whole range is drawn
+    assert "many_values_among_others" in T.TRAINING_ONLY and T.MIXTURE["many_values_among_others"] == 0
 
 
 def test_hf_eval_shows_outputs_next_to_answers_and_scores_them(capsys):
