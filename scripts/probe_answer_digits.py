@@ -9,9 +9,10 @@ the context a perfect model would have written. Digit 0 of a value is where the 
 multi-value: the needle after the one just written), digits 1-5 continue copying from it. ``--json`` writes
 the table as JSON.
 
-``--by-value`` (multi-value only) breaks digit 0 down by the value's place in the list, with the needle
-head's weight on each needle's first digit where it picks that value, and digit 1 by whether another value
-starts with the same digit (then digit 0 alone does not say which needle is being copied).
+``--by-value`` (multi-value, multi-query) breaks digit 0 down by the value's place in the list, with the
+needle head's weight on the needle holding that value and on each needle (in prompt order), where it picks
+the value, and digit 1 by whether another needle's value starts with the same digit (then digit 0 alone
+does not say which needle is being copied).
 """
 
 from __future__ import annotations
@@ -56,20 +57,25 @@ def digit_table(model, tokenizer, task: str, length: int, samples: int, seed: in
     return [{"digit": k, "n": n[k], "attention": attended[k] / n[k], "prediction": predicted[k] / n[k]} for k in sorted(n)]
 
 
-def value_table(model, tokenizer, length: int, samples: int, seed: int, progress: bool = False) -> dict:
-    """Multi-value, teacher-forced: ``by_value`` rows ``{value, n, first_digit, weights}`` (how often the k-th
-    listed value's first digit is predicted, and the needle head's mean weight on each needle's first
-    digit, in prompt order, at the position that predicts it) and ``second_digit`` rows ``{shared, n,
-    predicted}`` (digit 1 split by whether another value of the sample starts with the same digit)."""
+LISTED_TASKS = ("niah_multivalue", "niah_multiquery")
+
+
+def value_table(model, tokenizer, length: int, samples: int, seed: int, progress: bool = False,
+                task: str = "niah_multivalue") -> dict:
+    """A listed-answer task, teacher-forced: ``by_value`` rows ``{value, n, first_digit, on_source, weights}``
+    (how often the k-th listed value's first digit is predicted, and the needle head's mean weight, at the
+    position that predicts it, on the first digit of the needle holding the value and of each needle in
+    prompt order) and ``second_digit`` rows ``{shared, n, predicted}`` (digit 1 split by whether another
+    needle's value in the prompt starts with the same digit)."""
     import torch
     from tqdm import tqdm
 
     import train_probe_model as T
 
     is_id, digits = tokenizer.convert_tokens_to_ids("Ġis"), set(T.digit_token_ids(tokenizer))
-    first, weights, second = {}, {}, {}
+    first, weights, on_source, second = {}, {}, {}, {}
     for i in tqdm(range(samples), desc="values", disable=not progress):
-        s = make_sample("niah_multivalue", tokenizer, length, i, seed)
+        s = make_sample(task, tokenizer, length, i, seed)
         values = list(s.answers)
         row = T.sample_row(tokenizer, s)
         flat, prompt_end = row[0][0] + row[1][0], len(row[0][0])
@@ -91,11 +97,14 @@ def value_table(model, tokenizer, length: int, samples: int, seed: int, progress
                 w = weights.setdefault(k, [0.0] * len(needles))
                 for m, q in enumerate(needles):
                     w[m] += float(attn[p - 1, q])
+                source = next(q for q in needles if tokenizer.decode(flat[q : q + 6]).strip() == values[k])
+                on_source[k] = on_source.get(k, 0.0) + float(attn[p - 1, source])
             elif j == 1:
-                shared = any(v[0] == values[k][0] for m, v in enumerate(values) if m != k)
+                shared = sum(tokenizer.decode(flat[q]).strip() == values[k][0] for q in needles) > 1
                 n, ok = second.get(shared, (0, 0))
                 second[shared] = (n + 1, ok + hit)
-    return {"by_value": [{"value": k, "n": n, "first_digit": ok / n, "weights": [w / n for w in weights[k]]}
+    return {"by_value": [{"value": k, "n": n, "first_digit": ok / n, "on_source": on_source[k] / n,
+                          "weights": [w / n for w in weights[k]]}
                          for k, (n, ok) in sorted(first.items())],
             "second_digit": [{"shared": sh, "n": n, "predicted": ok / n} for sh, (n, ok) in sorted(second.items())]}
 
@@ -108,13 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=25)
     ap.add_argument("--seed", type=int, default=12345, help="task seed (12345: the held-out evaluation samples)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--by-value", action="store_true", help="niah_multivalue only: also break digits 0 and 1 down (see above)")
+    ap.add_argument("--by-value", action="store_true", help="niah_multivalue / niah_multiquery: also break digits 0 and 1 down (see above)")
     ap.add_argument("--json", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
     if not (args.model / "config.json").is_file():
         ap.error(f"--model: {args.model} has no config.json (expected a probe model folder)")
-    if args.by_value and args.task != "niah_multivalue":
-        ap.error(f"--by-value: only with --task niah_multivalue, got --task {args.task}")
+    if args.by_value and args.task not in LISTED_TASKS:
+        ap.error(f"--by-value: only with --task {' or '.join(LISTED_TASKS)}, got --task {args.task}")
     if args.samples < 1 or args.length < 128:
         ap.error("--samples must be >= 1 and --length >= 128")
 
@@ -131,12 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['digit']} | {r['n']} | {r['attention']:.3f} | {r['prediction']:.3f} |")
     result = {"task": args.task, "length": args.length, "samples": args.samples, "rows": rows}
     if args.by_value:
-        result.update(value_table(model, tokenizer, args.length, args.samples, args.seed, progress=True))
-        print("\nfirst digit of each listed value, and the needle head's mean weight on each needle (prompt order) there:")
-        print("| value | n | first digit predicted | weight on needles |\n|---:|---:|---:|---|")
+        result.update(value_table(model, tokenizer, args.length, args.samples, args.seed, progress=True, task=args.task))
+        print("\nfirst digit of each listed value, and the needle head's mean weight there on its needle and on each needle (prompt order):")
+        print("| value | n | first digit predicted | on its needle | on each needle |\n|---:|---:|---:|---:|---|")
         for r in result["by_value"]:
-            print(f"| {r['value']} | {r['n']} | {r['first_digit']:.3f} | {' '.join(f'{w:.2f}' for w in r['weights'])} |")
-        print("\nsecond digit, by whether another value starts with the same digit:")
+            print(f"| {r['value']} | {r['n']} | {r['first_digit']:.3f} | {r['on_source']:.2f} | {' '.join(f'{w:.2f}' for w in r['weights'])} |")
+        print("\nsecond digit, by whether another needle's value starts with the same digit:")
         print("| shared first digit | n | predicted |\n|---|---:|---:|")
         for r in result["second_digit"]:
             print(f"| {'yes' if r['shared'] else 'no'} | {r['n']} | {r['predicted']:.3f} |")

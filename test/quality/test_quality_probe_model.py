@@ -305,7 +305,12 @@ def test_answer_digit_table_of_the_bundled_probe(tmp_path, tok):
     for r in split["by_value"]:  # one weight per needle; the first listed value is read from the first needle
         assert len(r["weights"]) == 4 and 0.0 <= sum(r["weights"]) <= 1.0 + 1e-6
     assert split["by_value"][0]["weights"][0] > 0.9
-    for argv, says in [([], "config.json"), (["--task", "niah_single", "--by-value"], "--by-value")]:
+    for r in split["by_value"]:  # in multi-value the k-th value's needle is the k-th needle
+        assert r["on_source"] == pytest.approx(r["weights"][r["value"]])
+    mq = P.value_table(model, tok, 1024, 4, 12345, task="niah_multiquery")
+    assert [r["n"] for r in mq["by_value"]] == [4, 4]  # two values asked a sample
+    assert all(0.8 < r["on_source"] <= 1.0 for r in mq["by_value"])  # found by key, wherever the needle is
+    for argv, says in [([], "config.json"), (["--task", "niah_single", "--by-value"], "niah_multiquery")]:
         model_dir = tmp_path if not argv else default_model_path()
         r = subprocess.run([sys.executable, str(ROOT / "scripts/probe_answer_digits.py"), "--model", str(model_dir), *argv],
                            capture_output=True, text=True)
