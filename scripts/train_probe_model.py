@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmark.quality.tasks import TaskError, make_sample  # noqa: E402
+from benchmark.quality.tasks import TaskError, make_sample, needle  # noqa: E402
 from benchmark.quality.haystack import filler_phrases, insert_at_depths  # noqa: E402
 from benchmark.quality.vocab import FILLER_WORDS, KEY_WORDS, VAR_NAMES, number  # noqa: E402
 
@@ -188,7 +188,7 @@ def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[
     keys = rng.sample(KEY_WORDS, n)
     values = [number(rng, 6) for _ in keys]
     n_phrases = max(2, (length - 34 * n) // 6)
-    needles = [(rng.uniform(0.0, 1.0), f"The magic number for {k} is {v}.") for k, v in zip(keys, values)]
+    needles = [(rng.uniform(0.0, 1.0), needle(k, v)) for k, v in zip(keys, values)]
     haystack = " ".join(insert_at_depths(filler_phrases(rng, n_phrases), needles))
     segments = [(tokenizer.encode(haystack), False)]
     for i in rng.sample(range(n), n):
@@ -217,12 +217,12 @@ def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool 
     values = [number(rng, 6) for _ in range(n)]
     depths = sorted(rng.uniform(0.02, 0.98) for _ in range(n))
     n_phrases = max(2, (length - 24 - 19 * n) // 6)  # a needle is about 12 tokens, a listed value 7
-    needles = [(d, f"The magic number for {key} is {v}.") for d, v in zip(depths, values)]
+    needles = [(d, needle(key, v)) for d, v in zip(depths, values)]
     if others:
         n_before, n_after = rng.randint(0, 2), rng.randint(0, 2)
         keys = rng.sample([k for k in KEY_WORDS if k != key], n_before + n_after)
         spots = [rng.uniform(0.0, depths[0]) for _ in range(n_before)] + [rng.uniform(depths[-1], 1.0) for _ in range(n_after)]
-        needles += [(d, f"The magic number for {k} is {number(rng, 6)}.") for d, k in zip(spots, keys)]
+        needles += [(d, needle(k, number(rng, 6))) for d, k in zip(spots, keys)]
         n_phrases = max(2, n_phrases - 2 * (n_before + n_after))
     haystack = " ".join(insert_at_depths(filler_phrases(rng, n_phrases), needles))
     q = f"\nWhat are all the magic numbers for {key}? The magic numbers for {key} are"

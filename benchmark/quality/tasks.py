@@ -68,7 +68,8 @@ def _noise_builder(rng: random.Random, needles: list[tuple[float, str]], questio
     return build
 
 
-def _needle(key: str, value: str) -> str:
+def needle(key: str, value: str) -> str:
+    """One needle sentence (the training script builds its training-only needles with it too)."""
     return f"The magic number for {key} is {value}."
 
 
@@ -76,7 +77,7 @@ def niah_single(rng: random.Random) -> _Draft:
     """One needle (a 6-digit number under a key) in a noise haystack."""
     key, value, depth = rng.choice(KEY_WORDS), number(rng, 6), _depth(rng)
     q = f"What is the magic number for {key}? The magic number for {key} is"
-    return _Draft(_noise_builder(rng, [(depth, _needle(key, value))], q), f" {value}.", (value,), depth)
+    return _Draft(_noise_builder(rng, [(depth, needle(key, value))], q), f" {value}.", (value,), depth)
 
 
 def niah_multikey(rng: random.Random, n_needles: int = 4) -> _Draft:
@@ -85,7 +86,7 @@ def niah_multikey(rng: random.Random, n_needles: int = 4) -> _Draft:
     values = [number(rng, 6) for _ in keys]
     depths = [_depth(rng) for _ in keys]
     q = f"What is the magic number for {keys[0]}? The magic number for {keys[0]} is"
-    needles = [(d, _needle(k, v)) for k, v, d in zip(keys, values, depths)]
+    needles = [(d, needle(k, v)) for k, v, d in zip(keys, values, depths)]
     return _Draft(_noise_builder(rng, needles, q), f" {values[0]}.", (values[0],), depths[0])
 
 
@@ -95,7 +96,7 @@ def niah_multivalue(rng: random.Random, n_values: int = 4) -> _Draft:
     depths = sorted(_depth(rng) for _ in range(n_values))
     values = [number(rng, 6) for _ in range(n_values)]
     q = f"What are all the magic numbers for {key}? The magic numbers for {key} are"
-    needles = [(d, _needle(key, v)) for d, v in zip(depths, values)]
+    needles = [(d, needle(key, v)) for d, v in zip(depths, values)]
     return _Draft(_noise_builder(rng, needles, q), " " + ", ".join(values) + ".", tuple(values), depths[0])
 
 
@@ -107,7 +108,7 @@ def niah_multiquery(rng: random.Random, n_needles: int = 4, n_queries: int = 2) 
     asked = rng.sample(range(n_needles), n_queries)
     names = " and ".join(keys[i] for i in asked)
     q = f"What are the magic numbers for {names}? The magic numbers for {names} are"
-    needles = [(d, _needle(k, v)) for k, v, d in zip(keys, values, depths)]
+    needles = [(d, needle(k, v)) for k, v, d in zip(keys, values, depths)]
     answers = tuple(values[i] for i in asked)
     return _Draft(_noise_builder(rng, needles, q), " " + ", ".join(answers) + ".", answers, depths[asked[0]])
 
