@@ -31,82 +31,116 @@ from benchmark.quality.tasks import TASKS, make_sample  # noqa: E402
 NEEDLE_HEAD = 0  # last layer; the head the training's pointer loss supervises
 
 
-def digit_table(model, tokenizer, task: str, length: int, samples: int, seed: int, progress: bool = False) -> list[dict]:
-    """Rows ``{digit, n, attention, prediction}``: for the k-th digit of every answer value, how often the needle
-    head's strongest attention is on the source token and how often the model predicts the digit."""
+def teacher_forced(model, tokenizer, task: str, length: int, samples: int, seed: int, progress: bool = False):
+    """One forward pass per sample over its prompt and reference completion: yields ``(sample, row, flat,
+    pred, attn)`` (the sample, its token segments, the tokens fed, the argmax prediction after each one, the
+    needle head's attention matrix), for the tables below to count from."""
     import torch
     from tqdm import tqdm
 
     import train_probe_model as T
 
-    T.SEPARATOR_IDS.update(T.separator_token_ids(tokenizer))
-    n, attended, predicted = {}, {}, {}
     for i in tqdm(range(samples), desc="answer digits", disable=not progress):
         s = make_sample(task, tokenizer, length, i, seed)
         row = T.sample_row(tokenizer, s)
         flat = row[0][0] + row[1][0]
         with torch.no_grad():
             out = model(torch.tensor([flat]), output_attentions=True)
-        pred, attn = out.logits[0].argmax(-1), out.attentions[-1][0][NEEDLE_HEAD]
+        yield s, row, flat, out.logits[0].argmax(-1), out.attentions[-1][0][NEEDLE_HEAD]
+
+
+class DigitCounts:
+    """Rows ``{digit, n, attention, prediction}``: for the k-th digit of every answer value, how often the needle
+    head's strongest attention is on the source token and how often the model predicts the digit."""
+
+    def __init__(self, tokenizer):
+        import train_probe_model as T
+
+        self.T, self.tokenizer = T, tokenizer
+        T.SEPARATOR_IDS.update(T.separator_token_ids(tokenizer))
+        self.n, self.attended, self.predicted = {}, {}, {}
+
+    def add(self, sample, row, flat, pred, attn) -> None:
         k = 0
-        for q, src in T.copy_pairs(row):
-            k = 0 if tokenizer.convert_ids_to_tokens(flat[q]).lstrip("Ġ").isalpha() or flat[q] in T.SEPARATOR_IDS else k + 1
-            n[k] = n.get(k, 0) + 1
-            attended[k] = attended.get(k, 0) + int(int(attn[q].argmax()) == src)
-            predicted[k] = predicted.get(k, 0) + int(int(pred[q]) == flat[q + 1])
-    return [{"digit": k, "n": n[k], "attention": attended[k] / n[k], "prediction": predicted[k] / n[k]} for k in sorted(n)]
+        for q, src in self.T.copy_pairs(row):
+            k = 0 if self.tokenizer.convert_ids_to_tokens(flat[q]).lstrip("Ġ").isalpha() or flat[q] in self.T.SEPARATOR_IDS else k + 1
+            self.n[k] = self.n.get(k, 0) + 1
+            self.attended[k] = self.attended.get(k, 0) + int(int(attn[q].argmax()) == src)
+            self.predicted[k] = self.predicted.get(k, 0) + int(int(pred[q]) == flat[q + 1])
+
+    def table(self) -> list[dict]:
+        return [{"digit": k, "n": n, "attention": self.attended[k] / n, "prediction": self.predicted[k] / n}
+                for k, n in sorted(self.n.items())]
 
 
 LISTED_TASKS = ("niah_multivalue", "niah_multiquery")
 
 
-def value_table(model, tokenizer, length: int, samples: int, seed: int, progress: bool = False,
-                task: str = "niah_multivalue") -> dict:
-    """A listed-answer task, teacher-forced: ``by_value`` rows ``{value, n, first_digit, on_source, weights}``
-    (how often the k-th listed value's first digit is predicted, and the needle head's mean weight, at the
-    position that predicts it, on the first digit of the needle holding the value and of each needle in
-    prompt order) and ``second_digit`` rows ``{shared, n, predicted}`` (digit 1 split by whether another
-    needle's value in the prompt starts with the same digit)."""
-    import torch
-    from tqdm import tqdm
+class ValueCounts:
+    """A listed-answer task: ``by_value`` rows ``{value, n, first_digit, on_source, weights}`` (how often the
+    k-th listed value's first digit is predicted, and the needle head's mean weight, at the position that
+    predicts it, on the first digit of the needle holding the value and of each needle in prompt order) and
+    ``second_digit`` rows ``{shared, n, predicted}`` (digit 1 split by whether another needle's value in the
+    prompt starts with the same digit)."""
 
-    import train_probe_model as T
+    def __init__(self, tokenizer):
+        import train_probe_model as T
 
-    is_id, digits = tokenizer.convert_tokens_to_ids("Ġis"), set(T.digit_token_ids(tokenizer))
-    first, weights, on_source, second = {}, {}, {}, {}
-    for i in tqdm(range(samples), desc="values", disable=not progress):
-        s = make_sample(task, tokenizer, length, i, seed)
-        values = list(s.answers)
-        row = T.sample_row(tokenizer, s)
-        flat, prompt_end = row[0][0] + row[1][0], len(row[0][0])
-        needles = [p for p in range(1, prompt_end) if flat[p - 1] == is_id and flat[p] in digits]
-        with torch.no_grad():
-            out = model(torch.tensor([flat]), output_attentions=True)
-        pred, attn = out.logits[0].argmax(-1), out.attentions[-1][0][NEEDLE_HEAD]
+        self.tokenizer = tokenizer
+        self.is_id, self.digits = tokenizer.convert_tokens_to_ids("Ġis"), set(T.digit_token_ids(tokenizer))
+        self.first, self.weights, self.on_source, self.second = {}, {}, {}, {}
+
+    def add(self, sample, row, flat, pred, attn) -> None:
+        tok, values, prompt_end = self.tokenizer, list(sample.answers), len(row[0][0])
+        needles = [p for p in range(1, prompt_end) if flat[p - 1] == self.is_id and flat[p] in self.digits]
         k = -1
         for p in range(prompt_end, len(flat)):
-            token = tokenizer.convert_ids_to_tokens(flat[p])
+            token = tok.convert_ids_to_tokens(flat[p])
             if not token.lstrip("Ġ").isdigit():
                 continue
             k += token.startswith("Ġ")  # a value's first digit keeps its leading space
-            j = next(d for d in range(6) if tokenizer.convert_ids_to_tokens(flat[p - d]).startswith("Ġ"))  # place in the value
+            j = next(d for d in range(6) if tok.convert_ids_to_tokens(flat[p - d]).startswith("Ġ"))  # place in the value
             hit = int(int(pred[p - 1]) == flat[p])
             if j == 0:
-                n, ok = first.get(k, (0, 0))
-                first[k] = (n + 1, ok + hit)
-                w = weights.setdefault(k, [0.0] * len(needles))
+                n, ok = self.first.get(k, (0, 0))
+                self.first[k] = (n + 1, ok + hit)
+                w = self.weights.setdefault(k, [0.0] * len(needles))
                 for m, q in enumerate(needles):
                     w[m] += float(attn[p - 1, q])
-                source = next(q for q in needles if tokenizer.decode(flat[q : q + 6]).strip() == values[k])
-                on_source[k] = on_source.get(k, 0.0) + float(attn[p - 1, source])
+                source = next(q for q in needles if tok.decode(flat[q : q + 6]).strip() == values[k])
+                self.on_source[k] = self.on_source.get(k, 0.0) + float(attn[p - 1, source])
             elif j == 1:
-                shared = sum(tokenizer.decode(flat[q]).strip() == values[k][0] for q in needles) > 1
-                n, ok = second.get(shared, (0, 0))
-                second[shared] = (n + 1, ok + hit)
-    return {"by_value": [{"value": k, "n": n, "first_digit": ok / n, "on_source": on_source[k] / n,
-                          "weights": [w / n for w in weights[k]]}
-                         for k, (n, ok) in sorted(first.items())],
-            "second_digit": [{"shared": sh, "n": n, "predicted": ok / n} for sh, (n, ok) in sorted(second.items())]}
+                shared = sum(tok.decode(flat[q]).strip() == values[k][0] for q in needles) > 1
+                n, ok = self.second.get(shared, (0, 0))
+                self.second[shared] = (n + 1, ok + hit)
+
+    def table(self) -> dict:
+        return {"by_value": [{"value": k, "n": n, "first_digit": ok / n, "on_source": self.on_source[k] / n,
+                              "weights": [w / n for w in self.weights[k]]}
+                             for k, (n, ok) in sorted(self.first.items())],
+                "second_digit": [{"shared": sh, "n": n, "predicted": ok / n} for sh, (n, ok) in sorted(self.second.items())]}
+
+
+def count(counters: list, model, tokenizer, task: str, length: int, samples: int, seed: int, progress: bool = False) -> None:
+    """Feed every sample's forward pass to each counter (one pass, however many tables)."""
+    for forced in teacher_forced(model, tokenizer, task, length, samples, seed, progress):
+        for c in counters:
+            c.add(*forced)
+
+
+def digit_table(model, tokenizer, task: str, length: int, samples: int, seed: int, progress: bool = False) -> list[dict]:
+    """The DigitCounts table of ``samples`` samples."""
+    c = DigitCounts(tokenizer)
+    count([c], model, tokenizer, task, length, samples, seed, progress)
+    return c.table()
+
+
+def value_table(model, tokenizer, length: int, samples: int, seed: int, progress: bool = False,
+                task: str = "niah_multivalue") -> dict:
+    """The ValueCounts table of ``samples`` samples of ``task``."""
+    c = ValueCounts(tokenizer)
+    count([c], model, tokenizer, task, length, samples, seed, progress)
+    return c.table()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,14 +167,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager").eval()
-    rows = digit_table(model, tokenizer, args.task, args.length, args.samples, args.seed, progress=True)
+    counters = [DigitCounts(tokenizer)] + ([ValueCounts(tokenizer)] if args.by_value else [])
+    count(counters, model, tokenizer, args.task, args.length, args.samples, args.seed, progress=True)
+    rows = counters[0].table()
     print(f"{args.task} at {args.length} tokens, {args.samples} samples, teacher-forced:")
     print("| digit | n | needle head on the source | digit predicted |\n|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['digit']} | {r['n']} | {r['attention']:.3f} | {r['prediction']:.3f} |")
     result = {"task": args.task, "length": args.length, "samples": args.samples, "rows": rows}
     if args.by_value:
-        result.update(value_table(model, tokenizer, args.length, args.samples, args.seed, progress=True, task=args.task))
+        result.update(counters[1].table())
         print("\nfirst digit of each listed value, and the needle head's mean weight there on its needle and on each needle (prompt order):")
         print("| value | n | first digit predicted | on its needle | on each needle |\n|---:|---:|---:|---:|---|")
         for r in result["by_value"]:
