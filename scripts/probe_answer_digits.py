@@ -13,6 +13,9 @@ the table as JSON.
 needle head's weight on the needle holding that value and on each needle (in prompt order), where it picks
 the value, and digit 1 by whether another needle's value starts with the same digit (then digit 0 alone
 does not say which needle is being copied).
+
+``--head H`` reads another head of the last layer in both tables (the needle head is 0): e.g. the list head
+of ``train_probe_model.py --list-head H``, to see whether it looks where the needle head does.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from benchmark.quality.tasks import TASKS, make_sample  # noqa: E402
 NEEDLE_HEAD = 0  # last layer; the head the training's pointer loss supervises
 
 
-def teacher_forced(model, tokenizer, task: str, length: int, samples: int, seed: int, progress: bool = False):
+def teacher_forced(model, tokenizer, task: str, length: int, samples: int, seed: int, progress: bool = False,
+                   head: int = NEEDLE_HEAD):
     """One forward pass per sample over its prompt and reference completion: yields ``(sample, row, flat,
     pred, attn)`` (the sample, its token segments, the tokens fed, the argmax prediction after each one, the
-    needle head's attention matrix), for the tables below to count from."""
+    attention matrix of ``head`` in the last layer), for the tables below to count from."""
     import torch
     from tqdm import tqdm
 
@@ -46,7 +50,7 @@ def teacher_forced(model, tokenizer, task: str, length: int, samples: int, seed:
         flat = row[0][0] + row[1][0]
         with torch.no_grad():
             out = model(torch.tensor([flat]), output_attentions=True)
-        yield s, row, flat, out.logits[0].argmax(-1), out.attentions[-1][0][NEEDLE_HEAD]
+        yield s, row, flat, out.logits[0].argmax(-1), out.attentions[-1][0][head]
 
 
 class DigitCounts:
@@ -121,25 +125,27 @@ class ValueCounts:
                 "second_digit": [{"shared": sh, "n": n, "predicted": ok / n} for sh, (n, ok) in sorted(self.second.items())]}
 
 
-def count(counters: list, model, tokenizer, task: str, length: int, samples: int, seed: int, progress: bool = False) -> None:
+def count(counters: list, model, tokenizer, task: str, length: int, samples: int, seed: int, progress: bool = False,
+          head: int = NEEDLE_HEAD) -> None:
     """Feed every sample's forward pass to each counter (one pass, however many tables)."""
-    for forced in teacher_forced(model, tokenizer, task, length, samples, seed, progress):
+    for forced in teacher_forced(model, tokenizer, task, length, samples, seed, progress, head):
         for c in counters:
             c.add(*forced)
 
 
-def digit_table(model, tokenizer, task: str, length: int, samples: int, seed: int, progress: bool = False) -> list[dict]:
+def digit_table(model, tokenizer, task: str, length: int, samples: int, seed: int, progress: bool = False,
+                head: int = NEEDLE_HEAD) -> list[dict]:
     """The DigitCounts table of ``samples`` samples."""
     c = DigitCounts(tokenizer)
-    count([c], model, tokenizer, task, length, samples, seed, progress)
+    count([c], model, tokenizer, task, length, samples, seed, progress, head)
     return c.table()
 
 
 def value_table(model, tokenizer, length: int, samples: int, seed: int, progress: bool = False,
-                task: str = "niah_multivalue") -> dict:
+                task: str = "niah_multivalue", head: int = NEEDLE_HEAD) -> dict:
     """The ValueCounts table of ``samples`` samples of ``task``."""
     c = ValueCounts(tokenizer)
-    count([c], model, tokenizer, task, length, samples, seed, progress)
+    count([c], model, tokenizer, task, length, samples, seed, progress, head)
     return c.table()
 
 
@@ -152,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=12345, help="task seed (12345: the held-out evaluation samples)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--by-value", action="store_true", help="niah_multivalue / niah_multiquery: also break digits 0 and 1 down (see above)")
+    ap.add_argument("--head", type=int, default=NEEDLE_HEAD, help="the last layer's head whose attention the tables read (0: the needle head)")
     ap.add_argument("--json", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
     if not (args.model / "config.json").is_file():
@@ -161,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples < 1 or args.length < 128:
         ap.error("--samples must be >= 1 and --length >= 128")
 
+    heads = json.loads((args.model / "config.json").read_text()).get("num_attention_heads", 0)
+    if not 0 <= args.head < heads:
+        ap.error(f"--head: {args.head} is not a head of this model; allowed: 0-{heads - 1}")
+
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -168,16 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager").eval()
     counters = [DigitCounts(tokenizer)] + ([ValueCounts(tokenizer)] if args.by_value else [])
-    count(counters, model, tokenizer, args.task, args.length, args.samples, args.seed, progress=True)
+    count(counters, model, tokenizer, args.task, args.length, args.samples, args.seed, progress=True, head=args.head)
     rows = counters[0].table()
+    name = "needle head" if args.head == NEEDLE_HEAD else f"head {args.head}"
     print(f"{args.task} at {args.length} tokens, {args.samples} samples, teacher-forced:")
-    print("| digit | n | needle head on the source | digit predicted |\n|---:|---:|---:|---:|")
+    print(f"| digit | n | {name} on the source | digit predicted |\n|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['digit']} | {r['n']} | {r['attention']:.3f} | {r['prediction']:.3f} |")
-    result = {"task": args.task, "length": args.length, "samples": args.samples, "rows": rows}
+    result = {"task": args.task, "length": args.length, "samples": args.samples, "head": args.head, "rows": rows}
     if args.by_value:
         result.update(counters[1].table())
-        print("\nfirst digit of each listed value, and the needle head's mean weight there on its needle and on each needle (prompt order):")
+        print(f"\nfirst digit of each listed value, and {'the ' * (args.head == NEEDLE_HEAD)}{name}'s mean weight there on its needle and on each needle (prompt order):")
         print("| value | n | first digit predicted | on its needle | on each needle |\n|---:|---:|---:|---:|---|")
         for r in result["by_value"]:
             print(f"| {r['value']} | {r['n']} | {r['first_digit']:.3f} | {r['on_source']:.2f} | {' '.join(f'{w:.2f}' for w in r['weights'])} |")

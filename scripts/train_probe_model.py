@@ -50,6 +50,7 @@ MIXTURE = {
     "fwe": 0.04,
     "many_values": 0.0,  # training-only, off unless --mixture names it (see many_values_recall)
     "many_values_among_others": 0.0,  # the same with other keys' needles before and after (others=True)
+    "many_values_shared_first_digit": 0.0,  # many_values_among_others whose values share first digits (shared=True)
 }
 # Curriculum: (fraction of steps where the stage ends, min length, max length) in tokens, for the default
 # training length; --train-length L scales the last two stages to (L/8, L/2) and (L/4, L).
@@ -199,7 +200,7 @@ def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[
     return segments
 
 
-def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool = False) -> list[tuple[list[int], bool]]:
+def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool = False, shared: bool = False) -> list[tuple[list[int], bool]]:
     """A training-only multi-value variant: 2-8 needles with one key, all asked for at once and listed in the
     order of their needles (the suite's niah_multivalue wording). With the suite's four values a model can
     pick the next needle by counting the values it has written (the first and the last needle sharp, the
@@ -211,10 +212,21 @@ def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool 
     without them the first value is always the first needle of the prompt and the last the last, a
     shortcut that teaches "the numbers ... are" to start at the first needle, which multi-query (the
     same question over two keys) then pays for. The listed needles stay consecutive, so each one's
-    previous needle is still the one holding the value written before it."""
+    previous needle is still the one holding the value written before it.
+
+    With ``shared``, every listed value starts with the same digit as at least one other (two first digits,
+    each drawn at least twice; one for two or three values): after writing a value's first digit, the digit
+    that follows is then never found by that digit alone, only by which needle the list is at. In the suite's
+    samples about a third of the values share their first digit, and the digit after it is where most
+    multi-value answers of the 1024 recipe go wrong."""
     n = rng.randint(2, max(2, min(8, length // 64)))
     key = rng.choice(KEY_WORDS)
     values = [number(rng, 6) for _ in range(n)]
+    if shared:
+        a, b = rng.sample("123456789", 2)
+        firsts = [a] * n if n < 4 else [a] * (n - n // 2) + [b] * (n // 2)
+        rng.shuffle(firsts)
+        values = [f + v[1:] for f, v in zip(firsts, values)]
     depths = sorted(rng.uniform(0.02, 0.98) for _ in range(n))
     n_phrases = max(2, (length - 24 - 19 * n) // 6)  # a needle is about 12 tokens, a listed value 7
     needles = [(d, needle(key, v)) for d, v in zip(depths, values)]
@@ -232,7 +244,8 @@ def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool 
 
 # Mixture entries that are not suite tasks: their samples are built here (row builders of token segments).
 TRAINING_ONLY = {"dense": dense_recall, "many_values": many_values_recall,
-                 "many_values_among_others": lambda tok, rng, length: many_values_recall(tok, rng, length, others=True)}
+                 "many_values_among_others": lambda tok, rng, length: many_values_recall(tok, rng, length, others=True),
+                 "many_values_shared_first_digit": lambda tok, rng, length: many_values_recall(tok, rng, length, others=True, shared=True)}
 
 
 def sample_row(tokenizer, sample) -> list[tuple[list[int], bool]]:
@@ -319,6 +332,21 @@ def listed_pairs(pairs: list[tuple[int, int, int]], ids, is_answer, comma_id: in
     """The (row, query, source) pairs of ``pairs`` whose query is an answer's ',': where a listed answer
     (multi-value, multi-query) goes on, the needle head picks the needle of the next value."""
     return [p for p in pairs if ids[p[0], p[1]] == comma_id and is_answer[p[0], p[1]]]
+
+
+def in_order_pairs(listed: list[tuple[int, int, int]], pairs: list[tuple[int, int, int]], prev_needle: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The list steps of ``listed`` (``listed_pairs``) whose next value's needle is the one right after the
+    needle of the value just written: every step of a multi-value answer, and a multi-query step only where
+    the two asked needles happen to be neighbours in the text. There the next needle is found by text order
+    (the previous-needle heads tag each needle with the last digits of the one before, and the ',' sees the
+    digit just written), not by its key, which the other list steps need (``--list-head``).
+
+    ``pairs`` gives each answer token's copy source: the value's last digit, one token before the ',', comes
+    from its needle's last digit, right before that needle's period; ``prev_needle`` (``structure_pairs``,
+    row in front) gives for each needle's first digit the period of the needle before it."""
+    source = {(r, t): s for r, t, s in pairs}
+    before = {(r, q): e for r, q, e in prev_needle}
+    return [(r, t, s) for r, t, s in listed if (r, t - 2) in source and before.get((r, s)) == source[(r, t - 2)] + 1]
 
 
 def _find(hay: list[int], needle: list[int]) -> int | None:
@@ -521,7 +549,7 @@ def train(model, tokenizer, args, log):
     model.model.norm.register_forward_pre_hook(lambda mod, a: final.update(h=a[0]))
     captured, first_captured = seen[-1], seen[0]
     last_attn, first_attn = layers[-1].self_attn, layers[0].self_attn
-    if args.chain_weight > 0 or args.prev_needle_weight > 0 or args.prev_needle_copy_weight > 0:
+    if args.chain_weight > 0 or args.prev_needle_weight > 0 or args.prev_needle_copy_weight > 0 or args.list_head:
         STRUCTURE_IDS.update(var=tokenizer.convert_tokens_to_ids("ĠVAR"), eq=tokenizer.convert_tokens_to_ids("Ġ="),
                              period=tokenizer.convert_tokens_to_ids("."), digits=set(DIGIT_IDS.tolist()),
                              **{"is": tokenizer.convert_tokens_to_ids("Ġis")})
@@ -555,6 +583,11 @@ def train(model, tokenizer, args, log):
         lm = (nll * mask).sum() / mask.sum()
         ans = (nll * amask).sum() / amask.sum()
         loss = lm + args.answer_weight * ans
+        listed = listed_pairs(pairs, ids, is_answer, comma_id) if args.list_pointer_weight > 0 or args.list_head else []
+        ordered = in_order_pairs(listed, pairs, struct["prev_needle"]) if args.list_head else []
+        if ordered:  # these list steps belong to the list head: the needle head is not told where to look there
+            moved = set(ordered)
+            pairs, listed = [p for p in pairs if p not in moved], [p for p in listed if p not in moved]
         point = pointer_loss(last_attn, captured, 0, pairs, device) if pairs and args.pointer_weight > 0 else None
         if args.offset_weight > 0 and len(model.model.layers) > 1:
             at = offset_pairs((ids != tokenizer.pad_token_id).sum(1).tolist(), rng)
@@ -575,10 +608,13 @@ def train(model, tokenizer, args, log):
                 loss = loss + args.prev_needle_weight * head_pointer(where, struct["prev_needle"])
             if args.prev_needle_copy_weight > 0 and struct[copied]:
                 loss = loss + args.prev_needle_copy_weight * head_copy(where, at=struct[copied])
-        if args.list_pointer_weight > 0:
-            listed = listed_pairs(pairs, ids, is_answer, comma_id)
-            if listed:
-                loss = loss + args.list_pointer_weight * pointer_loss(last_attn, captured, 0, listed, device)
+        if args.list_pointer_weight > 0 and listed:
+            loss = loss + args.list_pointer_weight * pointer_loss(last_attn, captured, 0, listed, device)
+        if ordered:  # the list head looks at the next needle in text order and writes its first digit, loud enough to decide
+            scale = final["h"].detach().pow(2).mean(-1).add(1e-6).rsqrt().mean()
+            list_weight = args.list_pointer_weight or args.pointer_weight
+            loss = loss + list_weight * head_pointer((-1, args.list_head), ordered)
+            loss = loss + list_weight * head_copy((-1, args.list_head), at=[(r, t, int(ids[r, s])) for r, t, s in ordered], scale=scale)
         if point is not None:
             loss = loss + args.pointer_weight * point
             ema_ptr = point.item() if ema_ptr is None else 0.98 * ema_ptr + 0.02 * point.item()
@@ -625,6 +661,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prev-needle-digits", type=int, choices=(1, 2), default=1, help="how many of the previous needle's last digits the previous-needle heads bring to each needle (2: a second head, layer 1 head 0, brings the digit before the last, with the same weights)")
     ap.add_argument("--prev-needle-positions", type=int, choices=(1, 2), default=1, help="at how many of a needle's first digits the previous-needle heads look back (2: also at the second digit, which the answer's first digit reads)")
     ap.add_argument("--list-pointer-weight", type=float, default=0.0, help="extra weight of the needle head's attention supervision where a listed answer goes on (the ',' before the next value of multi-value and multi-query answers), the step that decides which needle comes next (0: off)")
+    ap.add_argument("--list-head", type=int, default=0, help="a last-layer head of its own for the list steps that go on in text order (every ',' of a multi-value answer, see in_order_pairs): it is told to look at the next needle and write its first digit, and the needle head (head 0) is no longer told to look there (0: off, the needle head does every list step)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=384)
@@ -652,6 +689,12 @@ def main(argv: list[str] | None = None) -> None:
     for flag, value in (("--prev-needle-digits", args.prev_needle_digits), ("--prev-needle-positions", args.prev_needle_positions)):
         if value != 1 and not prev_needle_on:
             ap.error(f"{flag}: needs --prev-needle-weight or --prev-needle-copy-weight > 0 (it shapes their supervision)")
+    taken = {0: "the needle head", CHAIN_HEAD[1]: "the chain head (--chain-weight)"} if args.chain_weight > 0 else {0: "the needle head"}
+    if args.list_head and (args.list_head in taken or not 0 < args.list_head < args.heads):
+        free = [h for h in range(1, args.heads) if h not in taken]
+        ap.error(f"--list-head: {args.list_head} is not a free head of the last layer ({taken.get(args.list_head, 'out of range')}); allowed: 0 (off) or one of {free}")
+    if args.list_head and not prev_needle_on:
+        ap.error("--list-head: needs --prev-needle-weight or --prev-needle-copy-weight > 0 (the list head follows the previous-needle tags)")
     if args.max_positions < 32768:
         ap.error("--max-positions: must be >= 32768 (benchmarks use long prompts)")
     if args.mixture:

@@ -158,6 +158,58 @@ def test_listed_pairs_are_where_a_list_goes_on(tok):
             assert listed and not T.listed_pairs(listed, ids, torch.zeros_like(is_answer), comma)
 
 
+def test_in_order_pairs_are_the_list_steps_that_follow_the_text(tok):
+    """The list head's steps: every ',' of a multi-value answer, and a multi-query ',' exactly when the next
+    asked key's needle is the one right after the needle just answered (checked on the text itself)."""
+    import re
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import torch
+    import train_probe_model as T
+
+    from benchmark.quality.tasks import make_sample
+
+    T.SEPARATOR_IDS.update(T.separator_token_ids(tok))
+    ids = {"var": tok.convert_tokens_to_ids("ĠVAR"), "eq": tok.convert_tokens_to_ids("Ġ="),
+           "period": tok.convert_tokens_to_ids("."), "is": tok.convert_tokens_to_ids("Ġis"),
+           "digits": set(T.digit_token_ids(tok))}
+    comma = tok.convert_tokens_to_ids(",")
+    seen = {True: 0, False: 0}
+    for task, index in [("niah_multivalue", i) for i in range(4)] + [("niah_multiquery", i) for i in range(40)]:
+        s = make_sample(task, tok, 512, index, 0)
+        row = T.sample_row(tok, s)
+        flat = row[0][0] + row[1][0]
+        x = torch.tensor([flat])
+        is_answer = torch.zeros_like(x, dtype=torch.bool)
+        is_answer[0, len(row[0][0]):] = True
+        pairs = [(0, t, src) for t, src in T.copy_pairs(row)]
+        listed = T.listed_pairs(pairs, x, is_answer, comma)
+        prev = [(0, *p) for p in T.structure_pairs(row, ids)["prev_needle"]]
+        got = T.in_order_pairs(listed, pairs, prev)
+        order = [v for _, v in re.findall(r"for (\w+) is (\d+)\.", s.prompt)]  # every needle's value, text order
+        want = [p for p, (a, b) in zip(listed, zip(s.answers, s.answers[1:])) if order.index(b) == order.index(a) + 1]
+        assert got == want, (task, index)
+        if task == "niah_multivalue":
+            assert got == listed and len(got) == len(s.answers) - 1
+        else:
+            seen[bool(got)] += 1
+    assert seen[True] and seen[False]  # both kinds of multi-query step were drawn
+    assert T.in_order_pairs(listed, pairs, []) == []  # without previous-needle tags nothing is in order
+
+
+def test_list_head_flag_names_the_free_heads(tmp_path):
+    """A taken or missing head, or a list head without the previous-needle tags it follows: exit 2 naming the
+    flag and what is allowed, nothing written."""
+    script = str(ROOT / "scripts/train_probe_model.py")
+    prev = ["--prev-needle-weight", "1"]
+    for extra, words in [(prev + ["--list-head", "4", "--chain-weight", "2"], ["chain head", "allowed", "[1, 2, 3, 5, 6, 7]"]),
+                         (prev + ["--list-head", "8"], ["out of range", "[1, 2, 3, 4, 5, 6, 7]"]),
+                         (["--list-head", "1"], ["--prev-needle-weight"])]:
+        r = subprocess.run([sys.executable, script, *extra, "--steps", "1", "--out", str(tmp_path / "m")], capture_output=True, text=True)
+        assert r.returncode == 2 and "--list-head" in r.stderr and all(w in r.stderr for w in words), r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "m").exists()
+
+
 def test_many_values_rows_list_every_same_key_needle_in_order(tok):
     """The training-only multi-value variant: 2-8 needles of one key, asked in the suite's wording, answered
     with every value in needle order; each listed value's copy source, list pointer and previous-needle tag
@@ -212,6 +264,32 @@ def test_many_values_rows_list_every_same_key_needle_in_order(tok):
         assert tags == [v[-1] for v in values[:-1]]  # each listed needle is told the value written before it
     assert {2, 8} <= counts and {(0, 0), (2, 2)} <= outside  # the whole range is drawn
     assert "many_values_among_others" in T.TRAINING_ONLY and T.MIXTURE["many_values_among_others"] == 0
+
+
+def test_shared_first_digit_rows_make_every_first_digit_ambiguous(tok):
+    """many_values_shared_first_digit: rows as many_values_among_others (same-key needles listed in order, other
+    keys around them), but every listed value starts with the same digit as another listed value, so the digit
+    after it is never told by the first digit alone. Off in the default mixture."""
+    import re
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_probe_model as T
+
+    assert T.MIXTURE["many_values_shared_first_digit"] == 0
+    build = T.TRAINING_ONLY["many_values_shared_first_digit"]
+    sizes = set()
+    for i, length in enumerate((256, 1024, 3072) * 8):
+        row = build(tok, random.Random(i), length)
+        haystack, question, answer = (tok.decode(t, skip_special_tokens=True) for t, _ in row)
+        key = re.search(r"numbers for (\w+)\?", question).group(1)
+        values = answer.strip().rstrip(".").split(", ")
+        sizes.add(len(values))
+        assert re.findall(rf"for {key} is (\d+)\.", haystack) == values and all(len(v) == 6 and v[0] != "0" for v in values)
+        firsts = [v[0] for v in values]
+        assert all(firsts.count(f) >= 2 for f in firsts) and len(set(firsts)) <= 2, values
+        others = [k for k, _ in re.findall(r"for (\w+) is (\d+)\.", haystack) if k != key]
+        assert len(others) <= 4 and key not in others
+    assert {2, 8} <= sizes
 
 
 def test_hf_eval_shows_outputs_next_to_answers_and_scores_them(capsys):
@@ -310,7 +388,11 @@ def test_answer_digit_table_of_the_bundled_probe(tmp_path, tok):
     mq = P.value_table(model, tok, 1024, 4, 12345, task="niah_multiquery")
     assert [r["n"] for r in mq["by_value"]] == [4, 4]  # two values asked a sample
     assert all(0.8 < r["on_source"] <= 1.0 for r in mq["by_value"])  # found by key, wherever the needle is
-    for argv, says in [([], "config.json"), (["--task", "niah_single", "--by-value"], "niah_multiquery")]:
+    other = P.value_table(model, tok, 1024, 4, 12345, task="niah_multiquery", head=3)  # not the needle head
+    assert [r["first_digit"] for r in other["by_value"]] == [r["first_digit"] for r in mq["by_value"]]
+    assert all(r["on_source"] < 0.5 for r in other["by_value"])
+    for argv, says in [([], "config.json"), (["--task", "niah_single", "--by-value"], "niah_multiquery"),
+                       (["--head", "8"], "allowed: 0-7")]:
         model_dir = tmp_path if not argv else default_model_path()
         r = subprocess.run([sys.executable, str(ROOT / "scripts/probe_answer_digits.py"), "--model", str(model_dir), *argv],
                            capture_output=True, text=True)
@@ -329,7 +411,8 @@ def test_training_runs_every_supervision_and_is_deterministic(tmp_path):
             "--mixture", "niah_multivalue=0.5,niah_multiquery=0.3,vt=0.2", "--eval-samples", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     weights = {}
-    for name, extra in [("a", ["--list-pointer-weight", "2"]), ("b", ["--list-pointer-weight", "2"]), ("c", [])]:
+    for name, extra in [("a", ["--list-pointer-weight", "2"]), ("b", ["--list-pointer-weight", "2"]), ("c", []),
+                        ("d", ["--list-pointer-weight", "2", "--list-head", "1"])]:
         r = subprocess.run(base + extra + ["--out", str(tmp_path / name)], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
@@ -338,3 +421,4 @@ def test_training_runs_every_supervision_and_is_deterministic(tmp_path):
     assert weights["a"].keys() == weights["c"].keys()
     assert all((weights["a"][k] == weights["b"][k]).all() for k in weights["a"])
     assert any(not (weights["a"][k] == weights["c"][k]).all() for k in weights["a"])
+    assert any(not (weights["a"][k] == weights["d"][k]).all() for k in weights["a"])  # the list head's losses train
