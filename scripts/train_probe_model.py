@@ -334,6 +334,14 @@ def listed_pairs(pairs: list[tuple[int, int, int]], ids, is_answer, comma_id: in
     return [p for p in pairs if ids[p[0], p[1]] == comma_id and is_answer[p[0], p[1]]]
 
 
+def value_start_pairs(pairs: list[tuple[int, int, int]], ids, is_answer, first_digit_ids: set[int]) -> list[tuple[int, int, int]]:
+    """The (row, query, source) pairs of ``pairs`` whose query is an answer value's first digit (a digit token
+    with its leading space): the step that reads the value's second digit, where the head must stay on the
+    needle it picked; when another needle's value starts with the same digit, the digit alone does not say
+    which one that is."""
+    return [p for p in pairs if int(ids[p[0], p[1]]) in first_digit_ids and is_answer[p[0], p[1]]]
+
+
 def in_order_pairs(listed: list[tuple[int, int, int]], pairs: list[tuple[int, int, int]], prev_needle: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """The list steps of ``listed`` (``listed_pairs``) whose next value's needle is the one right after the
     needle of the value just written: every step of a multi-value answer, and a multi-query step only where
@@ -564,6 +572,7 @@ def train(model, tokenizer, args, log):
 
     stage, ema_acc, ema_tok = args.start_stage, 0.0, 0.0
     comma_id = tokenizer.convert_tokens_to_ids(",")
+    first_digit_ids = {i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isdigit() and len(t) == 2}
     digit_ids = DIGIT_IDS.to(device)
     for step in range(args.steps):
         # Curriculum: the next stage starts at its share of the steps, and (with --gate-accuracy) only once the
@@ -608,6 +617,10 @@ def train(model, tokenizer, args, log):
                 loss = loss + args.prev_needle_weight * head_pointer(where, struct["prev_needle"])
             if args.prev_needle_copy_weight > 0 and struct[copied]:
                 loss = loss + args.prev_needle_copy_weight * head_copy(where, at=struct[copied])
+        if args.value_start_pointer_weight > 0:
+            starts = value_start_pairs(pairs, ids, is_answer, first_digit_ids)
+            if starts:
+                loss = loss + args.value_start_pointer_weight * pointer_loss(last_attn, captured, 0, starts, device)
         if args.list_pointer_weight > 0 and listed:
             loss = loss + args.list_pointer_weight * pointer_loss(last_attn, captured, 0, listed, device)
         if ordered:  # the list head looks at the next needle in text order and writes its first digit, loud enough to decide
@@ -661,6 +674,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prev-needle-digits", type=int, choices=(1, 2), default=1, help="how many of the previous needle's last digits the previous-needle heads bring to each needle (2: a second head, layer 1 head 0, brings the digit before the last, with the same weights)")
     ap.add_argument("--prev-needle-positions", type=int, choices=(1, 2), default=1, help="at how many of a needle's first digits the previous-needle heads look back (2: also at the second digit, which the answer's first digit reads)")
     ap.add_argument("--list-pointer-weight", type=float, default=0.0, help="extra weight of the needle head's attention supervision where a listed answer goes on (the ',' before the next value of multi-value and multi-query answers), the step that decides which needle comes next (0: off)")
+    ap.add_argument("--value-start-pointer-weight", type=float, default=0.0, help="extra weight of the needle head's attention supervision at each answer value's first digit, the step that reads its second digit from the needle just picked (0: off)")
     ap.add_argument("--list-head", type=int, default=0, help="a last-layer head of its own for the list steps that go on in text order (every ',' of a multi-value answer, see in_order_pairs): it is told to look at the next needle and write its first digit, and the needle head (head 0) is no longer told to look there (0: off, the needle head does every list step)")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)

@@ -158,6 +158,32 @@ def test_listed_pairs_are_where_a_list_goes_on(tok):
             assert listed and not T.listed_pairs(listed, ids, torch.zeros_like(is_answer), comma)
 
 
+def test_value_start_pairs_are_each_values_first_digit(tok):
+    """--value-start-pointer-weight's steps: one per listed value, at the value's first digit in the answer,
+    pointing at the needle's second digit (right after the same first digit); none for vt's names."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import torch
+    import train_probe_model as T
+
+    from benchmark.quality.tasks import make_sample
+
+    T.SEPARATOR_IDS.update(T.separator_token_ids(tok))
+    first = {i for t, i in tok.get_vocab().items() if t.startswith("Ġ") and t[1:].isdigit() and len(t) == 2}
+    for task in ("niah_multivalue", "niah_multiquery", "niah_single", "vt"):
+        s = make_sample(task, tok, 512, 1, 0)
+        row = T.sample_row(tok, s)
+        flat = row[0][0] + row[1][0]
+        x = torch.tensor([flat])
+        is_answer = torch.zeros_like(x, dtype=torch.bool)
+        is_answer[0, len(row[0][0]):] = True
+        got = T.value_start_pairs([(0, t, src) for t, src in T.copy_pairs(row)], x, is_answer, first)
+        digits = [a for a in s.answers if a.isdigit()]
+        assert len(got) == len(digits), task
+        assert [tok.decode(flat[src - 1 : src + 1]).strip() for _, _, src in got] == [a[:2] for a in digits]
+        assert all(q >= len(row[0][0]) and flat[q] == flat[src - 1] for _, q, src in got)
+        assert not T.value_start_pairs([(0, t, src) for t, src in T.copy_pairs(row)], x, torch.zeros_like(is_answer), first)
+
+
 def test_in_order_pairs_are_the_list_steps_that_follow_the_text(tok):
     """The list head's steps: every ',' of a multi-value answer, and a multi-query ',' exactly when the next
     asked key's needle is the one right after the needle just answered (checked on the text itself)."""
@@ -412,7 +438,8 @@ def test_training_runs_every_supervision_and_is_deterministic(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     weights = {}
     for name, extra in [("a", ["--list-pointer-weight", "2"]), ("b", ["--list-pointer-weight", "2"]), ("c", []),
-                        ("d", ["--list-pointer-weight", "2", "--list-head", "1"])]:
+                        ("d", ["--list-pointer-weight", "2", "--list-head", "1"]),
+                        ("e", ["--list-pointer-weight", "2", "--value-start-pointer-weight", "4"])]:
         r = subprocess.run(base + extra + ["--out", str(tmp_path / name)], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
@@ -422,3 +449,4 @@ def test_training_runs_every_supervision_and_is_deterministic(tmp_path):
     assert all((weights["a"][k] == weights["b"][k]).all() for k in weights["a"])
     assert any(not (weights["a"][k] == weights["c"][k]).all() for k in weights["a"])
     assert any(not (weights["a"][k] == weights["d"][k]).all() for k in weights["a"])  # the list head's losses train
+    assert any(not (weights["a"][k] == weights["e"][k]).all() for k in weights["a"])  # and the value-start loss
