@@ -450,6 +450,18 @@ def digit_token_ids(tokenizer) -> list[int]:
     return [i for t, i in tokenizer.get_vocab().items() if len(t.lstrip("Ġ")) == 1 and t.lstrip("Ġ").isdigit()]
 
 
+def first_digit_token_ids(tokenizer) -> set[int]:
+    """The digit tokens with a leading space: how a number's first digit is written (``value_start_pairs``)."""
+    return {i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isdigit() and len(t) == 2}
+
+
+def structure_token_ids(tokenizer) -> dict:
+    """The token ids ``structure_pairs`` reads: var, eq, period, is, and the digits (a set)."""
+    return dict(var=tokenizer.convert_tokens_to_ids("ĠVAR"), eq=tokenizer.convert_tokens_to_ids("Ġ="),
+                period=tokenizer.convert_tokens_to_ids("."), digits=set(digit_token_ids(tokenizer)),
+                **{"is": tokenizer.convert_tokens_to_ids("Ġis")})
+
+
 def pointer_loss(attn, captured: dict, head: int, pairs: list[tuple[int, int, int]], device):
     """Attention supervision of one head: -log of its attention weight from each query position to its
     target position (mean over ``pairs`` of (row, query position, target position)). The model stays a
@@ -558,9 +570,7 @@ def train(model, tokenizer, args, log):
     captured, first_captured = seen[-1], seen[0]
     last_attn, first_attn = layers[-1].self_attn, layers[0].self_attn
     if args.chain_weight > 0 or args.prev_needle_weight > 0 or args.prev_needle_copy_weight > 0 or args.list_head:
-        STRUCTURE_IDS.update(var=tokenizer.convert_tokens_to_ids("ĠVAR"), eq=tokenizer.convert_tokens_to_ids("Ġ="),
-                             period=tokenizer.convert_tokens_to_ids("."), digits=set(DIGIT_IDS.tolist()),
-                             **{"is": tokenizer.convert_tokens_to_ids("Ġis")})
+        STRUCTURE_IDS.update(structure_token_ids(tokenizer))
 
     def head_pointer(where, pairs):
         layer, head = where
@@ -572,7 +582,11 @@ def train(model, tokenizer, args, log):
 
     stage, ema_acc, ema_tok = args.start_stage, 0.0, 0.0
     comma_id = tokenizer.convert_tokens_to_ids(",")
-    first_digit_ids = {i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isdigit() and len(t) == 2}
+    first_digit_ids = first_digit_token_ids(tokenizer)
+
+    def residual_scale():
+        """The final norm's 1/RMS of this step's residual: the scale a head's write is read at to decide the output."""
+        return final["h"].detach().pow(2).mean(-1).add(1e-6).rsqrt().mean()
     digit_ids = DIGIT_IDS.to(device)
     for step in range(args.steps):
         # Curriculum: the next stage starts at its share of the steps, and (with --gate-accuracy) only once the
@@ -605,8 +619,7 @@ def train(model, tokenizer, args, log):
         if args.copy_weight > 0:
             loss = loss + args.copy_weight * copy_loss(last_attn, model, captured, 0, ids, ids != tokenizer.pad_token_id)
         if args.chain_weight > 0 and struct["statement"]:
-            # the final norm's 1/RMS of this step's residual: the scale the chain head's write is read at
-            scale = final["h"].detach().pow(2).mean(-1).add(1e-6).rsqrt().mean() if args.chain_copy_read == "residual" else None
+            scale = residual_scale() if args.chain_copy_read == "residual" else None
             loss = loss + args.chain_weight * head_pointer(STATEMENT_HEAD, struct["statement"])
             loss = loss + args.chain_weight * head_copy(STATEMENT_HEAD, keep=ids != tokenizer.pad_token_id)
             loss = loss + args.chain_weight * head_copy(CHAIN_HEAD, at=struct["chain_copy"], scale=scale)
@@ -624,7 +637,7 @@ def train(model, tokenizer, args, log):
         if args.list_pointer_weight > 0 and listed:
             loss = loss + args.list_pointer_weight * pointer_loss(last_attn, captured, 0, listed, device)
         if ordered:  # the list head looks at the next needle in text order and writes its first digit, loud enough to decide
-            scale = final["h"].detach().pow(2).mean(-1).add(1e-6).rsqrt().mean()
+            scale = residual_scale()
             list_weight = args.list_pointer_weight or args.pointer_weight
             loss = loss + list_weight * head_pointer((-1, args.list_head), ordered)
             loss = loss + list_weight * head_copy((-1, args.list_head), at=[(r, t, int(ids[r, s])) for r, t, s in ordered], scale=scale)

@@ -91,8 +91,8 @@ def test_structure_pairs_point_where_a_causal_key_can_answer(tok):
     from benchmark.quality.tasks import make_sample
 
     digits = set(T.digit_token_ids(tok))
-    ids = {"var": tok.convert_tokens_to_ids("ĠVAR"), "eq": tok.convert_tokens_to_ids("Ġ="),
-           "period": tok.convert_tokens_to_ids("."), "is": tok.convert_tokens_to_ids("Ġis"), "digits": digits}
+    ids = T.structure_token_ids(tok)
+    assert ids["digits"] == digits and ids["var"] == tok.convert_tokens_to_ids("ĠVAR") and ids["is"] == tok.convert_tokens_to_ids("Ġis")
     conv = tok.convert_ids_to_tokens
     s = make_sample("vt", tok, 512, 3, 0)
     row = T.sample_row(tok, s)
@@ -168,7 +168,8 @@ def test_value_start_pairs_are_each_values_first_digit(tok):
     from benchmark.quality.tasks import make_sample
 
     T.SEPARATOR_IDS.update(T.separator_token_ids(tok))
-    first = {i for t, i in tok.get_vocab().items() if t.startswith("Ġ") and t[1:].isdigit() and len(t) == 2}
+    first = T.first_digit_token_ids(tok)
+    assert sorted(tok.convert_ids_to_tokens(sorted(first))) == [f"Ġ{d}" for d in range(1, 10)]  # numbers never start with 0
     for task in ("niah_multivalue", "niah_multiquery", "niah_single", "vt"):
         s = make_sample(task, tok, 512, 1, 0)
         row = T.sample_row(tok, s)
@@ -196,9 +197,7 @@ def test_in_order_pairs_are_the_list_steps_that_follow_the_text(tok):
     from benchmark.quality.tasks import make_sample
 
     T.SEPARATOR_IDS.update(T.separator_token_ids(tok))
-    ids = {"var": tok.convert_tokens_to_ids("ĠVAR"), "eq": tok.convert_tokens_to_ids("Ġ="),
-           "period": tok.convert_tokens_to_ids("."), "is": tok.convert_tokens_to_ids("Ġis"),
-           "digits": set(T.digit_token_ids(tok))}
+    ids = T.structure_token_ids(tok)
     comma = tok.convert_tokens_to_ids(",")
     seen = {True: 0, False: 0}
     for task, index in [("niah_multivalue", i) for i in range(4)] + [("niah_multiquery", i) for i in range(40)]:
@@ -250,9 +249,7 @@ def test_many_values_rows_list_every_same_key_needle_in_order(tok):
 
     T.SEPARATOR_IDS.update(T.separator_token_ids(tok))
     assert T.MIXTURE["many_values"] == 0 and T.parse_mixture("many_values=1") == {"many_values": 1.0}
-    ids = {"var": tok.convert_tokens_to_ids("ĠVAR"), "eq": tok.convert_tokens_to_ids("Ġ="),
-           "period": tok.convert_tokens_to_ids("."), "is": tok.convert_tokens_to_ids("Ġis"),
-           "digits": set(T.digit_token_ids(tok))}
+    ids = T.structure_token_ids(tok)
     suite_q = make_sample("niah_multivalue", tok, 512, 0, 0).prompt.split("\n")[-1]
     comma = tok.convert_tokens_to_ids(",")
     counts, outside = set(), set()
