@@ -12,7 +12,15 @@ the table as JSON.
 ``--by-value`` (multi-value, multi-query) breaks digit 0 down by the value's place in the list, with the
 needle head's weight on the needle holding that value and on each needle (in prompt order), where it picks
 the value, and digit 1 by whether another needle's value starts with the same digit (then digit 0 alone
-does not say which needle is being copied).
+does not say which needle is being copied), and, where one does, by the two needles' places.
+
+``--follow`` (multi-value) asks whether the head follows the value just written or counts: for each listed value
+after the first it replaces, teacher-forced, the value written before it by the value of another needle's
+predecessor, so that by text order the list should now go on at that other needle, and reports the head's
+weight on the needle the list was at and on the one it should now go to, before and after the edit: at the
+',' (where the next needle is picked) and at the value's first digit (where its second digit is read; only
+edits whose new needle's value starts with the same digit). A head that follows the text moves; one that
+counts the values written does not.
 
 ``--head H`` reads another head of the last layer in both tables (the needle head is 0): e.g. the list head
 of ``train_probe_model.py --list-head H``, to see whether it looks where the needle head does.
@@ -85,14 +93,16 @@ class ValueCounts:
     k-th listed value's first digit is predicted, and the needle head's mean weight, at the position that
     predicts it, on the first digit of the needle holding the value and of each needle in prompt order) and
     ``second_digit`` rows ``{shared, n, predicted}`` (digit 1 split by whether another needle's value in the
-    prompt starts with the same digit)."""
+    prompt starts with the same digit), and ``shared_pairs`` rows ``{needle, other, n, predicted}`` (digit 1 of
+    the values whose first digit another needle's value shares, by the place of the value's needle and of each
+    needle sharing it, in prompt order)."""
 
     def __init__(self, tokenizer):
         import train_probe_model as T
 
         self.tokenizer = tokenizer
         self.is_id, self.digits = tokenizer.convert_tokens_to_ids("Ġis"), set(T.digit_token_ids(tokenizer))
-        self.first, self.weights, self.on_source, self.second = {}, {}, {}, {}
+        self.first, self.weights, self.on_source, self.second, self.pairs = {}, {}, {}, {}, {}
 
     def add(self, sample, row, flat, pred, attn) -> None:
         tok, values, prompt_end = self.tokenizer, list(sample.answers), len(row[0][0])
@@ -114,15 +124,22 @@ class ValueCounts:
                 source = next(q for q in needles if tok.decode(flat[q : q + 6]).strip() == values[k])
                 self.on_source[k] = self.on_source.get(k, 0.0) + float(attn[p - 1, source])
             elif j == 1:
-                shared = sum(tok.decode(flat[q]).strip() == values[k][0] for q in needles) > 1
-                n, ok = self.second.get(shared, (0, 0))
-                self.second[shared] = (n + 1, ok + hit)
+                sharing = [m for m, q in enumerate(needles) if tok.decode(flat[q]).strip() == values[k][0]
+                           and tok.decode(flat[q : q + 6]).strip() != values[k]]
+                n, ok = self.second.get(bool(sharing), (0, 0))
+                self.second[bool(sharing)] = (n + 1, ok + hit)
+                own = next(m for m, q in enumerate(needles) if tok.decode(flat[q : q + 6]).strip() == values[k])
+                for m in sharing:
+                    n, ok = self.pairs.get((own, m), (0, 0))
+                    self.pairs[(own, m)] = (n + 1, ok + hit)
 
     def table(self) -> dict:
         return {"by_value": [{"value": k, "n": n, "first_digit": ok / n, "on_source": self.on_source[k] / n,
                               "weights": [w / n for w in self.weights[k]]}
                              for k, (n, ok) in sorted(self.first.items())],
-                "second_digit": [{"shared": sh, "n": n, "predicted": ok / n} for sh, (n, ok) in sorted(self.second.items())]}
+                "second_digit": [{"shared": sh, "n": n, "predicted": ok / n} for sh, (n, ok) in sorted(self.second.items())],
+                "shared_pairs": [{"needle": a, "other": b, "n": n, "predicted": ok / n}
+                                 for (a, b), (n, ok) in sorted(self.pairs.items())]}
 
 
 def count(counters: list, model, tokenizer, task: str, length: int, samples: int, seed: int, progress: bool = False,
@@ -149,6 +166,66 @@ def value_table(model, tokenizer, length: int, samples: int, seed: int, progress
     return c.table()
 
 
+def follow_edit(flat: list[int], starts: list[int], needles: list[int], k: int, c: int) -> list[int]:
+    """``flat`` with the listed value before the k-th one (answer value k - 1, starting at ``starts[k - 1]``)
+    replaced by the value of needle c - 1 (the needle before needle c; ``needles`` are first-digit positions)."""
+    edited = list(flat)
+    edited[starts[k - 1] : starts[k - 1] + 6] = flat[needles[c - 1] : needles[c - 1] + 6]
+    return edited
+
+
+def follow_table(model, tokenizer, length: int, samples: int, seed: int, progress: bool = False,
+                 head: int = NEEDLE_HEAD) -> list[dict]:
+    """Multi-value, teacher-forced: rows ``{step, n, kept_before, kept_after, follow_before, follow_after,
+    wins_before, wins_after}`` for the steps ``,`` and ``first digit`` (see ``--follow`` above): the head's mean
+    weight on the needle the list was at (``kept``) and on the needle after the edited value (``follow``),
+    before and after the edit, and how often ``follow`` outweighs ``kept``."""
+    import torch
+    from tqdm import tqdm
+
+    import train_probe_model as T
+
+    is_id, digits = tokenizer.convert_tokens_to_ids("Ġis"), set(T.digit_token_ids(tokenizer))
+    sums = {step: [0, 0.0, 0.0, 0.0, 0.0, 0, 0] for step in (",", "first digit")}
+
+    def weights(flat):
+        with torch.no_grad():
+            return model(torch.tensor([flat]), output_attentions=True).attentions[-1][0][head]
+
+    for i in tqdm(range(samples), desc="follow", disable=not progress):
+        s = make_sample("niah_multivalue", tokenizer, length, i, seed)
+        row = T.sample_row(tokenizer, s)
+        flat, prompt_end = row[0][0] + row[1][0], len(row[0][0])
+        needles = [p for p in range(1, prompt_end) if flat[p - 1] == is_id and flat[p] in digits]
+        held = [tokenizer.decode(flat[q : q + 6]).strip() for q in needles]
+        starts = [p for p in range(prompt_end, len(flat)) if flat[p] in digits
+                  and tokenizer.convert_ids_to_tokens(flat[p]).startswith("Ġ")]
+        if held != list(s.answers) or len(starts) != len(needles):
+            continue  # the k-th value is the k-th needle's (the suite's multi-value); anything else is skipped
+        before = weights(flat)
+        for k in range(1, len(needles)):
+            for c in range(1, len(needles)):
+                if c == k:
+                    continue
+                edited = follow_edit(flat, starts, needles, k, c)
+                after = None
+                for step, q, off in ((",", starts[k] - 1, 0), ("first digit", starts[k], 1)):
+                    if step == "first digit" and held[c][0] != held[k][0]:
+                        continue
+                    after = weights(edited) if after is None else after
+                    acc = sums[step]
+                    acc[0] += 1
+                    acc[1] += float(before[q, needles[k] + off])
+                    acc[2] += float(after[q, needles[k] + off])
+                    acc[3] += float(before[q, needles[c] + off])
+                    acc[4] += float(after[q, needles[c] + off])
+                    acc[5] += int(before[q, needles[c] + off] > before[q, needles[k] + off])
+                    acc[6] += int(after[q, needles[c] + off] > after[q, needles[k] + off])
+    return [{"step": step, "n": n, "kept_before": a / max(n, 1), "kept_after": b / max(n, 1),
+             "follow_before": c / max(n, 1), "follow_after": d / max(n, 1), "wins_before": w0 / max(n, 1),
+             "wins_after": w1 / max(n, 1)} for step, (n, a, b, c, d, w0, w1) in sums.items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ROOT / "python/sglang_mux/models/default", help="a probe model folder (HF format)")
@@ -158,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=12345, help="task seed (12345: the held-out evaluation samples)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--by-value", action="store_true", help="niah_multivalue / niah_multiquery: also break digits 0 and 1 down (see above)")
+    ap.add_argument("--follow", action="store_true", help="niah_multivalue: also edit the value written before each listed value and see whether the head follows (see above)")
     ap.add_argument("--head", type=int, default=NEEDLE_HEAD, help="the last layer's head whose attention the tables read (0: the needle head)")
     ap.add_argument("--json", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
@@ -165,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--model: {args.model} has no config.json (expected a probe model folder)")
     if args.by_value and args.task not in LISTED_TASKS:
         ap.error(f"--by-value: only with --task {' or '.join(LISTED_TASKS)}, got --task {args.task}")
+    if args.follow and args.task != "niah_multivalue":
+        ap.error(f"--follow: only with --task niah_multivalue, got --task {args.task}")
     if args.samples < 1 or args.length < 128:
         ap.error("--samples must be >= 1 and --length >= 128")
 
@@ -197,6 +277,18 @@ def main(argv: list[str] | None = None) -> None:
         print("| shared first digit | n | predicted |\n|---|---:|---:|")
         for r in result["second_digit"]:
             print(f"| {'yes' if r['shared'] else 'no'} | {r['n']} | {r['predicted']:.3f} |")
+        print("\nsecond digit after a shared first digit, by the value's needle and the needle sharing it (prompt order, from 0):")
+        print("| needle | other | n | predicted |\n|---:|---:|---:|---:|")
+        for r in result["shared_pairs"]:
+            print(f"| {r['needle']} | {r['other']} | {r['n']} | {r['predicted']:.3f} |")
+    if args.follow:
+        result["follow"] = follow_table(model, tokenizer, args.length, args.samples, args.seed, progress=True, head=args.head)
+        print(f"\nthe value before each listed value replaced by another needle's predecessor's: {name}'s mean weight on the"
+              " needle the list was at (kept) and on the one after the new value (follow), before -> after the edit:")
+        print("| step | n | kept | follow | follow outweighs kept |\n|---|---:|---:|---:|---:|")
+        for r in result["follow"]:
+            print(f"| {r['step']} | {r['n']} | {r['kept_before']:.2f} -> {r['kept_after']:.2f} | "
+                  f"{r['follow_before']:.2f} -> {r['follow_after']:.2f} | {r['wins_before']:.2f} -> {r['wins_after']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -51,6 +51,7 @@ MIXTURE = {
     "many_values": 0.0,  # training-only, off unless --mixture names it (see many_values_recall)
     "many_values_among_others": 0.0,  # the same with other keys' needles before and after (others=True)
     "many_values_shared_first_digit": 0.0,  # many_values_among_others whose values share first digits (shared=True)
+    "many_values_continued": 0.0,  # many_values_among_others whose answer goes on after a given value (continued=True)
 }
 # Curriculum: (fraction of steps where the stage ends, min length, max length) in tokens, for the default
 # training length; --train-length L scales the last two stages to (L/8, L/2) and (L/4, L).
@@ -200,7 +201,8 @@ def dense_recall(tokenizer, rng: random.Random, length: int) -> list[tuple[list[
     return segments
 
 
-def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool = False, shared: bool = False) -> list[tuple[list[int], bool]]:
+def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool = False, shared: bool = False,
+                       continued: bool = False) -> list[tuple[list[int], bool]]:
     """A training-only multi-value variant: 2-8 needles with one key, all asked for at once and listed in the
     order of their needles (the suite's niah_multivalue wording). With the suite's four values a model can
     pick the next needle by counting the values it has written (the first and the last needle sharp, the
@@ -218,8 +220,14 @@ def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool 
     each drawn at least twice; one for two or three values): after writing a value's first digit, the digit
     that follows is then never found by that digit alone, only by which needle the list is at. In the suite's
     samples about a third of the values share their first digit, and the digit after it is where most
-    multi-value answers of the 1024 recipe go wrong."""
-    n = rng.randint(2, max(2, min(8, length // 64)))
+    multi-value answers of the 1024 recipe go wrong.
+
+    With ``continued``, the list starts after a needle other than the last, whose value the prompt's answer
+    prefix already holds (``... are 123456,``), and the answer lists the values of the needles after it. No
+    count of the values written says where the list is then; only the value just written does, through the
+    previous-needle tags. (Editing the value just written in a teacher-forced multi-value answer of the 1024
+    models does not move their needle head at all: they pick by counting.)"""
+    n = rng.randint(3 if continued else 2, max(3 if continued else 2, min(8, length // 64)))
     key = rng.choice(KEY_WORDS)
     values = [number(rng, 6) for _ in range(n)]
     if shared:
@@ -238,6 +246,9 @@ def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool 
         n_phrases = max(2, n_phrases - 2 * (n_before + n_after))
     haystack = " ".join(insert_at_depths(filler_phrases(rng, n_phrases), needles))
     q = f"\nWhat are all the magic numbers for {key}? The magic numbers for {key} are"
+    if continued:
+        after = rng.randrange(n - 1)
+        q, values = q + f" {values[after]},", values[after + 1 :]
     return [(tokenizer.encode(haystack), False), (tokenizer.encode(q, add_special_tokens=False), False),
             (tokenizer.encode(" " + ", ".join(values) + ".", add_special_tokens=False) + [tokenizer.eos_token_id], True)]
 
@@ -245,7 +256,8 @@ def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool 
 # Mixture entries that are not suite tasks: their samples are built here (row builders of token segments).
 TRAINING_ONLY = {"dense": dense_recall, "many_values": many_values_recall,
                  "many_values_among_others": lambda tok, rng, length: many_values_recall(tok, rng, length, others=True),
-                 "many_values_shared_first_digit": lambda tok, rng, length: many_values_recall(tok, rng, length, others=True, shared=True)}
+                 "many_values_shared_first_digit": lambda tok, rng, length: many_values_recall(tok, rng, length, others=True, shared=True),
+                 "many_values_continued": lambda tok, rng, length: many_values_recall(tok, rng, length, others=True, continued=True)}
 
 
 def sample_row(tokenizer, sample) -> list[tuple[list[int], bool]]:
@@ -254,7 +266,7 @@ def sample_row(tokenizer, sample) -> list[tuple[list[int], bool]]:
     return [(tokenizer.encode(sample.prompt), False), (answer, True)]
 
 
-def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_step: int, seed: int, prompt_digit_loss: bool = False, chain: bool = False, prev_positions: int = 1):
+def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_step: int, seed: int, prompt_digit_loss: bool = False, chain: bool = False, prev_positions: int = 1, prev_shift: bool = False):
     """Token ids, next-token loss mask and answer mask for one step: same-length samples padded on the right.
 
     Digits in the prompt (needle values, ids, list numbers) are random, so next-token loss on them only
@@ -293,7 +305,7 @@ def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_
             pos += len(toks)
         pairs += [(i, t, src) for t, src in copy_pairs(row, first_occurrence=not chain)]
         if STRUCTURE_IDS:
-            for name, found in structure_pairs(row, STRUCTURE_IDS, prev_positions).items():
+            for name, found in structure_pairs(row, STRUCTURE_IDS, prev_positions, prev_shift).items():
                 struct[name] += [(i, *x) for x in found]
     return ids, valid, is_answer, pairs, struct
 
@@ -376,7 +388,7 @@ CHAIN_HEAD = (-1, 4)  # vt answers: from the variable just written (or the asked
 PREV_NEEDLE_HEADS = (((1, 4), "prev_needle_copy"), ((1, 0), "prev_needle_copy_2"))
 
 
-def structure_pairs(row: list[tuple[list[int], bool]], ids: dict, prev_positions: int = 1) -> dict[str, list]:
+def structure_pairs(row: list[tuple[list[int], bool]], ids: dict, prev_positions: int = 1, prev_shift: bool = False) -> dict[str, list]:
     """Targets of the structure losses for one sample (positions in the flattened row).
 
     Variable tracking is a chain of lookups "which statement assigns the variable I just wrote": a causal
@@ -388,6 +400,12 @@ def structure_pairs(row: list[tuple[list[int], bool]], ids: dict, prev_positions
     must find the needle after the one holding it: the previous-needle head looks from each needle's first
     digit to the end of the needle before it (``prev_needle``) and brings its last digit
     (``prev_needle_copy``), which the answer's ',' also sees one token back.
+
+    The second previous-needle head brings the digit before that one (``prev_needle_copy_2``), which the ','
+    sees two tokens back. With ``prev_positions`` 2 both heads also tag each needle's second digit, which the
+    answer's first digit reads; that step sees the previous value's *last* digit two tokens back, so with
+    ``prev_shift`` the second head brings the last digit there too (the query that reads "two back" at the ','
+    then matches the same tag slot at both steps).
 
     Returns lists of (query, source) pairs for ``statement``, ``chain`` and ``prev_needle``, and
     (position, token) targets ``chain_copy`` and ``prev_needle_copy`` for those heads' value/output paths."""
@@ -420,7 +438,7 @@ def structure_pairs(row: list[tuple[list[int], bool]], ids: dict, prev_positions
                 out["prev_needle"].append((q, before[-1] if before else 0))
                 if before:  # what the previous needle's value ends with: the digit before its period
                     out["prev_needle_copy"].append((q, flat[before[-1] - 1]))
-                    out["prev_needle_copy_2"].append((q, flat[before[-1] - 2]))
+                    out["prev_needle_copy_2"].append((q, flat[before[-1] - (1 if prev_shift and q > p else 2)]))
     return out
 
 
@@ -596,7 +614,7 @@ def train(model, tokenizer, args, log):
             log(f"step {step}: stage {stage} ({STAGES[stage][1]}-{STAGES[stage][2]} tokens), digit accuracy {ema_acc:.2f}")
         ids, valid, is_answer, pairs, struct = make_batch(tokenizer, rng, stage, step, args.tokens_per_step, args.seed,
                                                           args.prompt_digit_loss, chain=args.chain_weight > 0,
-                                                          prev_positions=args.prev_needle_positions)
+                                                          prev_positions=args.prev_needle_positions, prev_shift=args.prev_needle_shift)
         ids, valid, is_answer = ids.to(device), valid.to(device), is_answer.to(device)
         for store in seen:
             store.clear()
@@ -686,6 +704,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prev-needle-copy-weight", type=float, default=0.0, help="weight of the copy supervision of the previous-needle head: what it writes at a needle names the last digit of the needle before (0: off; with --prev-needle-weight the head is also told where to look)")
     ap.add_argument("--prev-needle-digits", type=int, choices=(1, 2), default=1, help="how many of the previous needle's last digits the previous-needle heads bring to each needle (2: a second head, layer 1 head 0, brings the digit before the last, with the same weights)")
     ap.add_argument("--prev-needle-positions", type=int, choices=(1, 2), default=1, help="at how many of a needle's first digits the previous-needle heads look back (2: also at the second digit, which the answer's first digit reads)")
+    ap.add_argument("--prev-needle-shift", action="store_true", help="with --prev-needle-digits 2 --prev-needle-positions 2: at a needle's second digit the second previous-needle head brings the previous needle's last digit, not the one before it (the answer's first digit sees the previous value's last digit two tokens back, where the ',' sees the digit before the last)")
     ap.add_argument("--list-pointer-weight", type=float, default=0.0, help="extra weight of the needle head's attention supervision where a listed answer goes on (the ',' before the next value of multi-value and multi-query answers), the step that decides which needle comes next (0: off)")
     ap.add_argument("--value-start-pointer-weight", type=float, default=0.0, help="extra weight of the needle head's attention supervision at each answer value's first digit, the step that reads its second digit from the needle just picked (0: off)")
     ap.add_argument("--list-head", type=int, default=0, help="a last-layer head of its own for the list steps that go on in text order (every ',' of a multi-value answer, see in_order_pairs): it is told to look at the next needle and write its first digit, and the needle head (head 0) is no longer told to look there (0: off, the needle head does every list step)")
@@ -716,6 +735,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag, value in (("--prev-needle-digits", args.prev_needle_digits), ("--prev-needle-positions", args.prev_needle_positions)):
         if value != 1 and not prev_needle_on:
             ap.error(f"{flag}: needs --prev-needle-weight or --prev-needle-copy-weight > 0 (it shapes their supervision)")
+    if args.prev_needle_shift and (args.prev_needle_digits != 2 or args.prev_needle_positions != 2):
+        ap.error("--prev-needle-shift: needs --prev-needle-digits 2 and --prev-needle-positions 2 (it changes what the second head brings at a needle's second digit)")
     taken = {0: "the needle head", CHAIN_HEAD[1]: "the chain head (--chain-weight)"} if args.chain_weight > 0 else {0: "the needle head"}
     if args.list_head and (args.list_head in taken or not 0 < args.list_head < args.heads):
         free = [h for h in range(1, args.heads) if h not in taken]

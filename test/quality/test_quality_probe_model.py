@@ -129,6 +129,15 @@ def test_structure_pairs_point_where_a_causal_key_can_answer(tok):
     assert two["prev_needle"] == sorted(out["prev_needle"] + [(q + 1, src) for q, src in out["prev_needle"]])
     assert [conv(prompt[q]).lstrip("Ġ") for q, _ in two["prev_needle"]] == [d for v in s.answers for d in v[:2]]
     assert two["prev_needle_copy"] == sorted(out["prev_needle_copy"] + [(q + 1, t) for q, t in out["prev_needle_copy"]])
+    assert two["prev_needle_copy_2"] == sorted(out["prev_needle_copy_2"] + [(q + 1, t) for q, t in out["prev_needle_copy_2"]])
+    # shifted: at the second digit the second head brings the last digit too (what the answer's first digit sees
+    # two tokens back); at the first digit it still brings the digit before the last (what the ',' sees there)
+    shifted = T.structure_pairs(row, ids, prev_positions=2, prev_shift=True)
+    assert {k: v for k, v in shifted.items() if k != "prev_needle_copy_2"} == {k: v for k, v in two.items() if k != "prev_needle_copy_2"}
+    firsts = {q for q, _ in out["prev_needle"]}
+    assert [(q, conv(t)) for q, t in shifted["prev_needle_copy_2"]] == [
+        (q + j, v[-2] if j == 0 else v[-1]) for (q, _), v in zip(out["prev_needle"][1:], s.answers) for j in (0, 1)]
+    assert all((q in firsts) == (t == u) for (q, t), (_, u) in zip(shifted["prev_needle_copy_2"], two["prev_needle_copy_2"]))
 
 
 def test_listed_pairs_are_where_a_list_goes_on(tok):
@@ -315,6 +324,38 @@ def test_shared_first_digit_rows_make_every_first_digit_ambiguous(tok):
     assert {2, 8} <= sizes
 
 
+def test_continued_rows_go_on_after_the_value_the_prompt_gives(tok):
+    """many_values_continued: the answer prefix already holds the value of one same-key needle (not the last),
+    and the answer lists the values of the same-key needles after it, in text order; the first answer digit is
+    copied from the needle right after the given value's. No count of values written gives that needle. Off in
+    the default mixture."""
+    import re
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_probe_model as T
+
+    T.SEPARATOR_IDS.update(T.separator_token_ids(tok))
+    assert T.MIXTURE["many_values_continued"] == 0
+    build = T.TRAINING_ONLY["many_values_continued"]
+    places = set()
+    for i, length in enumerate((256, 1024, 3072) * 8):
+        row = build(tok, random.Random(i), length)
+        assert [flag for _, flag in row] == [False, False, True]
+        haystack, question, answer = (tok.decode(t, skip_special_tokens=True) for t, _ in row)
+        key, given = re.search(r"numbers for (\w+) are (\d+),$", question).groups()
+        same_key = re.findall(rf"for {key} is (\d+)\.", haystack)
+        listed = answer.strip().rstrip(".").split(", ")
+        at = same_key.index(given)
+        places.add(at)
+        assert listed == same_key[at + 1 :] and len(listed) >= 1
+        flat = [x for t, _ in row for x in t]
+        prompt_len = len(row[0][0]) + len(row[1][0])
+        query, src = T.copy_pairs(row)[0]
+        assert query == prompt_len - 1 and tok.convert_ids_to_tokens(flat[query]) == ","  # the given value's ','
+        assert tok.decode(flat[src : src + 6]).strip() == listed[0] and tok.convert_ids_to_tokens(flat[src - 1]) == "Ġis"
+    assert {0, 1, 2} <= places  # the list does not always go on after the first needle
+
+
 def test_hf_eval_shows_outputs_next_to_answers_and_scores_them(capsys):
     """`hf_eval --show N` prints each of the first N greedy outputs with its answers and recall, and the table's
     score is the mean of those recalls (one sample: the same number)."""
@@ -379,6 +420,15 @@ def test_previous_needle_shape_flags_need_the_previous_needle_losses(tmp_path, f
     assert r.returncode == 2 and flag in r.stderr and "choose from 1, 2" in r.stderr
 
 
+def test_previous_needle_shift_needs_two_digits_at_two_positions(tmp_path):
+    base = [sys.executable, str(ROOT / "scripts/train_probe_model.py"), "--prev-needle-weight", "1", "--prev-needle-shift",
+            "--steps", "1", "--out", str(tmp_path / "m")]
+    for extra in ([], ["--prev-needle-digits", "2"], ["--prev-needle-positions", "2"]):
+        r = subprocess.run(base + extra, capture_output=True, text=True)
+        assert r.returncode == 2 and "--prev-needle-shift" in r.stderr and "--prev-needle-digits 2 and --prev-needle-positions 2" in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_answer_digit_table_of_the_bundled_probe(tmp_path, tok):
     """scripts/probe_answer_digits.py: one row per digit of a 6-digit value, counted over every value; the bundled
     probe reads single needles at 512 tokens without a miss, so every rate there is 1."""
@@ -403,6 +453,10 @@ def test_answer_digit_table_of_the_bundled_probe(tmp_path, tok):
     assert sum(r["first_digit"] * r["n"] for r in split["by_value"]) == pytest.approx(rows[0]["prediction"] * 16)
     assert sum(r["n"] for r in split["second_digit"]) == 16
     assert sum(r["predicted"] * r["n"] for r in split["second_digit"]) == pytest.approx(rows[1]["prediction"] * 16)
+    shared = next((r for r in split["second_digit"] if r["shared"]), {"n": 0, "predicted": 0.0})
+    pairs = split["shared_pairs"]  # each shared value once per needle sharing its first digit, never with itself
+    assert all(r["needle"] != r["other"] and 0 <= r["needle"] < 4 and 0 <= r["other"] < 4 for r in pairs)
+    assert sum(r["n"] for r in pairs) >= shared["n"] and (shared["n"] == 0) == (not pairs)
     for r in split["by_value"]:  # one weight per needle; the first listed value is read from the first needle
         assert len(r["weights"]) == 4 and 0.0 <= sum(r["weights"]) <= 1.0 + 1e-6
     assert split["by_value"][0]["weights"][0] > 0.9
@@ -414,7 +468,19 @@ def test_answer_digit_table_of_the_bundled_probe(tmp_path, tok):
     other = P.value_table(model, tok, 1024, 4, 12345, task="niah_multiquery", head=3)  # not the needle head
     assert [r["first_digit"] for r in other["by_value"]] == [r["first_digit"] for r in mq["by_value"]]
     assert all(r["on_source"] < 0.5 for r in other["by_value"])
+    # --follow: at the ',' the weight before the edit is the by-value table's weight on the source (values 2-4,
+    # each edited twice); the bundled probe (trained at up to 3072 tokens) moves towards the needle after the
+    # value written in some of the edits
+    follow = {r["step"]: r for r in P.follow_table(model, tok, 1024, 4, 12345)}
+    assert follow[","]["n"] == 4 * 6
+    assert follow[","]["kept_before"] == pytest.approx(sum(r["on_source"] for r in split["by_value"][1:]) / 3)
+    assert follow[","]["follow_after"] > follow[","]["follow_before"]
+    assert follow["first digit"]["n"] <= 4 * 6
+    flat, starts, needles = list(range(40)), [30, 36], [2, 12, 22]
+    edited = P.follow_edit(flat, starts, needles, 1, 2)  # value 1 replaced by needle 1's value: next is needle 2
+    assert edited[30:36] == flat[12:18] and edited[:30] == flat[:30] and edited[36:] == flat[36:]
     for argv, says in [([], "config.json"), (["--task", "niah_single", "--by-value"], "niah_multiquery"),
+                       (["--task", "niah_single", "--follow"], "niah_multivalue"),
                        (["--head", "8"], "allowed: 0-7")]:
         model_dir = tmp_path if not argv else default_model_path()
         r = subprocess.run([sys.executable, str(ROOT / "scripts/probe_answer_digits.py"), "--model", str(model_dir), *argv],
@@ -436,7 +502,8 @@ def test_training_runs_every_supervision_and_is_deterministic(tmp_path):
     weights = {}
     for name, extra in [("a", ["--list-pointer-weight", "2"]), ("b", ["--list-pointer-weight", "2"]), ("c", []),
                         ("d", ["--list-pointer-weight", "2", "--list-head", "1"]),
-                        ("e", ["--list-pointer-weight", "2", "--value-start-pointer-weight", "4"])]:
+                        ("e", ["--list-pointer-weight", "2", "--value-start-pointer-weight", "4"]),
+                        ("f", ["--list-pointer-weight", "2", "--prev-needle-shift"])]:
         r = subprocess.run(base + extra + ["--out", str(tmp_path / name)], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
@@ -447,3 +514,4 @@ def test_training_runs_every_supervision_and_is_deterministic(tmp_path):
     assert any(not (weights["a"][k] == weights["c"][k]).all() for k in weights["a"])
     assert any(not (weights["a"][k] == weights["d"][k]).all() for k in weights["a"])  # the list head's losses train
     assert any(not (weights["a"][k] == weights["e"][k]).all() for k in weights["a"])  # and the value-start loss
+    assert any(not (weights["a"][k] == weights["f"][k]).all() for k in weights["a"])  # and the shifted tags
