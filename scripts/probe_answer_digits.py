@@ -88,6 +88,13 @@ class DigitCounts:
 LISTED_TASKS = ("niah_multivalue", "niah_multiquery")
 
 
+def needle_values(tokenizer, flat: list[int], prompt_end: int, is_id: int, digits: set[int]) -> tuple[list[int], list[str]]:
+    """The needles of a prompt: the position of each value's first digit (the digit after ``is``), in prompt
+    order, and the 6-digit value each one holds."""
+    needles = [p for p in range(1, prompt_end) if flat[p - 1] == is_id and flat[p] in digits]
+    return needles, [tokenizer.decode(flat[q : q + 6]).strip() for q in needles]
+
+
 class ValueCounts:
     """A listed-answer task: ``by_value`` rows ``{value, n, first_digit, on_source, weights}`` (how often the
     k-th listed value's first digit is predicted, and the needle head's mean weight, at the position that
@@ -106,7 +113,7 @@ class ValueCounts:
 
     def add(self, sample, row, flat, pred, attn) -> None:
         tok, values, prompt_end = self.tokenizer, list(sample.answers), len(row[0][0])
-        needles = [p for p in range(1, prompt_end) if flat[p - 1] == self.is_id and flat[p] in self.digits]
+        needles, held = needle_values(tok, flat, prompt_end, self.is_id, self.digits)
         k = -1
         for p in range(prompt_end, len(flat)):
             token = tok.convert_ids_to_tokens(flat[p])
@@ -121,14 +128,13 @@ class ValueCounts:
                 w = self.weights.setdefault(k, [0.0] * len(needles))
                 for m, q in enumerate(needles):
                     w[m] += float(attn[p - 1, q])
-                source = next(q for q in needles if tok.decode(flat[q : q + 6]).strip() == values[k])
+                source = needles[held.index(values[k])]
                 self.on_source[k] = self.on_source.get(k, 0.0) + float(attn[p - 1, source])
             elif j == 1:
-                sharing = [m for m, q in enumerate(needles) if tok.decode(flat[q]).strip() == values[k][0]
-                           and tok.decode(flat[q : q + 6]).strip() != values[k]]
+                sharing = [m for m, v in enumerate(held) if v[0] == values[k][0] and v != values[k]]
                 n, ok = self.second.get(bool(sharing), (0, 0))
                 self.second[bool(sharing)] = (n + 1, ok + hit)
-                own = next(m for m, q in enumerate(needles) if tok.decode(flat[q : q + 6]).strip() == values[k])
+                own = held.index(values[k])
                 for m in sharing:
                     n, ok = self.pairs.get((own, m), (0, 0))
                     self.pairs[(own, m)] = (n + 1, ok + hit)
@@ -186,7 +192,8 @@ def follow_table(model, tokenizer, length: int, samples: int, seed: int, progres
     import train_probe_model as T
 
     is_id, digits = tokenizer.convert_tokens_to_ids("Ġis"), set(T.digit_token_ids(tokenizer))
-    sums = {step: [0, 0.0, 0.0, 0.0, 0.0, 0, 0] for step in (",", "first digit")}
+    names = ("kept_before", "kept_after", "follow_before", "follow_after", "wins_before", "wins_after")
+    sums = {step: dict.fromkeys(("n",) + names, 0.0) for step in (",", "first digit")}
 
     def weights(flat):
         with torch.no_grad():
@@ -196,8 +203,7 @@ def follow_table(model, tokenizer, length: int, samples: int, seed: int, progres
         s = make_sample("niah_multivalue", tokenizer, length, i, seed)
         row = T.sample_row(tokenizer, s)
         flat, prompt_end = row[0][0] + row[1][0], len(row[0][0])
-        needles = [p for p in range(1, prompt_end) if flat[p - 1] == is_id and flat[p] in digits]
-        held = [tokenizer.decode(flat[q : q + 6]).strip() for q in needles]
+        needles, held = needle_values(tokenizer, flat, prompt_end, is_id, digits)
         starts = [p for p in range(prompt_end, len(flat)) if flat[p] in digits
                   and tokenizer.convert_ids_to_tokens(flat[p]).startswith("Ġ")]
         if held != list(s.answers) or len(starts) != len(needles):
@@ -214,16 +220,14 @@ def follow_table(model, tokenizer, length: int, samples: int, seed: int, progres
                         continue
                     after = weights(edited) if after is None else after
                     acc = sums[step]
-                    acc[0] += 1
-                    acc[1] += float(before[q, needles[k] + off])
-                    acc[2] += float(after[q, needles[k] + off])
-                    acc[3] += float(before[q, needles[c] + off])
-                    acc[4] += float(after[q, needles[c] + off])
-                    acc[5] += int(before[q, needles[c] + off] > before[q, needles[k] + off])
-                    acc[6] += int(after[q, needles[c] + off] > after[q, needles[k] + off])
-    return [{"step": step, "n": n, "kept_before": a / max(n, 1), "kept_after": b / max(n, 1),
-             "follow_before": c / max(n, 1), "follow_after": d / max(n, 1), "wins_before": w0 / max(n, 1),
-             "wins_after": w1 / max(n, 1)} for step, (n, a, b, c, d, w0, w1) in sums.items()]
+                    acc["n"] += 1
+                    for when, w in (("before", before), ("after", after)):
+                        kept, follow = float(w[q, needles[k] + off]), float(w[q, needles[c] + off])
+                        acc[f"kept_{when}"] += kept
+                        acc[f"follow_{when}"] += follow
+                        acc[f"wins_{when}"] += follow > kept
+    return [{"step": step, "n": int(acc["n"]), **{name: acc[name] / max(acc["n"], 1) for name in names}}
+            for step, acc in sums.items()]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -227,7 +227,8 @@ def many_values_recall(tokenizer, rng: random.Random, length: int, others: bool 
     count of the values written says where the list is then; only the value just written does, through the
     previous-needle tags. (Editing the value just written in a teacher-forced multi-value answer of the 1024
     models does not move their needle head at all: they pick by counting.)"""
-    n = rng.randint(3 if continued else 2, max(3 if continued else 2, min(8, length // 64)))
+    fewest = 3 if continued else 2  # continued: so that the given value is not always the first needle's
+    n = rng.randint(fewest, max(fewest, min(8, length // 64)))
     key = rng.choice(KEY_WORDS)
     values = [number(rng, 6) for _ in range(n)]
     if shared:
