@@ -142,6 +142,36 @@ def load_for_training(path: Path, log, keep_rope_scaling: bool = False):
     return LlamaForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
 
 
+def insert_layers(model, n: int, seed: int):
+    """``model`` with ``n`` fresh decoder layers put in before its last one. Each new layer's attention output
+    (o_proj) and MLP output (down_proj) start at zero, so it adds nothing to the residual: the grown model
+    computes exactly what the saved one did, and training gives the new layers a job without unlearning the old
+    ones. Layers 0 and 1 keep their places and the last layer stays last, so every head the auxiliary losses
+    supervise (offset heads in layer 0, statement and previous-needle heads in layer 1, needle and chain heads
+    in the last layer) is where they look for it."""
+    import copy
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    old = model.config.num_hidden_layers
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = old + n
+    torch.manual_seed(seed)
+    grown = LlamaForCausalLM(config).to(torch.float32)
+    moved = f"model.layers.{old - 1}."
+    state = {k.replace(moved, f"model.layers.{old - 1 + n}.", 1) if k.startswith(moved) else k: v
+             for k, v in model.state_dict().items()}
+    missing, unexpected = grown.load_state_dict(state, strict=False)
+    fresh = tuple(f"model.layers.{old - 1 + j}." for j in range(n))
+    assert not unexpected and all(k.startswith(fresh) for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for layer in grown.model.layers[old - 1 : old - 1 + n]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return grown
+
+
 def untie_and_reset_digits(model, tokenizer, seed: int) -> None:
     """Give the model its own output head (a copy of the tied embeddings) and fresh, distinct input
     embeddings for the digit tokens: under tied embeddings, next-token loss on unpredictable digits pulls
@@ -723,6 +753,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-lengths", default="1024")
     ap.add_argument("--init-from", type=Path, help="continue from a probe saved by this script (second stage)")
     ap.add_argument("--keep-rope-scaling", action="store_true", help="with --init-from: train under the model's RoPE scaling (YaRN from scripts/extend_probe_context.py) and save it; default: drop it and train on plain RoPE")
+    ap.add_argument("--insert-layers", type=int, default=0, help="with --init-from: put this many fresh decoder layers in before the saved model's last one, each adding nothing at first (its output projections start at zero), so training starts from what the saved model computes with more depth to use (0: off)")
     ap.add_argument("--untie-embeddings", action="store_true", help="with --init-from: own output head, fresh digit embeddings")
     ap.add_argument("--tie-embeddings", action="store_true", help="tie input and output embeddings (off: under tied embeddings the digits collapse)")
     ap.add_argument("--prompt-digit-loss", action="store_true", help="also put next-token loss on the prompt's (random) digits")
@@ -732,6 +763,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.keep_rope_scaling and not args.init_from:
         ap.error("--keep-rope-scaling: needs --init-from (a new model starts on plain RoPE)")
+    if args.insert_layers and not args.init_from:
+        ap.error("--insert-layers: needs --init-from (a new model gets its depth from --layers)")
+    if args.insert_layers < 0:
+        ap.error(f"--insert-layers: must be >= 0, got {args.insert_layers}")
     prev_needle_on = args.prev_needle_weight > 0 or args.prev_needle_copy_weight > 0
     for flag, value in (("--prev-needle-digits", args.prev_needle_digits), ("--prev-needle-positions", args.prev_needle_positions)):
         if value != 1 and not prev_needle_on:
@@ -780,6 +815,9 @@ def main(argv: list[str] | None = None) -> None:
     global DIGIT_IDS
     DIGIT_IDS = torch.tensor(sorted(digit_token_ids(tok)))
     model = load_for_training(args.init_from, log, args.keep_rope_scaling) if args.init_from else build_model(tok, args)
+    if args.insert_layers:
+        model = insert_layers(model, args.insert_layers, args.seed)
+        log(f"inserted {args.insert_layers} layer(s) before the last: {model.config.num_hidden_layers} layers")
     if args.untie_embeddings:
         untie_and_reset_digits(model, tok, args.seed)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")

@@ -515,3 +515,70 @@ def test_training_runs_every_supervision_and_is_deterministic(tmp_path):
     assert any(not (weights["a"][k] == weights["d"][k]).all() for k in weights["a"])  # the list head's losses train
     assert any(not (weights["a"][k] == weights["e"][k]).all() for k in weights["a"])  # and the value-start loss
     assert any(not (weights["a"][k] == weights["f"][k]).all() for k in weights["a"])  # and the shifted tags
+
+
+def test_inserted_layers_compute_what_the_saved_model_did(tmp_path, tok):
+    """--insert-layers grows a saved probe by fresh layers before its last one that add nothing yet: the grown
+    model's logits equal the saved model's, greedy decoding through the KV cache writes the same tokens, the last
+    layer (needle and chain heads) is the saved last layer, and the grown model saves and loads as a plain Llama."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import torch
+    import train_probe_model as T
+    from transformers import LlamaForCausalLM
+
+    from benchmark.quality.tasks import make_sample
+    from sglang_mux.models import default_model_path
+
+    saved = T.load_for_training(default_model_path(), lambda msg: None)
+    grown = T.insert_layers(saved, 2, seed=0)
+    old = saved.config.num_hidden_layers
+    assert grown.config.num_hidden_layers == old + 2 and len(grown.model.layers) == old + 2
+    assert [layer.self_attn.layer_idx for layer in grown.model.layers] == list(range(old + 2))
+    for name, w in saved.model.layers[-1].state_dict().items():
+        assert torch.equal(w, grown.model.layers[-1].state_dict()[name]), name
+    for layer in grown.model.layers[old - 1 : old + 1]:
+        assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+        assert layer.self_attn.q_proj.weight.any()  # the rest is a fresh layer, ready to learn
+
+    sample = make_sample("niah_multivalue", tok, 512, index=0, seed=3)
+    ids = torch.tensor([tok.encode(sample.prompt)])
+    with torch.no_grad():
+        assert torch.equal(saved(input_ids=ids).logits, grown(input_ids=ids).logits)
+        out = [m.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id) for m in (saved, grown)]
+    assert torch.equal(out[0], out[1])
+
+    grown.save_pretrained(tmp_path / "grown")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "grown", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, grown(input_ids=ids).logits)
+
+
+def test_insert_layers_trains_the_new_layer_and_needs_a_saved_model(tmp_path):
+    """Two steps from the bundled probe with --insert-layers 1: the saved model has one layer more and the new
+    layer's zero outputs have moved (it takes part in training). Without --init-from, or below 0: exit 2 naming
+    the flag, nothing written."""
+    from safetensors.torch import load_file
+
+    from sglang_mux.models import default_model_path
+
+    script = str(ROOT / "scripts/train_probe_model.py")
+    for extra, words in [(["--insert-layers", "1"], ["--insert-layers", "--init-from", "--layers"]),
+                         (["--insert-layers", "-1", "--init-from", str(default_model_path())], ["--insert-layers", ">= 0"])]:
+        r = subprocess.run([sys.executable, script, *extra, "--steps", "1", "--out", str(tmp_path / "m")], capture_output=True, text=True)
+        assert r.returncode == 2 and all(w in r.stderr for w in words), r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "m").exists()
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, script, "--seed", "0", "--init-from", str(default_model_path()), "--insert-layers", "1",
+                        "--start-stage", "2", "--steps", "2", "--warmup", "1", "--lr", "1e-3", "--train-length", "512",
+                        "--tokens-per-step", "1024", "--eval-samples", "0", "--out", str(tmp_path / "g")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    old = json.loads((Path(default_model_path()) / "config.json").read_text())["num_hidden_layers"]
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["num_hidden_layers"] == old + 1
+    w = load_file(str(tmp_path / "g" / "model.safetensors"))
+    new = old - 1  # put in before the last layer
+    assert w[f"model.layers.{new}.self_attn.o_proj.weight"].abs().sum() > 0
+    assert w[f"model.layers.{new}.mlp.down_proj.weight"].abs().sum() > 0
+    card = json.loads((tmp_path / "g" / "mux_model_card.json").read_text())
+    assert card["hyperparameters"]["insert_layers"] == 1
