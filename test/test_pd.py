@@ -187,11 +187,12 @@ def test_decode_dies_mid_transfer_prefill_frees_kv_router_errors(pd):
     # Kill the decode server while the prefill has the request in its transfer ("inflight") queue: the decode
     # side pre-allocated the KV and handed over its destination, the bytes are on their way. 8K tokens (16 MB
     # over mooncake_tcp here) keep that window open long enough to see; if a request slips through before we
-    # see it, the next one (another prompt) tries again.
+    # see it (on a loaded machine the poll below runs late), the next one (another prompt, and from the third
+    # on a longer one: a longer transfer) tries again.
     killed = False
-    for attempt in range(3):
+    for attempt, n_tokens in enumerate((8192, 8192, 16384, 16384, 24576)):
         result: dict = {}
-        ids = [10 + (7 * i + attempt) % 480 for i in range(8192)]
+        ids = [10 + (7 * i + attempt) % 480 for i in range(n_tokens)]
         th = _send_in_background(pd, ids, result)
         while th.is_alive():
             if _prefill_load(pd)["disaggregation"]["prefill_inflight_queue_reqs"] >= 1:
