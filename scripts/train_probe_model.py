@@ -64,35 +64,49 @@ EVAL_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquer
 EVAL_SEED = 12345  # held out: training samples use --seed + 1_000_000
 
 
-def tokenizer_corpus(seed: int, n: int = 400):
+def tokenizer_corpus(seed: int, n: int = 400, number_chunk: int = 1):
     """Word lists (so every filler word, key and variable name becomes one token) and needle / variable-tracking
-    prompts (so template words do); ids and coded words stay split into pieces."""
+    prompts (so template words do); ids and coded words stay split into pieces. With ``number_chunk`` > 1,
+    every digit group of 2..number_chunk digits, with and without its leading space (so each is one token)."""
     words = [*FILLER_WORDS, *KEY_WORDS, *VAR_NAMES]
     for w in words:
         yield " ".join([w, w.capitalize()] * 20)
+    for k in range(2, number_chunk + 1):
+        groups = [f"{i:0{k}d}" for i in range(10**k)]
+        for _ in range(4):
+            yield " ".join(groups)  # " 07" " 42" ...: a number's first group
+            yield "".join(groups)  # "07" "42" ...: the groups after it (split into k digits by the pre-tokenizer)
     tasks = ("niah_single", "niah_multivalue", "niah_multiquery", "vt")
     for i in range(n):
         s = make_sample(tasks[i % len(tasks)], None, 400, i, seed)
         yield s.prompt + s.completion
 
 
-def build_tokenizer(out: Path, seed: int, vocab_size: int):
+def number_chunk_vocab(number_chunk: int) -> int:
+    """How many tokens digit groups of 2..number_chunk digits add (each with and without a leading space; the
+    merges run out one short of this, at " 00", which no number of the suite starts with)."""
+    return sum(2 * 10**k for k in range(2, number_chunk + 1))
+
+
+def build_tokenizer(out: Path, seed: int, vocab_size: int, number_chunk: int = 1):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    # One token per digit; a number's first digit carries its leading space (" 7", "4", "1"), so a value
-    # follows the word before it directly (no lone space token between a key and its value).
+    # One token per digit (or per group of up to ``number_chunk`` digits, left to right, as many LLM tokenizers
+    # split numbers); a number's first token carries its leading space (" 7", "4", "1"), so a value follows the
+    # word before it directly (no lone space token between a key and its value).
+    digits = "[0-9]" if number_chunk == 1 else f"[0-9]{{1,{number_chunk}}}"
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [pre_tokenizers.Split(Regex(f" ?{digits}"), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size + number_chunk_vocab(number_chunk),
         special_tokens=SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(tokenizer_corpus(seed, number_chunk=number_chunk), trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
@@ -495,13 +509,15 @@ def separator_token_ids(tokenizer) -> set[int]:
 
 
 def digit_token_ids(tokenizer) -> list[int]:
-    """The single-digit tokens (with or without a leading space), in vocabulary order."""
-    return [i for t, i in tokenizer.get_vocab().items() if len(t.lstrip("Ġ")) == 1 and t.lstrip("Ġ").isdigit()]
+    """The number tokens: single digits, or digit groups with ``--number-chunk`` (with or without a leading
+    space), in vocabulary order."""
+    return [i for t, i in tokenizer.get_vocab().items() if t.removeprefix("Ġ").isdigit()]
 
 
 def first_digit_token_ids(tokenizer) -> set[int]:
-    """The digit tokens with a leading space: how a number's first digit is written (``value_start_pairs``)."""
-    return {i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isdigit() and len(t) == 2}
+    """The number tokens with a leading space: how a number's first digit (or digit group) is written
+    (``value_start_pairs``)."""
+    return {i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isdigit()}
 
 
 def structure_token_ids(tokenizer) -> dict:
@@ -740,6 +756,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--value-start-pointer-weight", type=float, default=0.0, help="extra weight of the needle head's attention supervision at each answer value's first digit, the step that reads its second digit from the needle just picked (0: off)")
     ap.add_argument("--list-head", type=int, default=0, help="a last-layer head of its own for the list steps that go on in text order (every ',' of a multi-value answer, see in_order_pairs): it is told to look at the next needle and write its first digit, and the needle head (head 0) is no longer told to look there (0: off, the needle head does every list step)")
     ap.add_argument("--vocab-size", type=int, default=2048)
+    ap.add_argument("--number-chunk", type=int, choices=(1, 2, 3), default=1, help="digits per number token in a new tokenizer: 1 (one token per digit) or groups of up to 2 or 3 digits, left to right, as many LLM tokenizers split numbers (a 6-digit value is then 3 or 2 tokens); adds that many groups to --vocab-size; without --init-from only")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=384)
     ap.add_argument("--layers", type=int, default=3)
@@ -765,6 +782,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--keep-rope-scaling: needs --init-from (a new model starts on plain RoPE)")
     if args.insert_layers and not args.init_from:
         ap.error("--insert-layers: needs --init-from (a new model gets its depth from --layers)")
+    if args.init_from and args.number_chunk != 1:
+        ap.error("--number-chunk: only for a new tokenizer (without --init-from, the saved model's tokenizer is kept)")
     if args.insert_layers < 0:
         ap.error(f"--insert-layers: must be >= 0, got {args.insert_layers}")
     prev_needle_on = args.prev_needle_weight > 0 or args.prev_needle_copy_weight > 0
@@ -809,7 +828,7 @@ def main(argv: list[str] | None = None) -> None:
         tok = AutoTokenizer.from_pretrained(args.init_from)
         tok.save_pretrained(args.out)
     else:
-        tok = build_tokenizer(args.out, args.seed, args.vocab_size)
+        tok = build_tokenizer(args.out, args.seed, args.vocab_size, args.number_chunk)
     log(f"tokenizer: {len(tok)} tokens ({time.time() - t0:.0f}s)")
     SEPARATOR_IDS.update(separator_token_ids(tok))
     global DIGIT_IDS

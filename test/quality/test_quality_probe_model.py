@@ -582,3 +582,60 @@ def test_insert_layers_trains_the_new_layer_and_needs_a_saved_model(tmp_path):
     assert w[f"model.layers.{new}.mlp.down_proj.weight"].abs().sum() > 0
     card = json.loads((tmp_path / "g" / "mux_model_card.json").read_text())
     assert card["hyperparameters"]["insert_layers"] == 1
+
+
+def test_number_chunk_tokenizer_writes_numbers_in_digit_groups(tmp_path, tok):
+    """--number-chunk N: a new tokenizer splits numbers left to right into groups of up to N digits, each one token
+    (the first with its leading space), every word of the task vocabulary still one token; the default (1) builds
+    the bundled tokenizer's vocabulary exactly. The supervision reads groups as it read digits: a needle value's
+    last group is what the previous-needle head brings to the next needle."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_probe_model as T
+
+    from benchmark.quality.tasks import make_sample
+    from benchmark.quality.vocab import FILLER_WORDS, KEY_WORDS, VAR_NAMES
+
+    assert T.build_tokenizer(tmp_path / "t1", 0, 2048, 1).get_vocab() == tok.get_vocab()
+    t2 = T.build_tokenizer(tmp_path / "t2", 0, 2048, 2)
+    words = [*FILLER_WORDS, *KEY_WORDS, *VAR_NAMES]
+    assert all(len(t2.encode(" " + w, add_special_tokens=False)) == 1 for w in words)
+    pieces = t2.convert_ids_to_tokens(t2.encode(" is 435968, 7012345.", add_special_tokens=False))
+    assert pieces == ["Ġis", "Ġ43", "59", "68", ",", "Ġ70", "12", "34", "5", "."]
+    for i in range(1, 100):  # every group is one token, with and without the leading space (" 00" cannot start a number)
+        assert len(t2.encode(f" {i:02d}", add_special_tokens=False)) == 1 and len(t2.encode(f"{i:02d}", add_special_tokens=False)) == 1
+    assert len(t2.encode("00", add_special_tokens=False)) == 1
+    assert len(T.digit_token_ids(t2)) == len(T.digit_token_ids(tok)) + T.number_chunk_vocab(2) - 1
+    assert T.first_digit_token_ids(t2) >= {t2.convert_tokens_to_ids(f"Ġ{i}") for i in range(10, 100)}
+
+    sample = make_sample("niah_multivalue", t2, 512, index=0, seed=3)
+    row = T.sample_row(t2, sample)
+    found = T.structure_pairs(row, T.structure_token_ids(t2))
+    flat = [t for toks, _ in row for t in toks]
+    assert len(found["prev_needle"]) == len(sample.answers)  # one tag per needle's first group
+    for (q, src), (q2, last) in zip(found["prev_needle"][1:], found["prev_needle_copy"]):
+        assert q == q2 and flat[src] == t2.convert_tokens_to_ids(".") and last == flat[src - 1]
+        assert t2.convert_ids_to_tokens(last).isdigit() and len(t2.convert_ids_to_tokens(last)) == 2
+    assert t2.decode(t2.encode(" " + sample.completion, add_special_tokens=False)) == " " + sample.completion
+
+
+def test_number_chunk_trains_a_model_on_its_tokenizer_and_needs_a_new_one(tmp_path):
+    from sglang_mux.models import default_model_path
+
+    script = str(ROOT / "scripts/train_probe_model.py")
+    r = subprocess.run([sys.executable, script, "--number-chunk", "2", "--init-from", str(default_model_path()), "--steps", "1",
+                        "--out", str(tmp_path / "m")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--number-chunk" in r.stderr and "--init-from" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m").exists()
+    r = subprocess.run([sys.executable, script, "--number-chunk", "4"], capture_output=True, text=True)
+    assert r.returncode == 2 and "choose from 1, 2, 3" in r.stderr
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, script, "--seed", "0", "--number-chunk", "2", "--steps", "2", "--warmup", "1",
+                        "--tokens-per-step", "512", "--eval-samples", "0", "--out", str(tmp_path / "g")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(tmp_path / "g")
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["vocab_size"] == len(saved)
+    assert saved.convert_ids_to_tokens(saved.encode(" 4359", add_special_tokens=False)) == ["Ġ43", "59"]
