@@ -6,8 +6,9 @@ how often the needle head (last layer, head 0) looks hardest at the token it sho
 
 Each sample's prompt is followed by its reference completion (teacher forcing), so every value is read in
 the context a perfect model would have written. Digit 0 of a value is where the head picks a needle (for
-multi-value: the needle after the one just written), digits 1-5 continue copying from it. ``--json`` writes
-the table as JSON.
+multi-value: the needle after the one just written), digits 1-5 continue copying from it (with a tokenizer of
+``train_probe_model.py --number-chunk N``, "digit" k is a value's k-th token, a group of up to N digits).
+``--json`` writes the table as JSON.
 
 ``--by-value`` (multi-value, multi-query) breaks digit 0 down by the value's place in the list, with the
 needle head's weight on the needle holding that value and on each needle (in prompt order), where it picks
@@ -90,9 +91,17 @@ LISTED_TASKS = ("niah_multivalue", "niah_multiquery")
 
 def needle_values(tokenizer, flat: list[int], prompt_end: int, is_id: int, digits: set[int]) -> tuple[list[int], list[str]]:
     """The needles of a prompt: the position of each value's first digit (the digit after ``is``), in prompt
-    order, and the 6-digit value each one holds."""
+    order, and the value each one holds (its run of number tokens: 6 digits, or fewer digit groups with a
+    ``--number-chunk`` tokenizer)."""
     needles = [p for p in range(1, prompt_end) if flat[p - 1] == is_id and flat[p] in digits]
-    return needles, [tokenizer.decode(flat[q : q + 6]).strip() for q in needles]
+    ends = [next((e for e in range(q, prompt_end) if flat[e] not in digits), prompt_end) for q in needles]
+    return needles, [tokenizer.decode(flat[q:e]).strip() for q, e in zip(needles, ends)]
+
+
+def first_token_digits(tokenizer, token_id: int) -> int:
+    """How many digits a value's first token holds: 1, or a digit group's size (``--number-chunk``); two values
+    whose first tokens are the same share that many leading digits."""
+    return len(tokenizer.convert_ids_to_tokens(token_id).removeprefix("Ġ"))
 
 
 class ValueCounts:
@@ -131,7 +140,8 @@ class ValueCounts:
                 source = needles[held.index(values[k])]
                 self.on_source[k] = self.on_source.get(k, 0.0) + float(attn[p - 1, source])
             elif j == 1:
-                sharing = [m for m, v in enumerate(held) if v[0] == values[k][0] and v != values[k]]
+                lead = first_token_digits(tok, flat[p - 1])
+                sharing = [m for m, v in enumerate(held) if v[:lead] == values[k][:lead] and v != values[k]]
                 n, ok = self.second.get(bool(sharing), (0, 0))
                 self.second[bool(sharing)] = (n + 1, ok + hit)
                 own = held.index(values[k])
@@ -216,7 +226,8 @@ def follow_table(model, tokenizer, length: int, samples: int, seed: int, progres
                 edited = follow_edit(flat, starts, needles, k, c)
                 after = None
                 for step, q, off in ((",", starts[k] - 1, 0), ("first digit", starts[k], 1)):
-                    if step == "first digit" and held[c][0] != held[k][0]:
+                    lead = first_token_digits(tokenizer, flat[starts[k]])
+                    if step == "first digit" and held[c][:lead] != held[k][:lead]:
                         continue
                     after = weights(edited) if after is None else after
                     acc = sums[step]

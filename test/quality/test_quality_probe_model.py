@@ -617,6 +617,13 @@ def test_number_chunk_tokenizer_writes_numbers_in_digit_groups(tmp_path, tok):
         assert t2.convert_ids_to_tokens(last).isdigit() and len(t2.convert_ids_to_tokens(last)) == 2
     assert t2.decode(t2.encode(" " + sample.completion, add_special_tokens=False)) == " " + sample.completion
 
+    import probe_answer_digits as P  # the diagnostics read a needle's whole value, and its first group's size
+
+    needles, held = P.needle_values(t2, flat, len(row[0][0]), t2.convert_tokens_to_ids("Ġis"), set(T.digit_token_ids(t2)))
+    assert held == list(sample.answers) and all(t2.convert_ids_to_tokens(flat[q]).startswith("Ġ") for q in needles)
+    assert [P.first_token_digits(t2, flat[q]) for q in needles] == [2] * len(needles)
+    assert P.first_token_digits(tok, tok.convert_tokens_to_ids("Ġ4")) == 1
+
 
 def test_number_chunk_trains_a_model_on_its_tokenizer_and_needs_a_new_one(tmp_path):
     from sglang_mux.models import default_model_path
