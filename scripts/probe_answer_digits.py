@@ -220,13 +220,13 @@ def follow_table(model, tokenizer, length: int, samples: int, seed: int, progres
             continue  # the k-th value is the k-th needle's (the suite's multi-value); anything else is skipped
         before = weights(flat)
         for k in range(1, len(needles)):
+            lead = first_token_digits(tokenizer, flat[starts[k]])  # the k-th value's first token, shared or not
             for c in range(1, len(needles)):
                 if c == k:
                     continue
                 edited = follow_edit(flat, starts, needles, k, c)
                 after = None
                 for step, q, off in ((",", starts[k] - 1, 0), ("first digit", starts[k], 1)):
-                    lead = first_token_digits(tokenizer, flat[starts[k]])
                     if step == "first digit" and held[c][:lead] != held[k][:lead]:
                         continue
                     after = weights(edited) if after is None else after
