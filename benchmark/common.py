@@ -2,7 +2,7 @@
 
 Contracts:
 * ``server_flags`` gives stock SGLang and mux the same SGLang flags; ``start_server`` starts one of them with
-  ``ServerProcess`` on a free port in 31000-39999 (one thread for torch) and stops it on exit.
+  ``ServerProcess`` (one thread for torch) on a port from ``free_port`` and stops it on exit.
 * ``prompt_ids`` is deterministic for a seed, so stock and mux get the very same prompts.
 * ``stream_generate`` posts one streaming ``/generate`` and returns the client-side arrival time of every chunk
   with the number of output tokens it completes; ``decode_time_per_token`` turns that into time per output token.
@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "python") not in sys.path:
     sys.path.insert(0, str(ROOT / "python"))
 
-from sglang_mux.server_process import ServerProcess  # noqa: E402
+from sglang_mux.server_process import ServerProcess, free_port  # noqa: E402
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "half": 2, "float": 4}
 PROMPT_TOKEN_RANGE = (10, 500)  # token ids used for synthetic prompts (all plain BPE pieces of the bundled model)
@@ -145,7 +144,7 @@ def mux_flags(args: argparse.Namespace) -> list[str]:
 
 def start_server(system: str, flags: list[str], args: argparse.Namespace) -> ServerProcess:
     """Start stock SGLang (torch_native) or mux on a free port; caller uses it as a context manager."""
-    port = _free_port_in_range()
+    port = free_port()
     log = None
     if args.log_dir is not None:
         args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -154,19 +153,6 @@ def start_server(system: str, flags: list[str], args: argparse.Namespace) -> Ser
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     progress(f"starting {system} server on port {port}: {' '.join(full)}")
     return ServerProcess(full, stock=(system == "stock"), port=port, env=env, timeout=600, log_path=log)
-
-
-def _free_port_in_range() -> int:
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randint(31000, 39999)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port in 31000-39999")
 
 
 def stop_cleanly_on_sigterm() -> None:

@@ -11,6 +11,7 @@ comparison differs only in what mux changes.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,8 +25,32 @@ import requests
 from sglang_mux.platform import has_cuda_gpu
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+# Ports handed to a child that binds them later are drawn below the kernel's ephemeral range: any outgoing
+# connection (the server's own startup opens several) may otherwise take the port first, and the child's HTTP
+# bind then fails while SGLang's warm-up waits 120 s on it and kills the server. SGLang draws its internal
+# torch.distributed port from 22000-29999 for the same reason, so ours stay under that.
+PORT_RANGE = (12000, 21999)
+
+
+def ephemeral_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(rng: random.Random | None = None) -> int:
+    """A port nothing listens on now, outside the range the kernel gives out to bind(0) and connect()."""
+    rng = rng or random.Random()
+    low, high = PORT_RANGE[0], min(PORT_RANGE[1], ephemeral_port_start() - 1)
+    for port in rng.sample(range(low, high + 1), min(200, max(0, high - low + 1))):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    with socket.socket() as s:  # an unusual range setting (or all taken): any free port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
