@@ -311,7 +311,7 @@ def sample_row(tokenizer, sample) -> list[tuple[list[int], bool]]:
     return [(tokenizer.encode(sample.prompt), False), (answer, True)]
 
 
-def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_step: int, seed: int, prompt_digit_loss: bool = False, chain: bool = False, prev_positions: int = 1, prev_shift: bool = False):
+def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_step: int, seed: int, prompt_digit_loss: bool = False, chain: bool = False, prev_positions: int = 1, prev_shift: bool = False, first_tag: bool = False):
     """Token ids, next-token loss mask and answer mask for one step: same-length samples padded on the right.
 
     Digits in the prompt (needle values, ids, list numbers) are random, so next-token loss on them only
@@ -350,7 +350,7 @@ def make_batch(tokenizer, rng: random.Random, stage: int, step: int, tokens_per_
             pos += len(toks)
         pairs += [(i, t, src) for t, src in copy_pairs(row, first_occurrence=not chain)]
         if STRUCTURE_IDS:
-            for name, found in structure_pairs(row, STRUCTURE_IDS, prev_positions, prev_shift).items():
+            for name, found in structure_pairs(row, STRUCTURE_IDS, prev_positions, prev_shift, first_tag).items():
                 struct[name] += [(i, *x) for x in found]
     return ids, valid, is_answer, pairs, struct
 
@@ -433,7 +433,8 @@ CHAIN_HEAD = (-1, 4)  # vt answers: from the variable just written (or the asked
 PREV_NEEDLE_HEADS = (((1, 4), "prev_needle_copy"), ((1, 0), "prev_needle_copy_2"))
 
 
-def structure_pairs(row: list[tuple[list[int], bool]], ids: dict, prev_positions: int = 1, prev_shift: bool = False) -> dict[str, list]:
+def structure_pairs(row: list[tuple[list[int], bool]], ids: dict, prev_positions: int = 1, prev_shift: bool = False,
+                    first_tag: bool = False) -> dict[str, list]:
     """Targets of the structure losses for one sample (positions in the flattened row).
 
     Variable tracking is a chain of lookups "which statement assigns the variable I just wrote": a causal
@@ -450,7 +451,9 @@ def structure_pairs(row: list[tuple[list[int], bool]], ids: dict, prev_positions
     sees two tokens back. With ``prev_positions`` 2 both heads also tag each needle's second digit, which the
     answer's first digit reads; that step sees the previous value's *last* digit two tokens back, so with
     ``prev_shift`` the second head brings the last digit there too (the query that reads "two back" at the ','
-    then matches the same tag slot at both steps).
+    then matches the same tag slot at both steps). The first needle has no needle before it: the heads look at the
+    start token, and with ``first_tag`` their copy losses name it there (``bos``), so "first" is a tag the needle
+    head can read at an answer's first value as it reads a digit at the later ones.
 
     Returns lists of (query, source) pairs for ``statement``, ``chain`` and ``prev_needle``, and
     (position, token) targets ``chain_copy`` and ``prev_needle_copy`` for those heads' value/output paths."""
@@ -484,6 +487,9 @@ def structure_pairs(row: list[tuple[list[int], bool]], ids: dict, prev_positions
                 if before:  # what the previous needle's value ends with: the digit before its period
                     out["prev_needle_copy"].append((q, flat[before[-1] - 1]))
                     out["prev_needle_copy_2"].append((q, flat[before[-1] - (1 if prev_shift and q > p else 2)]))
+                elif first_tag:
+                    out["prev_needle_copy"].append((q, ids["bos"]))
+                    out["prev_needle_copy_2"].append((q, ids["bos"]))
     return out
 
 
@@ -521,8 +527,8 @@ def first_digit_token_ids(tokenizer) -> set[int]:
 
 
 def structure_token_ids(tokenizer) -> dict:
-    """The token ids ``structure_pairs`` reads: var, eq, period, is, and the digits (a set)."""
-    return dict(var=tokenizer.convert_tokens_to_ids("ĠVAR"), eq=tokenizer.convert_tokens_to_ids("Ġ="),
+    """The token ids ``structure_pairs`` reads: var, eq, period, is, bos, and the digits (a set)."""
+    return dict(var=tokenizer.convert_tokens_to_ids("ĠVAR"), eq=tokenizer.convert_tokens_to_ids("Ġ="), bos=tokenizer.bos_token_id,
                 period=tokenizer.convert_tokens_to_ids("."), digits=set(digit_token_ids(tokenizer)),
                 **{"is": tokenizer.convert_tokens_to_ids("Ġis")})
 
@@ -661,7 +667,8 @@ def train(model, tokenizer, args, log):
             log(f"step {step}: stage {stage} ({STAGES[stage][1]}-{STAGES[stage][2]} tokens), digit accuracy {ema_acc:.2f}")
         ids, valid, is_answer, pairs, struct = make_batch(tokenizer, rng, stage, step, args.tokens_per_step, args.seed,
                                                           args.prompt_digit_loss, chain=args.chain_weight > 0,
-                                                          prev_positions=args.prev_needle_positions, prev_shift=args.prev_needle_shift)
+                                                          prev_positions=args.prev_needle_positions, prev_shift=args.prev_needle_shift,
+                                                          first_tag=args.prev_needle_first_tag)
         ids, valid, is_answer = ids.to(device), valid.to(device), is_answer.to(device)
         for store in seen:
             store.clear()
@@ -751,6 +758,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prev-needle-copy-weight", type=float, default=0.0, help="weight of the copy supervision of the previous-needle head: what it writes at a needle names the last digit of the needle before (0: off; with --prev-needle-weight the head is also told where to look)")
     ap.add_argument("--prev-needle-digits", type=int, choices=(1, 2), default=1, help="how many of the previous needle's last digits the previous-needle heads bring to each needle (2: a second head, layer 1 head 0, brings the digit before the last, with the same weights)")
     ap.add_argument("--prev-needle-positions", type=int, choices=(1, 2), default=1, help="at how many of a needle's first digits the previous-needle heads look back (2: also at the second digit, which the answer's first digit reads)")
+    ap.add_argument("--prev-needle-first-tag", action="store_true", help="at the first needle of a prompt (none before it) the previous-needle heads' copy losses name the start token they look at, so the first needle carries a tag of its own")
     ap.add_argument("--prev-needle-shift", action="store_true", help="with --prev-needle-digits 2 --prev-needle-positions 2: at a needle's second digit the second previous-needle head brings the previous needle's last digit, not the one before it (the answer's first digit sees the previous value's last digit two tokens back, where the ',' sees the digit before the last)")
     ap.add_argument("--list-pointer-weight", type=float, default=0.0, help="extra weight of the needle head's attention supervision where a listed answer goes on (the ',' before the next value of multi-value and multi-query answers), the step that decides which needle comes next (0: off)")
     ap.add_argument("--value-start-pointer-weight", type=float, default=0.0, help="extra weight of the needle head's attention supervision at each answer value's first digit, the step that reads its second digit from the needle just picked (0: off)")
@@ -787,6 +795,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.insert_layers < 0:
         ap.error(f"--insert-layers: must be >= 0, got {args.insert_layers}")
     prev_needle_on = args.prev_needle_weight > 0 or args.prev_needle_copy_weight > 0
+    if args.prev_needle_first_tag and args.prev_needle_copy_weight <= 0:
+        ap.error("--prev-needle-first-tag: needs --prev-needle-copy-weight > 0 (the tag is what that loss names)")
     for flag, value in (("--prev-needle-digits", args.prev_needle_digits), ("--prev-needle-positions", args.prev_needle_positions)):
         if value != 1 and not prev_needle_on:
             ap.error(f"{flag}: needs --prev-needle-weight or --prev-needle-copy-weight > 0 (it shapes their supervision)")

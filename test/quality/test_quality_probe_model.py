@@ -138,6 +138,14 @@ def test_structure_pairs_point_where_a_causal_key_can_answer(tok):
     assert [(q, conv(t)) for q, t in shifted["prev_needle_copy_2"]] == [
         (q + j, v[-2] if j == 0 else v[-1]) for (q, _), v in zip(out["prev_needle"][1:], s.answers) for j in (0, 1)]
     assert all((q in firsts) == (t == u) for (q, t), (_, u) in zip(shifted["prev_needle_copy_2"], two["prev_needle_copy_2"]))
+    # with the first-needle tag, the first needle's digits (the ones that look at the start token) name that token;
+    # nothing else changes
+    tagged = T.structure_pairs(row, ids, prev_positions=2, first_tag=True)
+    first = [q for q, src in two["prev_needle"] if src == 0]
+    assert len(first) == 2 and ids["bos"] == tok.bos_token_id
+    for name in ("prev_needle_copy", "prev_needle_copy_2"):
+        assert tagged[name] == sorted(two[name] + [(q, tok.bos_token_id) for q in first])
+    assert {k: v for k, v in tagged.items() if not k.startswith("prev_needle_copy")} == {k: v for k, v in two.items() if not k.startswith("prev_needle_copy")}
 
 
 def test_listed_pairs_are_where_a_list_goes_on(tok):
