@@ -28,7 +28,9 @@ from sglang_mux.platform import has_cuda_gpu
 # Ports handed to a child that binds them later are drawn below the kernel's ephemeral range: any outgoing
 # connection (the server's own startup opens several) may otherwise take the port first, and the child's HTTP
 # bind then fails while SGLang's warm-up waits 120 s on it and kills the server. SGLang draws its internal
-# torch.distributed port from 22000-29999 for the same reason, so ours stay under that.
+# torch.distributed port from 22000-29999 for the same reason, so ours stay under that. (Its helper,
+# sglang.srt.utils.network.get_free_port_below_ephemeral, takes a range too, but importing it loads SGLang, about
+# 10 s, in every process that only starts servers.)
 PORT_RANGE = (12000, 21999)
 
 
