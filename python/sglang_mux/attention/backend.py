@@ -7,7 +7,10 @@
   to the wrapped backend (identical results to stock SGLang). Otherwise each routed request attends, per layer,
   to the union of the leaves' pages (recent window, sinks + heavy hitters, query-aware retrieval, always the
   tail page), chosen here at forward time so the overlap scheduler never makes the choice stale.
-Anything else SGLang asks of an attention backend is answered by the wrapped backend.
+Anything else SGLang asks of an attention backend (CUDA-graph state included) is answered by the wrapped backend:
+every method of SGLang's ``AttentionBackend`` is overridden explicitly, since ``__getattr__`` only covers names the
+base class does not define. Two stay mux's own: no fused KV writer (summaries must see every write) and no
+metadata glue graph (the step plan is made on the host).
 """
 
 from __future__ import annotations
@@ -105,6 +108,76 @@ class MuxAttentionBackend(AttentionBackend):
 
     def init_forward_metadata_in_graph(self, forward_batch):
         return self.inner.init_forward_metadata_in_graph(forward_batch)
+
+    # ------------------------------------------------------------------ forwarded to the wrapped backend
+    # Every method SGLang's AttentionBackend defines must be overridden here: ``__getattr__`` is never reached
+    # for a name the base class has, so an inherited default (often ``raise NotImplementedError``) would answer
+    # instead of the wrapped backend. test/test_backend_forwarding.py checks this list against the base class.
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        return self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return self.inner.get_cuda_graph_seq_len_fill_value()
+
+    def validate_elastic_cuda_graph_recapture(self):
+        return self.inner.validate_elastic_cuda_graph_recapture()
+
+    def on_after_cuda_graph_warmup(self):
+        return self.inner.on_after_cuda_graph_warmup()
+
+    def init_forward_metadata_for_breakable_cuda_graph_capture(self, forward_batch):
+        return self.inner.init_forward_metadata_for_breakable_cuda_graph_capture(forward_batch)
+
+    def prepare_forward_metadata_for_breakable_cuda_graph_replay(self, capture_metadata, forward_batch, **kwargs):
+        return self.inner.prepare_forward_metadata_for_breakable_cuda_graph_replay(
+            capture_metadata, forward_batch, **kwargs
+        )
+
+    def prepare_full_cuda_graph_chunked_prefix(self, forward_batch, **kwargs):
+        return self.inner.prepare_full_cuda_graph_chunked_prefix(forward_batch, **kwargs)
+
+    def draft_extend_metadata_captured_in_graph(self):
+        return self.inner.draft_extend_metadata_captured_in_graph()
+
+    def shared_read_ends(self, fm):
+        return self.inner.shared_read_ends(fm)
+
+    def resolve_prefill_shared_read_ends(self, forward_batch, **kwargs):
+        return self.inner.resolve_prefill_shared_read_ends(forward_batch, **kwargs)
+
+    def _snapshot_prefill_shared_reads(self, forward_batch, **kwargs):
+        return self.inner._snapshot_prefill_shared_reads(forward_batch, **kwargs)
+
+    def late_layer_num_tokens(self, forward_batch):
+        return self.inner.late_layer_num_tokens(forward_batch)
+
+    @property
+    def verify_mask(self):
+        return self.inner.verify_mask
+
+    def update_verify_buffers_to_fill_after_draft(self, spec_info, cuda_graph_bs):
+        return self.inner.update_verify_buffers_to_fill_after_draft(spec_info, cuda_graph_bs)
+
+    def forward_mixed(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        return self.inner.forward_mixed(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache)
+
+    def get_indexer_metadata(self, layer_id: int, forward_batch):
+        return self.inner.get_indexer_metadata(layer_id, forward_batch)
+
+    def support_triton(self):
+        return self.inner.support_triton()
+
+    # Kept as SGLang's defaults on purpose (not forwarded): mux must see every KV write and plans on the host.
+    def get_fused_kv_write_buffers(self, layer, forward_batch):
+        """None: the model must hand K/V to ``forward_*`` (``save_kv_cache=True``), so the page summaries follow
+        every write; a fused writer in the wrapped backend would bypass them."""
+        return None
+
+    def glue_target_verify_metadata(self) -> str:
+        return "mux plans each step on the host (the request's grant and pages), which a graph cannot replay"
+
+    def glue_draft_metadata(self) -> str:
+        return "mux plans each step on the host (the request's grant and pages), which a graph cannot replay"
 
     def _plan_step(self, fb) -> None:
         self._plan = None
@@ -399,9 +472,6 @@ class MuxAttentionBackend(AttentionBackend):
         if st.demoted or st.dropped_pages or (self.tiers is not None and self.tiers.takes_running_pages):
             return False
         return not self.router.effective_config(st.options).drop_cold
-
-    def support_triton(self):
-        return self.inner.support_triton()
 
 
 def build_mux_attention_backend(model_runner) -> MuxAttentionBackend:
