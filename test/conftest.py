@@ -8,6 +8,9 @@ import pytest
 
 # Tests share 2 cores with servers they start: keep torch in this process to one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Servers the tests start (directly, through benchmarks or in a PD cluster) serve the bundled tiny model unless a
+# test names another: milliseconds per request. The real default model is tested by the tests that ask for it.
+os.environ["MUX_DEFAULT_MODEL"] = "tiny"
 
 from mux_test_support import SERVER_COMMON  # noqa: E402
 

@@ -26,6 +26,34 @@ def test_mux_on_by_default_with_bundled_model_and_cpu_settings():
     assert MuxConfig.from_json(env[ENV_VAR]) == cfg and cfg.budget == 512
 
 
+def test_default_model_is_smollm2_and_short_names_resolve(monkeypatch, tmp_path):
+    import sglang_mux.models as models
+
+    monkeypatch.delenv("MUX_DEFAULT_MODEL", raising=False)
+    monkeypatch.setattr(models, "smollm2_path", lambda: "/cache/smollm2")
+    _, argv = build_sglang_argv([], env={})
+    assert _value(argv, "--model-path") == "/cache/smollm2"
+    _, argv = build_sglang_argv(["--model-path", "tiny"], env={})
+    assert argv.count("--model-path") == 1 and _value(argv, "--model-path") == models.tiny_model_path()
+    _, argv = build_sglang_argv(["--model-path", "smollm2", "--mux-disable"], env={})
+    assert _value(argv, "--model-path") == "/cache/smollm2"
+    monkeypatch.setenv("MUX_DEFAULT_MODEL", "tiny")
+    _, argv = build_sglang_argv([], env={})
+    assert _value(argv, "--model-path") == models.tiny_model_path()
+    _, argv = build_sglang_argv(["--model-path", str(tmp_path)], env={})  # any other path passes through
+    assert _value(argv, "--model-path") == str(tmp_path)
+
+
+def test_missing_default_model_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("MUX_DEFAULT_MODEL", raising=False)
+    monkeypatch.setenv("MUX_MODEL_CACHE", str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "sglang_mux.launch_server"], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "MUX_MODEL_CACHE": str(tmp_path), "MUX_DEFAULT_MODEL": ""})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not installed" in lines[0] and "sglang_mux.models.smollm2" in lines[0]
+
+
 def test_user_flags_win_and_attention_backend_becomes_inner():
     env = {}
     cfg, argv = build_sglang_argv(

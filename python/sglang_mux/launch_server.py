@@ -4,7 +4,8 @@ Accepts every SGLang flag plus our ``--mux-*`` flags (docs/cli.md). What it adds
 
 * ``--radix-cache-backend mux --attention-backend mux`` unless ``--mux-disable`` (a user-given
   ``--attention-backend X`` becomes the backend that mux wraps);
-* ``--model-path <bundled default model>`` when no model is given;
+* ``--model-path <the default model>`` when no model is given (SmolLM2-135M-Instruct, or ``$MUX_DEFAULT_MODEL``),
+  and a short model name (``smollm2``, ``tiny``; :mod:`sglang_mux.models`) turned into its folder;
 * on a machine without a GPU: ``SGLANG_USE_CPU_ENGINE=1``, ``--device cpu`` and the CPU settings that work
   (docs/install.md), each only where the user did not give that flag.
 """
@@ -70,10 +71,14 @@ def build_sglang_argv(argv: list[str], env: dict | None = None) -> tuple[MuxConf
         for flag, value in CPU_DEFAULTS:
             if not _has_flag(args, flag):
                 args += [flag] if value is None else [flag, value]
-    if not _has_flag(args, "--model-path") and not _has_flag(args, "--model"):
-        from sglang_mux.models import default_model_path
+    from sglang_mux.models import SHORT_NAMES, default_model_path, resolve_model_path
 
+    if not _has_flag(args, "--model-path") and not _has_flag(args, "--model"):
         args += ["--model-path", default_model_path()]
+    for flag in ("--model-path", "--model", "--tokenizer-path"):
+        given = _flag_value(args, flag)
+        if given in SHORT_NAMES:
+            args = _drop_flag(args, flag) + [flag, resolve_model_path(given)]
     if not cfg.disable:
         given = _flag_value(args, "--radix-cache-backend")
         if given not in (None, "mux"):
