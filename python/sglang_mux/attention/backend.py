@@ -47,6 +47,7 @@ from sglang_mux.metrics import STATS
 from sglang_mux.platform import platform_attention_backend
 from sglang_mux.router.grant import Grant
 from sglang_mux.router.requests import REGISTRY, RequestState
+from sglang_mux.router.route_rule import scores_heavy_hitters
 from sglang_mux.router.spine import StaticSpineRouter
 
 logger = logging.getLogger(__name__)
@@ -267,10 +268,8 @@ class MuxAttentionBackend(AttentionBackend):
 
     def _wants_heavy_scores(self, rid: str, seq_len: int) -> bool:
         st = self.registry.get(rid)
-        if st.options.exact:
-            return False
         cfg = self.router.effective_config(st.options)
-        return seq_len > cfg.budget // 2 and cfg.leaf_split(cfg.budget)["heavy"] > 0
+        return scores_heavy_hitters(seq_len, cfg.budget, cfg.leaf_split(cfg.budget)["heavy"], st.options.exact)
 
     def _score_observation_window(self, layer, q_ext, req_row, L: int, rid: str) -> None:
         cfg = self.router.effective_config(self.registry.get(rid).options)

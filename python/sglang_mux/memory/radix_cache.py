@@ -27,7 +27,10 @@ from sglang_mux.memory.page_table import PageTable
 from sglang_mux.memory.page_summaries import PageSummaryStore
 from sglang_mux.memory.prefix_tiers import namespace_of, page_hashes, tier_key
 from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
+from sglang_mux.request_options import MuxRequestOptions
 from sglang_mux.router.requests import REGISTRY
+from sglang_mux.router.route_rule import may_route, scores_heavy_hitters
+from sglang_mux.router.spine import StaticSpineRouter
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ class MuxRadixCache(RadixCache):
         self.mux_config = mux_config or MuxConfig(page_size=params.page_size or 1)
         self.num_layers = num_layers
         self.registry = REGISTRY
+        self.router = StaticSpineRouter(self.mux_config)  # the requests' effective configs, as the backend sees them
         self.tiers = None  # the TierManager, shared with the attention backend (set by the factory)
         self.prefix_pages = 0  # pages of the prefix cache held in lower tiers (index size)
         self.loaded_back_pages = 0
@@ -113,18 +117,26 @@ class MuxRadixCache(RadixCache):
             self._offload_prefix_pages(hashes, self._records(node.value.long()))
         super()._delete_leaf(node)
 
-    def _observation_cap(self, key_len: int) -> int | None:
+    def _request_options(self, req) -> MuxRequestOptions:
+        """The mux options the request was admitted with; the server's when unknown (no request, warm-up)."""
+        st = self.registry.peek(req.rid) if req is not None else None
+        return st.options if st is not None else MuxRequestOptions()
+
+    def _observation_cap(self, key_len: int, options: MuxRequestOptions) -> int | None:
         """Longest prefix a routable prompt may take from the cache: its last ``--mux-observation-window`` tokens
         are always recomputed, so heavy-hitter scoring (which needs their queries) and hence the routed output do
-        not depend on what happened to be cached. ``None``: no cap (short prompts, or no heavy leaf)."""
-        cfg = self.mux_config
-        if key_len <= cfg.budget // 2 or cfg.leaf_split(cfg.budget)["heavy"] == 0:
+        not depend on what happened to be cached. ``None``: no cap (short prompts, exact requests, or no heavy
+        leaf), decided by the request's own budget as the attention backend decides it."""
+        cfg = self.router.effective_config(options)
+        if not scores_heavy_hitters(key_len, cfg.budget, cfg.leaf_split(cfg.budget)["heavy"], options.exact):
             return None
         cap = max(key_len - cfg.observation_window, 0) // self.page_size * self.page_size
         return cap if cap < key_len else None
 
     def match_prefix(self, params):
-        cap = None if self._checkpointing else self._observation_cap(len(params.key))
+        cap = None
+        if not self._checkpointing:
+            cap = self._observation_cap(len(params.key), self._request_options(getattr(params, "req", None)))
         if cap is not None:
             params = dataclasses.replace(params, key=params.key[:cap])
         res = super().match_prefix(params)
@@ -231,10 +243,8 @@ class MuxRadixCache(RadixCache):
                 self._fold_importance(req.last_node, st.heavy_scores, st.leaf_views)
 
     def _may_drop(self, st, seq_len: int) -> bool:
-        if st.options.exact:
-            return False
-        cfg = st.options.effective_config(self.mux_config)
-        return (cfg.drop_cold or cfg.tiered) and seq_len > cfg.budget // 2
+        cfg = self.router.effective_config(st.options)
+        return (cfg.drop_cold or cfg.tiered) and may_route(seq_len, cfg.budget, st.options.exact)
 
     def _fold_importance(self, last_node, scores, leaf_views=None) -> None:
         """Fold a request's per-page importances and leaf views into the tables of the nodes on its path."""

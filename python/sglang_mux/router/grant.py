@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sglang_mux.router.route_rule import routes_now
+
 
 @dataclass(frozen=True)
 class Grant:
@@ -37,7 +39,7 @@ EXACT = Grant(exact=True)
 
 
 def grant_for(seq_len: int, budget: int, page_size: int, split: dict[str, int], force_exact: bool = False) -> Grant:
-    if force_exact or seq_len <= budget:
+    if not routes_now(seq_len, budget, exact=force_exact):
         return EXACT
     P = page_size
     pages = {name: split[name] // P for name in ("sink", "recent", "heavy", "retrieval")}
