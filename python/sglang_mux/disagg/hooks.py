@@ -1,4 +1,5 @@
-"""PD hooks, installed by the plugin in every SGLang process (each a named patch of SGLang behaviour).
+"""PD hooks, installed by the plugin in every SGLang process (each a named patch of SGLang behaviour, listed in the
+table of ``sglang_hooks.py``: groups ``pd-bootstrap``, ``pd-cpu``, ``pd-heavy-scores``).
 
 * ``reject_malformed_bootstrap``  AROUND ``http_server.serve_generate_request``: on a prefill or decode
   server, a ``/generate`` whose bootstrap fields are malformed (or missing) is answered HTTP 400 naming the
@@ -15,12 +16,11 @@ import logging
 import multiprocessing
 
 from sglang_mux.disagg.bootstrap import validate_bootstrap_fields
-from sglang_mux.disagg.heavy_scores import install_heavy_score_transfer
-from sglang_mux.platform.cpu_pd import install_cpu_pd_workarounds
+from sglang_mux.platform import has_cuda_gpu
+from sglang_mux.sglang_hooks import SGLangHook, hooks_in, register_hooks
 
 logger = logging.getLogger(__name__)
 
-HTTP_GENERATE = "sglang.srt.entrypoints.http_server.serve_generate_request"
 _installed = False
 
 
@@ -51,17 +51,18 @@ async def reject_malformed_bootstrap(original, obj, request, *args, **kwargs):
     return await original(obj, request, *args, **kwargs)
 
 
-def install_pd_hooks() -> None:
-    """Register the PD hooks (idempotent). The HTTP hook only in the launcher process, where the server runs."""
+def install_pd_hooks() -> list[SGLangHook]:
+    """Register the PD hooks (idempotent); returns those registered. The HTTP hook only in the launcher process,
+    where the server runs; the CPU-only Mooncake patch only without a CUDA GPU. ``plugin.register`` (or
+    ``load_plugins``) applies them."""
     global _installed
     if _installed:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType, _current_plugin_source
-
-    install_cpu_pd_workarounds()
-    install_heavy_score_transfer()
+        return []
+    records = []
+    if not has_cuda_gpu():
+        records += hooks_in("pd-cpu")
+    records += hooks_in("pd-heavy-scores")
     if multiprocessing.parent_process() is None:
-        HookRegistry.register(HTTP_GENERATE, reject_malformed_bootstrap, HookType.AROUND)
+        records += hooks_in("pd-bootstrap")
     _installed = True
-    if _current_plugin_source.get() is None:
-        HookRegistry.apply_hooks()
+    return register_hooks(records)

@@ -1,4 +1,5 @@
-"""Scheduler-process hooks of the router (each a named patch of SGLang behaviour, installed by the plugin).
+"""Scheduler-process hooks of the router (each a named patch of SGLang behaviour, installed by the plugin from the
+table in ``sglang_hooks.py``, group ``router``).
 
 * ``admit_request``  BEFORE ``Scheduler.handle_generate_request``: record the request's mux options
   (``sampling_params.custom_params``) in the registry, keyed by request id, before it can be scheduled.
@@ -21,9 +22,9 @@ from sglang_mux.config import MuxConfig
 from sglang_mux.metrics import STATS
 from sglang_mux.router.placement_live import FINISHED
 from sglang_mux.router.requests import REGISTRY
+from sglang_mux.sglang_hooks import SGLangHook, hooks_in, register_hooks
 
 logger = logging.getLogger(__name__)
-SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 
 
 def admit_request(scheduler, recv_req, *args, **kwargs):
@@ -121,15 +122,6 @@ def reopen_batch_after_freeing(scheduler, *args, **kwargs):
     return None
 
 
-def install_scheduler_hooks() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(f"{SCHEDULER}.handle_generate_request", admit_request, HookType.BEFORE)
-    HookRegistry.register(f"{SCHEDULER}.get_internal_state", add_mux_stats, HookType.AFTER)
-    HookRegistry.register(f"{SCHEDULER}.process_batch_result", abort_failed_requests, HookType.BEFORE)
-    HookRegistry.register(f"{SCHEDULER}.get_next_batch_to_run", reopen_batch_after_freeing, HookType.BEFORE)
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
-        after_stream_output,
-        HookType.AFTER,
-    )
+def install_scheduler_hooks() -> list[SGLangHook]:
+    """Register the hooks above with SGLang's HookRegistry (applied by ``plugin.register`` or ``load_plugins``)."""
+    return register_hooks(hooks_in("router"))

@@ -1,23 +1,10 @@
 """Wire request validation (``validation.py``) into SGLang 0.5.23, through ``HookRegistry`` only.
 
 :func:`install_request_validation` is called from the plugin's ``register()``, so it runs in every SGLang
-process, with mux on or off (``--mux-disable`` still loads the plugin). It patches five places; each
-patch is named below and says why it is there:
-
-====================================  =========  ===================================================
-target (SGLang)                       hook       job
-====================================  =========  ===================================================
-``http_server.serve_generate_request``  AROUND   ``/generate``: reject before a stream starts, so a
-                                                 streamed request also gets HTTP 400, not an SSE event
-``OpenAIServingCompletion/Chat.``       AFTER    ``/v1/completions``, ``/v1/chat/completions``: check
-``_convert_to_internal_request``                 the request they build, name the client's fields
-``TokenizerManager.generate_request``   AROUND   every generation request of every entry (HTTP,
-                                                 ``sglang.Engine``), before SGLang normalizes it
-``TokenizerManager._validate_one_request`` AFTER  token ids produced by tokenization / chat templates
-``Scheduler.handle_generate_request``   AROUND   second line: re-check what reaches tensors; an
-                                                 exception while admitting one request aborts that
-                                                 request (HTTP 500 to its client), server keeps going
-====================================  =========  ===================================================
+process, with mux on or off (``--mux-disable`` still loads the plugin). It patches five places (``/generate``,
+the two OpenAI endpoints, the tokenizer manager's entry and its per-prompt check, the scheduler's admission),
+listed with their reasons in the table of ``sglang_hooks.py`` (groups ``validation-edge``, ``validation-tokenizer``,
+``validation-scheduler``); each hook's docstring below says why it sits where it does.
 
 Rejections are HTTP 400 with ``{"error": {"message": "<field>: <problem>", "type": "invalid_request_error",
 "param": "<field>", "code": 400}}`` (OpenAI endpoints: SGLang's OpenAI error object, same message).
@@ -48,6 +35,16 @@ from sglang_mux.serving.validation import (
     validate_prompt_token_ids,
     validate_scheduled_request,
 )
+from sglang_mux.sglang_hooks import (
+    HTTP_GENERATE,
+    OPENAI_CHAT,
+    OPENAI_COMPLETION,
+    SCHEDULER,
+    TOKENIZER_MANAGER,
+    SGLangHook,
+    hooks_in,
+    register_hooks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +52,9 @@ LAYERS_ENV = "SGLANG_MUX_VALIDATION_LAYERS"
 FAULT_ENV = "SGLANG_MUX_FAULT_RID_PREFIX"
 ALL_LAYERS = ("edge", "tokenizer", "scheduler")
 
-HTTP_GENERATE = "sglang.srt.entrypoints.http_server.serve_generate_request"
-OPENAI_COMPLETION = "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._convert_to_internal_request"
-OPENAI_CHAT = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._convert_to_internal_request"
-TOKENIZER_ENTRY = "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request"
-TOKENIZED_PROMPT = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
-SCHEDULER_ENTRY = "sglang.srt.managers.scheduler.Scheduler.handle_generate_request"
+TOKENIZER_ENTRY = f"{TOKENIZER_MANAGER}.generate_request"
+TOKENIZED_PROMPT = f"{TOKENIZER_MANAGER}._validate_one_request"
+SCHEDULER_ENTRY = f"{SCHEDULER}.handle_generate_request"
 
 _installed = False
 
@@ -143,6 +137,10 @@ def _openai_check(names: Mapping[str, str]):
         return None
 
     return check_converted_request
+
+
+check_completion_request = _openai_check(OPENAI_COMPLETION_NAMES)
+check_chat_request = _openai_check(OPENAI_CHAT_NAMES)
 
 
 # ------------------------------------------------------------------ tokenizer manager
@@ -264,40 +262,23 @@ def _module_of(target: str) -> str:
     return ".".join(parts[:-1])
 
 
-def install_request_validation() -> None:
-    """Register the validation hooks with SGLang's ``HookRegistry`` (idempotent).
+def install_request_validation() -> list[SGLangHook]:
+    """Register the validation hooks with SGLang's ``HookRegistry`` (idempotent); returns those registered.
 
     In the launcher / Engine process every hook is registered; in a spawned child (scheduler,
     detokenizer) only those whose SGLang module the child already imported, so a detokenizer does not
-    import the scheduler. Called outside ``load_plugins`` the hooks are applied at once.
+    import the scheduler. ``plugin.register`` (or ``load_plugins``) applies them.
     """
     global _installed
     if _installed:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType, _current_plugin_source
-
+        return []
     layers = enabled_layers()
-    hooks = []
-    if "edge" in layers:
-        hooks += [
-            (HTTP_GENERATE, reject_invalid_generate, HookType.AROUND),
-            (OPENAI_COMPLETION, _openai_check(OPENAI_COMPLETION_NAMES), HookType.AFTER),
-            (OPENAI_CHAT, _openai_check(OPENAI_CHAT_NAMES), HookType.AFTER),
-        ]
-    if "tokenizer" in layers:
-        hooks += [
-            (TOKENIZER_ENTRY, validate_at_tokenizer_entry, HookType.AROUND),
-            (TOKENIZED_PROMPT, validate_tokenized_prompt, HookType.AFTER),
-        ]
+    records = [h for layer in ("edge", "tokenizer") if layer in layers for h in hooks_in(f"validation-{layer}")]
     # The scheduler guard is always installed: its exception catch is not optional; the "scheduler"
     # layer switch only governs its re-validation step.
-    hooks.append((SCHEDULER_ENTRY, guard_scheduler_request, HookType.AROUND))
+    records += hooks_in("validation-scheduler")
 
     main_process = multiprocessing.parent_process() is None
-    for target, fn, kind in hooks:
-        if main_process or _module_of(target) in sys.modules:
-            HookRegistry.register(target, fn, kind)
+    done = register_hooks(h for h in records if main_process or _module_of(h.target) in sys.modules)
     _installed = True
-    if _current_plugin_source.get() is None:
-        # Not inside load_plugins() (which applies all hooks after every plugin ran): apply now.
-        HookRegistry.apply_hooks()
+    return done
