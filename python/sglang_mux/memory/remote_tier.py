@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from sglang_mux.memory.tiers import PageIntegrityError, SizeInfo, TierConfigError
+from sglang_mux.memory.tier_base import PageIntegrityError, SizeInfo, TierConfigError
 
 BACKENDS = ("file", "mooncake", "hf3fs", "nixl")
 

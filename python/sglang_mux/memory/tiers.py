@@ -2,14 +2,8 @@
 
 A *page record* is the exact KV of one page for every layer: a tensor ``[num_layers, 2, P, H_kv, D]`` (K and V).
 The device tier is SGLang's KV pool itself (owned by SGLang; the attention backend frees and refills its slots);
-this module holds what left it.
-
-    Tier contract (each tier owns its bytes, nothing else reaches into them):
-      put(key, record) -> bool      store a copy; False when it does not fit (caller keeps the page elsewhere)
-      get(key) -> tensor            the exact record; raises PageIntegrityError if it cannot be trusted
-      evict(key)                    forget it (idempotent)
-      size_info() -> SizeInfo       used + free == capacity
-      check_integrity()             conservation: used bytes == sum of the records' bytes
+this module holds what left it. Each tier keeps the contract of ``tier_base.py`` (put / get / evict / size_info /
+check_integrity).
 
 ``TierManager.demote(key, record)`` puts a page in the highest tier with room (host, then disk) and returns the
 tier's name, or None when no tier can take it. Disk pages carry a CRC32 of their bytes; a mismatch on read is
@@ -24,34 +18,19 @@ import shutil
 import struct
 import threading
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from sglang_mux.memory.tier_base import PageIntegrityError, SizeInfo, TierConfigError
+
+__all__ = ["DiskTier", "HostTier", "PageIntegrityError", "SizeInfo", "TierConfigError", "TierManager",
+           "record_nbytes", "shared_tier_manager"]
 
 logger = logging.getLogger(__name__)
 
 _MAGIC = b"MUXPAGE1"
 _HEADER = struct.Struct("<8sIQ")  # magic, crc32 of payload, payload length
-
-
-class PageIntegrityError(RuntimeError):
-    """A page read from a tier does not match what was written (checksum mismatch, short read, missing file)."""
-
-
-class TierConfigError(ValueError):
-    """A bad tier setting at startup (one line, naming the flag)."""
-
-
-@dataclass(frozen=True)
-class SizeInfo:
-    capacity_bytes: int
-    used_bytes: int
-    pages: int
-
-    @property
-    def free_bytes(self) -> int:
-        return self.capacity_bytes - self.used_bytes
 
 
 def record_nbytes(record: torch.Tensor) -> int:
