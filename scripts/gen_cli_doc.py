@@ -45,6 +45,9 @@ python -m sglang_mux.launch_server --mux-budget 1024 --mux-leaves "sink=64,recen
 # really free cold KV of long requests (their own tail only)
 python -m sglang_mux.launch_server --mux-budget 2048 --mux-drop-cold
 
+# prompts of 8K tokens or more prefilled with block-sparse attention (exact below; changes prompt logprobs)
+python -m sglang_mux.launch_server --mux-sparse-prefill-min-tokens 8192
+
 # stock SGLang memory and attention, same launcher
 python -m sglang_mux.launch_server --mux-disable
 ```
@@ -57,6 +60,7 @@ Per request, in `/generate`'s `sampling_params.custom_params` (validated; HTTP 4
 | `mux_leaves` | string | leaf split spec, as `--mux-leaves` |
 | `mux_exact` | bool | exact full attention for this request |
 | `mux_retrieval_score` | `"mass"` or `"bound"` | how the retrieval leaf ranks pages, as `--mux-retrieval-score` |
+| `mux_sparse_prefill` | bool | `true`: block-sparse prefill for this prompt if it has at least `--mux-sparse-prefill-min-tokens` tokens (any length when that is 0); `false`: exact prefill |
 """
 
 

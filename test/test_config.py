@@ -41,6 +41,15 @@ def test_split_mux_args_separates_our_flags():
         (["--mux-drop-cold", "maybe"], "--mux-drop-cold", "true/false"),
         (["--mux-retrieval-score", "max"], "--mux-retrieval-score", "allowed: mass, bound"),
         (["--mux-retrieval-temperature", "0"], "--mux-retrieval-temperature", "positive"),
+        (["--mux-sparse-prefill-min-tokens", "-1"], "--mux-sparse-prefill-min-tokens", ">= 0 (0: off)"),
+        (["--mux-sparse-prefill-min-tokens", "4k"], "--mux-sparse-prefill-min-tokens", "integer"),
+        (["--mux-sparse-prefill-block", "48"], "--mux-sparse-prefill-block", "power of two in [8, 1024]"),
+        (["--mux-sparse-prefill-block", "4"], "--mux-sparse-prefill-block", "power of two in [8, 1024]"),
+        (["--mux-sparse-prefill-keep", "0"], "--mux-sparse-prefill-keep", "in (0, 1]"),
+        (["--mux-sparse-prefill-keep", "1.5"], "--mux-sparse-prefill-keep", "in (0, 1]"),
+        (["--mux-sparse-prefill-sink-tokens", "-1"], "--mux-sparse-prefill-sink-tokens", ">= 0"),
+        (["--mux-sparse-prefill-window-tokens", "-8"], "--mux-sparse-prefill-window-tokens", ">= 0"),
+        (["--mux-sparse-prefill-pattern", "dense"], "--mux-sparse-prefill-pattern", "allowed: topk, vertical_slash"),
     ],
 )
 def test_bad_values_give_one_line_error_naming_the_flag(argv, flag, allowed):
@@ -83,3 +92,19 @@ def test_cli_doc_lists_every_flag_and_is_current():
     from sglang_mux.config import cli_flags
 
     assert all(f"`{flag}`" in doc for flag in cli_flags())
+
+
+def test_sparse_prefill_flags_parse_and_default_off():
+    assert MuxConfig().sparse_prefill_min_tokens == 0
+    cfg, rest = split_mux_args(
+        ["--mux-sparse-prefill-min-tokens", "4096", "--mux-sparse-prefill-block=128", "--mux-sparse-prefill-keep",
+         "0.8", "--mux-sparse-prefill-pattern", "vertical_slash", "--port", "1"]
+    )
+    assert rest == ["--port", "1"]
+    assert (cfg.sparse_prefill_min_tokens, cfg.sparse_prefill_block, cfg.sparse_prefill_keep,
+            cfg.sparse_prefill_pattern) == (4096, 128, 0.8, "vertical_slash")
+    from sglang_mux.attention.sparse_prefill import PATTERNS, SparsePrefillParams
+
+    p = SparsePrefillParams.from_config(cfg)
+    assert (p.block, p.keep, p.pattern, p.sink_tokens, p.window_tokens) == (128, 0.8, "vertical_slash", 64, 256)
+    assert PATTERNS == ("topk", "vertical_slash")

@@ -120,6 +120,12 @@ CASES = [
     ({"text": "a", "sampling_params": {"custom_params": {"mux_retrieval_score": "max"}}},
      "sampling_params.custom_params.mux_retrieval_score",
      {"text": "a", "sampling_params": {"custom_params": {"mux_retrieval_score": "bound"}}}),
+    ({"text": "a", "sampling_params": {"custom_params": {"mux_sparse_prefill": "yes"}}},
+     "sampling_params.custom_params.mux_sparse_prefill",
+     {"text": "a", "sampling_params": {"custom_params": {"mux_sparse_prefill": True}}}),
+    ({"text": "a", "sampling_params": {"custom_params": {"mux_sparse_prefill": 1}}},
+     "sampling_params.custom_params.mux_sparse_prefill",
+     {"text": "a", "sampling_params": {"custom_params": {"mux_sparse_prefill": False}}}),
     ({"text": "a", "sampling_params": {"custom_params": {"mux_budgt": 5}}}, "sampling_params.custom_params.mux_budgt",
      {"text": "a", "sampling_params": {"custom_params": {"other_plugin_key": 5}}}),
     ({"text": ["a", "b"], "sampling_params": [SP, {"custom_params": {"mux_budget": -1}}]},
@@ -256,3 +262,23 @@ def test_layer_switch_is_checked(monkeypatch):
     monkeypatch.setenv(LAYERS_ENV, "edge,bogus")
     with pytest.raises(ValueError, match="SGLANG_MUX_VALIDATION_LAYERS: unknown layer 'bogus'"):
         enabled_layers()
+
+
+def test_sparse_prefill_field_rule():
+    """mux_sparse_prefill: absent follows --mux-sparse-prefill-min-tokens (0: off), true forces it on at any
+    length when the server is off, false forces exact prefill; the scheduler line rejects non-bools too."""
+    from sglang_mux.config import MuxConfig
+    from sglang_mux.request_options import parse_request_options
+
+    on, off = MuxConfig(sparse_prefill_min_tokens=4096), MuxConfig()
+    absent = parse_request_options({"mux_budget": 64})
+    yes, no = parse_request_options({"mux_sparse_prefill": True}), parse_request_options({"mux_sparse_prefill": False})
+    assert (absent.sparse_prefill, yes.sparse_prefill, no.sparse_prefill) == (None, True, False)
+    assert [absent.prefills_sparsely(on, n) for n in (4095, 4096, 5000)] == [False, True, True]
+    assert not absent.prefills_sparsely(off, 10**6)
+    assert yes.prefills_sparsely(off, 10) and not yes.prefills_sparsely(on, 3000)
+    assert not no.prefills_sparsely(on, 10**6)
+    with pytest.raises(RequestValidationError) as info:
+        validate_scheduled_request({"input_ids": [1], "custom_params": {"mux_sparse_prefill": "on"}}, LIMITS)
+    assert info.value.field == "sampling_params.custom_params.mux_sparse_prefill"
+    assert "true or false" in str(info.value)

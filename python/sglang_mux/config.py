@@ -23,6 +23,9 @@ LEAF_NAMES = ("sink", "recent", "heavy", "retrieval")
 # --mux-retrieval-score values (see sglang_mux.attention.routed_decode.combine_head_bounds).
 RETRIEVAL_SCORE_RULES = ("mass", "bound")
 
+# --mux-sparse-prefill-pattern values (see sglang_mux.attention.sparse_prefill).
+SPARSE_PREFILL_PATTERNS = ("topk", "vertical_slash")
+
 
 class MuxConfigError(ValueError):
     """A bad --mux-* value; the message names the flag and the allowed values (one line)."""
@@ -119,6 +122,37 @@ class MuxConfig:
     observation_window: int = _knob(
         32, "Last prompt tokens whose attention scores heavy hitters at prefill (SnapKV-style).", "TOKENS"
     )
+    sparse_prefill_min_tokens: int = _knob(
+        0,
+        "Prompts of at least this many tokens are prefilled with block-sparse attention (the sparse_prefill leaf: "
+        "sinks + local window + key blocks chosen from the prompt); shorter ones, and every prompt when 0 (off), "
+        "are prefilled exactly. Sparse prefill changes prompt logprobs; per request: custom_params mux_sparse_prefill.",
+        "TOKENS",
+    )
+    sparse_prefill_block: int = _knob(
+        64, "Sparse prefill block size in tokens (power of two in [8, 1024]): the unit a query block reads.", "N"
+    )
+    sparse_prefill_keep: float = _knob(
+        0.9,
+        "Share of the estimated attention mass of each query block that the chosen key blocks must hold, in (0, 1]; "
+        "1 reads every causal block (exact attention, no saving).",
+        "FRACTION",
+    )
+    sparse_prefill_sink_tokens: int = _knob(
+        64, "First tokens every sparse-prefill query block reads (rounded up to whole blocks).", "TOKENS"
+    )
+    sparse_prefill_window_tokens: int = _knob(
+        256,
+        "Local window every sparse-prefill query block reads, ending at its own block (rounded up to whole blocks).",
+        "TOKENS",
+    )
+    sparse_prefill_pattern: str = _knob(
+        "topk",
+        "How sparse prefill chooses key blocks: 'topk' (per query block, from pooled queries and keys, "
+        "FlexPrefill-style; a chunked prefill chooses what a one-shot one does) or 'vertical_slash' (columns and "
+        "diagonals the last queries of each chunk attend to, MInference-style).",
+        "topk|vertical_slash",
+    )
     slo_ttft: float = _knob(
         2000.0, "Time-to-first-token objective in ms: the PD placement policy and goodput count against it.", "MS"
     )
@@ -201,6 +235,23 @@ class MuxConfig:
             )
         if self.observation_window < 1:
             raise MuxConfigError(f"--mux-observation-window: must be >= 1, got {self.observation_window}")
+        if self.sparse_prefill_min_tokens < 0:
+            raise MuxConfigError(
+                f"--mux-sparse-prefill-min-tokens: must be >= 0 (0: off), got {self.sparse_prefill_min_tokens}"
+            )
+        b = self.sparse_prefill_block
+        if b < 8 or b > 1024 or (b & (b - 1)) != 0:
+            raise MuxConfigError(f"--mux-sparse-prefill-block: must be a power of two in [8, 1024], got {b}")
+        if not (0 < self.sparse_prefill_keep <= 1):
+            raise MuxConfigError(f"--mux-sparse-prefill-keep: must be in (0, 1], got {self.sparse_prefill_keep!r}")
+        for name in ("sparse_prefill_sink_tokens", "sparse_prefill_window_tokens"):
+            if getattr(self, name) < 0:
+                raise MuxConfigError(f"{_flag(name)}: must be >= 0, got {getattr(self, name)}")
+        if self.sparse_prefill_pattern not in SPARSE_PREFILL_PATTERNS:
+            raise MuxConfigError(
+                f"--mux-sparse-prefill-pattern: allowed: {', '.join(SPARSE_PREFILL_PATTERNS)}; "
+                f"got {self.sparse_prefill_pattern!r}"
+            )
         for name in ("slo_ttft", "slo_tpot"):
             v = getattr(self, name)
             if not (0 < v < float("inf")):

@@ -10,6 +10,9 @@ router reads it. Fields (all optional; absent means the server's ``--mux-*`` val
 * ``mux_leaves``  leaf split spec, as ``--mux-leaves``.
 * ``mux_exact``   bool: exact full attention for this request whatever its length.
 * ``mux_retrieval_score``  ``"mass"`` or ``"bound"``: how the retrieval leaf ranks pages, as ``--mux-retrieval-score``.
+* ``mux_sparse_prefill``  bool: ``true`` prefills this prompt with block-sparse attention when it has at least
+  ``--mux-sparse-prefill-min-tokens`` tokens (any length when that flag is 0, i.e. off for other requests);
+  ``false`` prefills it exactly whatever its length.
 
 Validated by :func:`parse_request_options` both at the HTTP edge (HTTP 400 naming the field) and in the
 scheduler (a second line: the request is aborted with the same message).
@@ -23,7 +26,7 @@ from typing import Any, Mapping
 from sglang_mux.config import RETRIEVAL_SCORE_RULES, MuxConfig, MuxConfigError
 
 FIELD_PREFIX = "sampling_params.custom_params."
-KNOWN_FIELDS = ("mux_budget", "mux_leaves", "mux_exact", "mux_retrieval_score")
+KNOWN_FIELDS = ("mux_budget", "mux_leaves", "mux_exact", "mux_retrieval_score", "mux_sparse_prefill")
 MAX_BUDGET = 1 << 24
 
 
@@ -37,6 +40,16 @@ class MuxRequestOptions:
     leaves: str | None = None
     exact: bool = False
     retrieval_score: str | None = None
+    sparse_prefill: bool | None = None
+
+    def prefills_sparsely(self, server: MuxConfig, prompt_tokens: int) -> bool:
+        """Whether a prompt of ``prompt_tokens`` tokens is prefilled with block-sparse attention (the rule of
+        ``mux_sparse_prefill`` above). Example: server min 4096; absent -> 5000 tokens yes, 3000 no; true with
+        the server at 0 -> yes; false -> no."""
+        threshold = server.sparse_prefill_min_tokens
+        if self.sparse_prefill is False or (self.sparse_prefill is None and threshold == 0):
+            return False
+        return prompt_tokens >= threshold
 
     def effective_config(self, server: MuxConfig) -> MuxConfig:
         """The server config with this request's overrides applied (validated)."""
@@ -91,4 +104,7 @@ def parse_request_options(custom_params: Mapping[str, Any] | None) -> MuxRequest
     score = custom_params.get("mux_retrieval_score")
     if score is not None and score not in RETRIEVAL_SCORE_RULES:
         raise MuxRequestError(f"{FIELD_PREFIX}mux_retrieval_score: allowed: {', '.join(RETRIEVAL_SCORE_RULES)}; got {score!r}")
-    return MuxRequestOptions(budget=budget, leaves=leaves, exact=exact, retrieval_score=score)
+    sparse = custom_params.get("mux_sparse_prefill")
+    if sparse is not None and not isinstance(sparse, bool):
+        raise MuxRequestError(f"{FIELD_PREFIX}mux_sparse_prefill: expected true or false, got {sparse!r}")
+    return MuxRequestOptions(budget=budget, leaves=leaves, exact=exact, retrieval_score=score, sparse_prefill=sparse)

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-PATTERNS = ("topk", "vertical_slash")
+from sglang_mux.config import SPARSE_PREFILL_PATTERNS as PATTERNS
 LAST_Q = 64  # queries of the chunk's end that the vertical-slash estimate reads
 _BATCH_ELEMS = 1 << 24  # score elements computed at once (query blocks are batched to stay under it)
 
@@ -68,6 +68,15 @@ class SparsePrefillParams:
     window_tokens: int = 256
     keep: float = 0.9
     pattern: str = "topk"
+
+    @classmethod
+    def from_config(cls, cfg) -> "SparsePrefillParams":
+        """From a :class:`~sglang_mux.config.MuxConfig` (its ``--mux-sparse-prefill-*`` flags)."""
+        return cls(
+            block=cfg.sparse_prefill_block, sink_tokens=cfg.sparse_prefill_sink_tokens,
+            window_tokens=cfg.sparse_prefill_window_tokens, keep=cfg.sparse_prefill_keep,
+            pattern=cfg.sparse_prefill_pattern,
+        )
 
 
 def _cdiv(a: int, b: int) -> int:
