@@ -166,3 +166,127 @@ def test_pattern_finds_the_needle_block_far_outside_the_window(pattern):
     last = pat[:, -1]
     assert bool(last[:, (L // 3) // B].all()), "the needle's block must be read by the last query block"
     assert int(last.sum(dim=1).max()) < L // B // 2, "and far from every block"
+
+
+# ---------------------------------------------------------------------------------------------- in the backend
+def _backend_setup(cfg, lens, prefixes, seed=0, hq=4, hk=2, d=16):
+    """A MuxAttentionBackend over real SGLang pools wrapping SGLang's torch_native backend; one request per entry of
+    ``lens`` (its total tokens) whose first ``prefixes[i]`` tokens' KV is already in the pool."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.layers.radix_attention import AttentionType
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+    from sglang_mux.attention.backend import MuxAttentionBackend
+
+    g = torch.Generator().manual_seed(seed)
+    P = cfg.page_size
+    kv = MHATokenToKVPool(size=8192, page_size=P, dtype=torch.float32, head_num=hk, head_dim=d, layer_num=1,
+                          device="cpu", enable_memory_saver=False)
+    r2t = ReqToTokenPool(size=8, max_context_len=4096, device="cpu", enable_memory_saver=False)
+    runner = SimpleNamespace(req_to_token_pool=r2t, token_to_kv_pool=kv, device="cpu")
+    be = MuxAttentionBackend(runner, inner=TorchNativeAttnBackend(runner), mux_config=cfg)
+    layer = SimpleNamespace(layer_id=0, tp_q_head_num=hq, tp_k_head_num=hk, qk_head_dim=d, v_head_dim=d,
+                            scaling=d**-0.5, is_cross_attention=False, attn_type=AttentionType.DECODER,
+                            sliding_window_size=-1)
+    free = (torch.randperm(8192 // P - 1, generator=g) + 1)
+    out_locs, qs, ks, vs, full_k, full_v = [], [], [], [], [], []
+    page = 0
+    for row, (L, pre) in enumerate(zip(lens, prefixes), start=1):
+        n_pages = -(-L // P)
+        slots = (free[page : page + n_pages].view(-1, 1) * P + torch.arange(P)).flatten()[:L]
+        page += n_pages
+        r2t.req_to_token[row, :L] = slots.to(torch.int32)
+        kk, vv = torch.randn(L, hk, d, generator=g), torch.randn(L, hk, d, generator=g)
+        kk[L // 3] += 4.0  # a key the queries agree with, far from the end
+        kv.get_key_buffer(0)[slots[:pre]] = kk[:pre]
+        kv.get_value_buffer(0)[slots[:pre]] = vv[:pre]
+        out_locs.append(slots[pre:])
+        qs.append(torch.randn(L - pre, hq, d, generator=g) + 1.0)
+        ks.append(kk[pre:]), vs.append(vv[pre:]), full_k.append(kk), full_v.append(vv)
+    fb = SimpleNamespace(
+        rids=[f"sp-{seed}-{i}" for i in range(len(lens))],
+        seq_lens=torch.tensor(lens), seq_lens_cpu=torch.tensor(lens),
+        req_pool_indices=torch.arange(1, len(lens) + 1),
+        extend_prefix_lens=torch.tensor(prefixes), extend_prefix_lens_cpu=list(prefixes),
+        extend_seq_lens=torch.tensor([L - p for L, p in zip(lens, prefixes)]),
+        extend_seq_lens_cpu=[L - p for L, p in zip(lens, prefixes)],
+        out_cache_loc=torch.cat(out_locs), encoder_lens=None,
+    )
+    q = torch.cat(qs).reshape(-1, hq * d)
+    return be, layer, fb, q, torch.cat(ks), torch.cat(vs), full_k, full_v, kv, r2t
+
+
+def _admit(fb, *params):
+    from sglang_mux.router.requests import REGISTRY
+
+    for rid, p in zip(fb.rids, params):
+        REGISTRY.admit(rid, p)
+
+
+def _release(fb):
+    from sglang_mux.router.requests import REGISTRY
+
+    for rid in fb.rids:
+        REGISTRY.release(rid)
+
+
+def test_backend_off_by_default_delegates_and_on_matches_the_module():
+    from sglang_mux.config import MuxConfig
+
+    lens, prefixes = [700, 300], [128, 0]
+    cfg_off = MuxConfig(budget=256, page_size=16)
+    cfg_on = cfg_off.replace(sparse_prefill_min_tokens=512, sparse_prefill_block=32, sparse_prefill_keep=0.5,
+                             sparse_prefill_sink_tokens=32, sparse_prefill_window_tokens=64)
+    outs, tables, summaries, pools = {}, {}, {}, {}
+    for name, cfg in (("off", cfg_off), ("on", cfg_on)):
+        be, layer, fb, q, k, v, full_k, full_v, kv, r2t = _backend_setup(cfg, lens, prefixes, seed=21)
+        _admit(fb, {}, {})
+        try:
+            outs[name] = be.forward_extend(q, k, v, layer, fb)
+            st = be.registry.get(fb.rids[0])
+            tables[name] = None if st.heavy_scores is None else st.heavy_scores.clone()
+        finally:
+            _release(fb)
+        slots = r2t.req_to_token[1, :700].long()
+        pools[name] = (kv.get_key_buffer(0)[slots].clone(), kv.get_value_buffer(0)[slots].clone())
+        summaries[name] = be.summaries.get(0, r2t.req_to_token[1, 128:700:16].long())  # pages this extend wrote
+        blocks = be.__dict__.get("sparse_prefill_blocks")
+        if name == "on":
+            assert blocks is not None and 0 < blocks[0] < blocks[1], blocks
+        else:
+            assert blocks is None, "off by default: nothing computed by the sparse path"
+    # KV written to the pool either way, equal to the given K/V
+    assert torch.equal(pools["on"][0], full_k[0]) and torch.equal(pools["off"][0], pools["on"][0])
+    assert torch.equal(pools["on"][1], full_v[0])
+    # page summaries and heavy-hitter scores produced as before (they depend on K and the queries, not on O)
+    assert all(torch.equal(a, b) for a, b in zip(summaries["on"], summaries["off"]))
+    assert tables["off"] is not None and torch.equal(tables["on"], tables["off"])
+    # request 0 (700 >= 512): the module's sparse output over prefix + chunk; request 1 (300): exact, as before
+    params = SparsePrefillParams(block=32, sink_tokens=32, window_tokens=64, keep=0.5)
+    q0 = q[:572].view(572, 4, 16)
+    ref0, pat, _ = sparse_prefill_attention(q0, full_k[0], full_v[0], 128, 16**-0.5, params)
+    assert int(pat.sum()) < int(causal_blocks(128, 572, 32).sum()) * 2
+    torch.testing.assert_close(outs["on"][:572].view(572, 4, 16), ref0, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs["on"][:572], outs["off"][:572], atol=1e-3), "sparse must differ from exact here"
+    torch.testing.assert_close(outs["on"][572:], outs["off"][572:], rtol=1e-5, atol=1e-5)
+
+
+def test_backend_request_field_turns_it_on_and_off_and_full_keep_is_exact():
+    from sglang_mux.config import MuxConfig
+
+    lens, prefixes = [400, 400], [0, 64]
+    cfg = MuxConfig(budget=256, page_size=16, sparse_prefill_keep=1.0, sparse_prefill_block=32)
+    be, layer, fb, q, k, v, *_ = _backend_setup(cfg, lens, prefixes, seed=5)
+    _admit(fb, {"mux_sparse_prefill": True}, {"mux_sparse_prefill": False})
+    try:
+        assert be._sparse_prefill_rows(layer, fb, k, v, True) == [True, False]
+        out = be.forward_extend(q, k, v, layer, fb)
+    finally:
+        _release(fb)
+    blocks = be.__dict__["sparse_prefill_blocks"]
+    assert blocks[0] >= blocks[1] > 0  # keep 1.0: every causal block of request 0 computed
+    be2, layer2, fb2, *_ = _backend_setup(MuxConfig(budget=256, page_size=16), lens, prefixes, seed=5)
+    ref = be2.forward_extend(q, k, v, layer2, fb2)  # both exact, through torch_native
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ router reads it. Fields (all optional; absent means the server's ``--mux-*`` val
 * ``mux_retrieval_score``  ``"mass"`` or ``"bound"``: how the retrieval leaf ranks pages, as ``--mux-retrieval-score``.
 * ``mux_sparse_prefill``  bool: ``true`` prefills this prompt with block-sparse attention when it has at least
   ``--mux-sparse-prefill-min-tokens`` tokens (any length when that flag is 0, i.e. off for other requests);
-  ``false`` prefills it exactly whatever its length.
+  ``false`` (or absent with ``mux_exact``) prefills it exactly whatever its length.
 
 Validated by :func:`parse_request_options` both at the HTTP edge (HTTP 400 naming the field) and in the
 scheduler (a second line: the request is aborted with the same message).
@@ -45,9 +45,9 @@ class MuxRequestOptions:
     def prefills_sparsely(self, server: MuxConfig, prompt_tokens: int) -> bool:
         """Whether a prompt of ``prompt_tokens`` tokens is prefilled with block-sparse attention (the rule of
         ``mux_sparse_prefill`` above). Example: server min 4096; absent -> 5000 tokens yes, 3000 no; true with
-        the server at 0 -> yes; false -> no."""
+        the server at 0 -> yes; false -> no; absent with ``mux_exact`` -> no."""
         threshold = server.sparse_prefill_min_tokens
-        if self.sparse_prefill is False or (self.sparse_prefill is None and threshold == 0):
+        if self.sparse_prefill is False or (self.sparse_prefill is None and (threshold == 0 or self.exact)):
             return False
         return prompt_tokens >= threshold
 

@@ -246,7 +246,11 @@ class MuxAttentionBackend(AttentionBackend):
     # ------------------------------------------------------------------ drop mode
     # ------------------------------------------------------------------ extend (exact)
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        o = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        sparse = self._sparse_prefill_rows(layer, forward_batch, k, v, save_kv_cache)
+        if sparse is None:
+            o = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        else:
+            o = self._extend_with_sparse_prefill(q, k, v, layer, forward_batch, sparse)
         if layer.is_cross_attention or not save_kv_cache:
             return o
         fb = forward_batch
@@ -264,6 +268,68 @@ class MuxAttentionBackend(AttentionBackend):
             if rid is not None and n_ext > 0 and self._wants_heavy_scores(rid, L):
                 self._score_observation_window(layer, qv[start_q : start_q + n_ext], req_row, L, rid)
             start_q += n_ext
+        return o
+
+    def _sparse_prefill_rows(self, layer, fb, k, v, save_kv_cache: bool) -> list[bool] | None:
+        """Per request of this extend batch, whether its attention is block-sparse (the sparse_prefill leaf);
+        ``None`` when none is (the whole batch is then delegated unchanged). The rule is
+        ``MuxRequestOptions.prefills_sparsely`` on the tokens prefilled so far (matched prefix + this chunk):
+        with chunked prefill, the chunks of a prompt before it reaches the threshold are exact. Decoder
+        self-attention without a sliding window only."""
+        if (
+            fb.rids is None or not save_kv_cache or k is None or v is None or layer.is_cross_attention
+            or getattr(layer, "sliding_window_size", -1) not in (None, -1)
+            or getattr(getattr(layer, "attn_type", None), "name", "DECODER") != "DECODER"
+        ):
+            return None
+        seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+        rows = [
+            self.registry.get(rid).options.prefills_sparsely(self.mux_config, int(L))
+            for rid, L in zip(fb.rids, seq_lens)
+        ]
+        return rows if any(rows) else None
+
+    def _extend_with_sparse_prefill(self, q, k, v, layer, fb, sparse: list[bool]) -> torch.Tensor:
+        """The extend attention of a batch holding at least one sparse-prefill request, computed here: the new KV
+        is written to the pool (as the wrapped backend would), then each request attends over its prefix + chunk
+        read from the pool through ``req_to_token``: block-sparse (``sparse_prefill``) or, for the others, exact
+        causal attention."""
+        from sglang_mux.attention.sparse_prefill import SparsePrefillParams, dense_block_count, sparse_prefill_attention
+
+        self.kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, None), k, v)
+        # Key blocks computed vs a dense prefill's (first layer, all KV heads), summed over sparse prefills.
+        blocks = self.__dict__.setdefault("sparse_prefill_blocks", [0, 0])
+        hq, hk, d, dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
+        qv = q.view(-1, hq, d)
+        o = q.new_empty((qv.shape[0], hq * dv))
+        k_buf = self.kv_pool.get_key_buffer(layer.layer_id)
+        v_buf = self.kv_pool.get_value_buffer(layer.layer_id)
+        seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+        rows = fb.req_pool_indices.tolist()
+        start = 0
+        for i, (row, L) in enumerate(zip(rows, seq_lens)):
+            n, L = int(fb.extend_seq_lens_cpu[i]), int(L)
+            prefix = L - n
+            if n == 0:
+                continue
+            slots = self.req_to_token[row, :L].long()
+            keys, values = k_buf[slots].to(qv.dtype), v_buf[slots].to(qv.dtype)
+            q_req = qv[start : start + n]
+            if sparse[i]:
+                cfg = self.router.effective_config(self.registry.get(fb.rids[i]).options)
+                params = SparsePrefillParams.from_config(cfg)
+                out, _, computed = sparse_prefill_attention(q_req, keys, values, prefix, layer.scaling, params)
+                if layer.layer_id == self.start_layer:
+                    blocks[0] += computed
+                    blocks[1] += dense_block_count(prefix, n, params.block, hk)
+            else:
+                causal = torch.arange(L, device=q.device).view(1, -1) <= torch.arange(prefix, L, device=q.device).view(-1, 1)
+                out = scaled_dot_product_attention(
+                    q_req.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
+                    values.transpose(0, 1).unsqueeze(0), attn_mask=causal, scale=layer.scaling, enable_gqa=hq != hk,
+                )[0].transpose(0, 1)
+            o[start : start + n] = out.reshape(n, hq * dv).to(o.dtype)
+            start += n
         return o
 
     def _wants_heavy_scores(self, rid: str, seq_len: int) -> bool:
