@@ -86,7 +86,7 @@ def add_server_args(p: argparse.ArgumentParser, *, default_mode: str, default_bu
     g.add_argument("--mux-host-bytes", type=positive_int, default=4 << 30,
                    help="host tier capacity for --mux-mode tier (default 4 GiB)")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES), help="model dtype for both servers")
-    g.add_argument("--model-path", default=None, help="model (default: the bundled tiny model)")
+    g.add_argument("--model-path", default=None, help="model: a folder or a short name, smollm2 or tiny (default: smollm2, the served default)")
     g.add_argument("--server-arg", action="append", default=[], metavar="FLAG=VALUE",
                    help="extra SGLang flag for both servers, e.g. --server-arg=--max-total-tokens=65536 (repeatable)")
     g.add_argument("--mux-arg", action="append", default=[], metavar="--mux-FLAG=VALUE", type=_mux_arg,
@@ -290,11 +290,9 @@ def used_tokens(url: str) -> int:
 
 # ------------------------------------------------------------------------------------------------- model
 def model_dir(args: argparse.Namespace) -> Path:
-    if args.model_path:
-        return Path(args.model_path)
-    from sglang_mux.models import default_model_path
+    from sglang_mux.models import default_model_path, resolve_model_path
 
-    return Path(default_model_path())
+    return Path(resolve_model_path(args.model_path) if args.model_path else default_model_path())
 
 
 def kv_bytes_per_token(args: argparse.Namespace) -> int:

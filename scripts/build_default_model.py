@@ -1,11 +1,11 @@
-"""Build the bundled default model without any download: a locally trained tokenizer + a small Llama.
+"""Build a tiny model without any download: a locally trained tokenizer + a small seeded-random Llama.
 
-    .venv/bin/python scripts/build_default_model.py [--out python/sglang_mux/models/default] [--seed 0]
+    .venv/bin/python scripts/build_default_model.py --out /tmp/tiny [--seed 0]
 
 Deterministic for a seed. The tokenizer (byte-level BPE, digits split one by one so numbers in
 synthetic long-context tasks tokenize uniformly) is trained on a corpus generated here. The weights
-are a seeded random init; `scripts/train_probe_model.py` replaces them with a model trained to retrieve,
-keeping the same place and loader (`sglang_mux.models.default_model_path`).
+are a seeded random init. The bundled tiny model (`python/sglang_mux/models/tiny/`, the tests' fixture) was
+built from this tokenizer and then trained to retrieve; its training script is in the project's git history.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "python" / "sglang_mux" / "models" / "default"
+DEFAULT_OUT = ROOT / "build" / "tiny-random"
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 CHAT_TEMPLATE = (

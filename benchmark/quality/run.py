@@ -35,6 +35,16 @@ def parse_lengths(spec: str) -> list[int]:
     return lengths
 
 
+def parse_fracs(spec: str) -> list[float]:
+    try:
+        fracs = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions like 0.125,0.0625, got {spec!r}") from None
+    if not fracs:
+        raise argparse.ArgumentTypeError(f"expected fractions like 0.125,0.0625, got {spec!r}")
+    return fracs
+
+
 def score_cell(samples, outputs, budgets) -> tuple[dict, list[dict]]:
     """Cell summary and per-sample records for outputs of one (policy, task, length)."""
     records = []
@@ -66,21 +76,45 @@ def by_depth(records: list[dict]) -> dict:
     return out
 
 
+def budget_fracs(args) -> list[float | None]:
+    """The budget fractions of a run (one, a list, or [None] with a fixed --budget)."""
+    fracs = args.budget_frac if isinstance(args.budget_frac, list) else [args.budget_frac]
+    return [None] if args.budget is not None else fracs
+
+
+def frac_label(frac: float) -> str:
+    inv = 1 / frac
+    return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-9 else f"{frac:g}"
+
+
+def arms(args) -> list[tuple[str, float | None, str]]:
+    """(policy, budget fraction, label) of every arm: ``full`` once, every other policy at every fraction
+    (labelled ``snapkv@1/8`` when the run has several fractions)."""
+    fracs = budget_fracs(args)
+    out = []
+    for policy in args.policy_list:
+        if policy == "full":
+            out.append(("full", None, "full"))
+            continue
+        for f in fracs:
+            out.append((policy, f, policy if len(fracs) == 1 else f"{policy}@{frac_label(f)}"))
+    return out
+
+
 def run_suite(args, tokenizer, send=generate, progress=True) -> dict:
     """Send every cell to the server and write the outputs; returns the summary table."""
     from tqdm import tqdm
 
     out = Path(args.out)
     cells = [(t, n) for t in args.task_list for n in args.length_list]
-    total = len(cells) * len(args.policy_list) * args.samples
+    total = len(cells) * len(arms(args)) * args.samples
     bar = tqdm(total=total, desc="quality", unit="req", disable=not progress)
     table: list[dict] = []
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
         for task, length in cells:
             samples = generate_tasks(task, tokenizer, length, args.samples, args.seed)
-            for policy in args.policy_list:
-                budgets = [None if policy == "full" else budget_tokens(s.n_tokens, args.budget, args.budget_frac)
-                           for s in samples]
+            for policy, frac, label in arms(args):
+                budgets = [None if policy == "full" else budget_tokens(s.n_tokens, args.budget, frac) for s in samples]
                 params = [custom_params(policy, b or 1) for b in budgets]
 
                 def one(i):
@@ -90,12 +124,12 @@ def run_suite(args, tokenizer, send=generate, progress=True) -> dict:
 
                 outputs = list(pool.map(one, range(len(samples))))
                 summary, records = score_cell(samples, outputs, budgets)
-                (out / policy).mkdir(parents=True, exist_ok=True)
-                (out / policy / f"{task}_{length}.json").write_text(
-                    json.dumps({"policy": policy, "task": task, "length": length, **summary, "samples": records}, indent=1)
+                (out / label).mkdir(parents=True, exist_ok=True)
+                (out / label / f"{task}_{length}.json").write_text(
+                    json.dumps({"policy": label, "task": task, "length": length, **summary, "samples": records}, indent=1)
                 )
-                table.append({"policy": policy, "task": task, "length": length, **summary})
-                bar.set_postfix_str(f"{policy} {task}@{length}: {summary['recall']:.2f}")
+                table.append({"policy": label, "task": task, "length": length, "budget_frac": frac, **summary})
+                bar.set_postfix_str(f"{label} {task}@{length}: {summary['recall']:.2f}")
     bar.close()
     return {"config": {k: v for k, v in vars(args).items() if k not in ("task_list", "length_list", "policy_list")},
             "results": table}
@@ -154,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--policies", default="full", help="comma list of: " + ", ".join(POLICIES))
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--budget", type=int, help="device-KV budget in tokens (same for every request)")
-    g.add_argument("--budget-frac", type=float, help="device-KV budget as a fraction of each prompt (e.g. 0.125)")
+    g.add_argument("--budget-frac", type=parse_fracs, metavar="F[,F...]",
+                   help="device-KV budget as a fraction of each prompt (e.g. 0.125); a comma list runs every "
+                        "budgeted policy at each (full KV once)")
     ap.add_argument("--tokenizer", help="HF tokenizer path/name (default: the model the server serves)")
     ap.add_argument("--launch", metavar="ARGS", help="start a mux server for the run with these extra flags "
                     "(quoted, e.g. \"--dtype float32\"; the bundled model unless --model-path is among them), "
@@ -177,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             raise TaskError(f"--concurrency: must be >= 1, got {args.concurrency}")
         if any(p != "full" for p in args.policy_list):
             if args.budget is None and args.budget_frac is None:
-                args.budget_frac = 0.125
-            budget_tokens(1, args.budget, args.budget_frac)  # validate once, before any request
+                args.budget_frac = [0.125]
+            for frac in budget_fracs(args):
+                budget_tokens(1, args.budget, frac)  # validate once, before any request
         from transformers import AutoTokenizer
 
         if args.launch is not None:
