@@ -66,6 +66,33 @@ def test_runner_scores_scripted_outputs(tmp_path):
     assert "| vt | 512 | 1.00 | 0.40 |" in md
 
 
+def test_several_budget_fractions_run_every_budgeted_policy_at_each_and_full_once(tmp_path):
+    from transformers import AutoTokenizer
+
+    from benchmark.quality.run import arms, build_parser
+    from sglang_mux.models import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    sent = []
+
+    def send(url, prompt, max_new, params):
+        sent.append(params)
+        return " nothing"
+
+    args = _args(tmp_path, task_list=["niah_single"], budget_frac=[0.125, 0.0625], samples=2)
+    assert [label for _, _, label in arms(args)] == ["full", "streaming@1/8", "streaming@1/16"]
+    result = run_suite(args, tok, send=send, progress=False)
+    assert [r["policy"] for r in result["results"]] == ["full", "streaming@1/8", "streaming@1/16"]
+    assert [r["budget_frac"] for r in result["results"]] == [None, 0.125, 0.0625]
+    assert sum("mux_exact" in p for p in sent) == 2 and len(sent) == 6
+    for label, div in (("streaming@1/8", 8), ("streaming@1/16", 16)):
+        cell = json.loads((tmp_path / label / "niah_single_512.json").read_text())
+        assert [r["budget"] for r in cell["samples"]] == [-(-r["n_tokens"] // div) for r in cell["samples"]]
+    assert build_parser().parse_args(["--budget-frac", "0.25,0.125"]).budget_frac == [0.25, 0.125]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--budget-frac", "a,b"])
+
+
 def test_policy_fields_accepted_by_the_server_parser():
     from sglang_mux.request_options import parse_request_options
 
