@@ -147,6 +147,21 @@ def markdown_table(results: list[dict], metric: str = "recall") -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_table(results: list[dict], metric: str = "recall") -> str:
+    """Rows: policies; columns: the mean over tasks at each length, and over every cell."""
+    policies = list(dict.fromkeys(r["policy"] for r in results))
+    lengths = sorted({r["length"] for r in results})
+    lines = ["| policy | " + " | ".join(f"mean @{n}" for n in lengths) + " | mean |",
+             "|---|" + "---:|" * (len(lengths) + 1)]
+    for p in policies:
+        mine = [r for r in results if r["policy"] == p]
+        per = [mean(r[metric] for r in mine if r["length"] == n) if any(r["length"] == n for r in mine) else None
+               for n in lengths]
+        vals = ["-" if v is None else f"{v:.3f}" for v in per]
+        lines.append(f"| {p} | " + " | ".join(vals) + f" | {mean(r[metric] for r in mine):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: list[dict], path: Path, title: str, metric: str = "recall") -> None:
     """accuracy vs length, one line per policy, one panel per task."""
     import matplotlib
@@ -239,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     (out / "summary.json").write_text(json.dumps(result, indent=1))
-    md = markdown_table(result["results"])
+    md = markdown_table(result["results"]) + "\n" + mean_table(result["results"])
     (out / "summary.md").write_text(md)
     plot(result["results"], out / "accuracy.png", args.title)
     print(md)

@@ -64,6 +64,10 @@ def test_runner_scores_scripted_outputs(tmp_path):
     assert [r["budget"] for r in per_cell["samples"]] == [-(-r["n_tokens"] // 8) for r in per_cell["samples"]]
     md = markdown_table(result["results"])
     assert "| vt | 512 | 1.00 | 0.40 |" in md
+    from benchmark.quality.run import mean_table
+
+    means = mean_table(result["results"])
+    assert "| full | 1.000 | 1.000 |" in means and f"| streaming | {(0 + 0.4 + 0.5) / 3:.3f} |" in means
 
 
 def test_several_budget_fractions_run_every_budgeted_policy_at_each_and_full_once(tmp_path):
