@@ -114,19 +114,17 @@ def test_cache_invariants_under_random_operations(seq):
     assert sum(1 for _ in cache.iter_nodes()) == 0
 
 
-def test_split_keeps_page_tables_and_importance_aligned():
+def test_split_keeps_page_tables_aligned():
     kv, alloc, cache, store = make()
     slots = alloc.alloc(4 * P).long()
     cache.insert(InsertParams(key=RadixKey(list(range(4 * P))), value=slots))
-    (node,) = cache.iter_nodes()
-    node.mux_pages.importance[0] = torch.tensor([1.0, 2.0, 3.0, 4.0])
     # a second key sharing 2 pages splits the node at page 2
     more = alloc.alloc(P).long()
     cache.insert(InsertParams(key=RadixKey(list(range(2 * P)) + [99] * P), value=torch.cat([slots[: 2 * P], more])))
     (head,) = [n for n in cache.iter_nodes() if n.parent is cache.root_node]
     (tail,) = [n for n in cache.iter_nodes() if n.parent is head and int(n.value[0]) == int(slots[2 * P])]
-    assert head.mux_pages.importance[0].tolist() == [1.0, 2.0]
-    assert tail.mux_pages.importance[0].tolist() == [3.0, 4.0]
+    assert head.mux_pages.first_slot.tolist() == slots[: 2 * P : P].tolist()
+    assert tail.mux_pages.first_slot.tolist() == slots[2 * P :: P].tolist()
     assert head.mux_pages.agrees_with(head.value, P) and tail.mux_pages.agrees_with(tail.value, P)
 
 
@@ -134,21 +132,3 @@ def test_subtract_ranges_worked_example():
     assert _subtract_ranges([(0, 10)], [(2, 4)]) == [(0, 2), (4, 10)]
     assert _subtract_ranges([(0, 8), (12, 20)], [(4, 16)]) == [(0, 4), (16, 20)]
     assert _subtract_ranges([(0, 4)], [(0, 4)]) == []
-
-
-def test_page_table_folds_importance_and_leaf_views_along_the_path():
-    from sglang_mux.memory.page_table import LEAF_BITS
-
-    kv, alloc, cache, store = make()
-    cache.num_layers = 1
-    slots = alloc.alloc(3 * P).long()
-    cache.insert(InsertParams(key=RadixKey(list(range(3 * P))), value=slots))
-    more = alloc.alloc(2 * P).long()
-    res = cache.insert(InsertParams(key=RadixKey(list(range(3 * P)) + [7] * (2 * P)), value=torch.cat([slots, more])))
-    scores = torch.tensor([[1.0, 0.0, 3.0, 5.0, 2.0]])
-    views = torch.tensor([LEAF_BITS["recent"], 0, LEAF_BITS["sink_heavy"], 0, LEAF_BITS["retrieval"]], dtype=torch.uint8)
-    cache._fold_importance(res.last_device_node, scores, views)
-    head = res.last_device_node.parent
-    assert head.mux_pages.importance[0].tolist() == [1.0, 0.0, 3.0]
-    assert res.last_device_node.mux_pages.importance[0].tolist() == [5.0, 2.0]
-    assert head.mux_pages.leaf_mask.tolist() == [1, 0, 2] and res.last_device_node.mux_pages.leaf_mask.tolist() == [0, 4]

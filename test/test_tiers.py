@@ -124,7 +124,7 @@ def test_evicted_tree_pages_are_matched_from_host_and_loaded_back_exactly():
     alloc = PagedTokenToKVPoolAllocator(size=size, page_size=P, dtype=torch.float32, device="cpu", kvcache=kv,
                                         need_sort=False)
     cache = MuxRadixCache(CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=alloc,
-                                          page_size=P), num_layers=2)
+                                          page_size=P))
     cache.tiers = TierManager(host_bytes=1 << 20)
     toks = list(range(100, 100 + 6 * P))
     slots = alloc.alloc(6 * P).long()

@@ -40,7 +40,6 @@ from sglang_mux.attention.routed_decode import (
 from sglang_mux.config import MuxConfig
 from sglang_mux.leaves import LEAVES, LeafContext
 from sglang_mux.memory.page_summaries import PageSummaryStore, RequestSummaryCache
-from sglang_mux.memory.page_table import LEAF_BITS
 from sglang_mux.memory.cold_pages import ColdPageMover
 from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
 from sglang_mux.metrics import STATS
@@ -468,8 +467,6 @@ class MuxAttentionBackend(AttentionBackend):
             by_leaf[name] = int(pages.numel())
             ctx.taken[pages] = True
             chosen.append(pages)
-            if lidx == 0:
-                p.state.note_leaf_views(pages, LEAF_BITS[name], n)
         return torch.sort(torch.cat(chosen)).values, by_leaf
 
     def page_scores(self, q_req, lidx: int, req_row, p: _ReqPlan, scale: float | None = None) -> torch.Tensor:

@@ -4,8 +4,7 @@ Registered as radix cache backend ``mux`` (``--radix-cache-backend mux``) by ``s
 
 What it adds to the parent, and nothing else:
 * a :class:`PageTable` on every node (``node.mux_pages``), created on insert and cut on split, so the tree is
-  the index of where each page's exact copy lives, its importance and its leaf views;
-* on request checkpoint, the request's heavy-hitter scores are folded into the tables of the pages it read;
+  the index of each page's device copy (and so of its key summary);
 * on release, the request's per-request mux state is dropped; in drop mode the slots it already freed are not
   freed twice, and only its exact prefix is ever inserted (a node only holds pages whose exact copy exists);
 * with tiers: pages evicted from the device, and the off-device tail of a finished tiered request, stay matchable
@@ -36,9 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 class MuxRadixCache(RadixCache):
-    def __init__(self, params, mux_config: MuxConfig | None = None, num_layers: int = 1):
+    def __init__(self, params, mux_config: MuxConfig | None = None):
         self.mux_config = mux_config or MuxConfig(page_size=params.page_size or 1)
-        self.num_layers = num_layers
         self.registry = REGISTRY
         self.router = StaticSpineRouter(self.mux_config)  # the requests' effective configs, as the backend sees them
         self.tiers = None  # the TierManager, shared with the attention backend (set by the factory)
@@ -52,7 +50,7 @@ class MuxRadixCache(RadixCache):
     def page_table(self, node) -> PageTable:
         pt = getattr(node, "mux_pages", None)
         if pt is None or len(pt) * self.page_size != len(node.value):
-            pt = PageTable.for_value(node.value, self.page_size, self.num_layers)
+            pt = PageTable.for_value(node.value, self.page_size)
             node.mux_pages = pt
         return pt
 
@@ -239,28 +237,10 @@ class MuxRadixCache(RadixCache):
             self._checkpointing = False
         if st is not None:
             st.protected_len = req.kv.cache_protected_len
-            if st.heavy_scores is not None or st.leaf_views is not None:
-                self._fold_importance(req.last_node, st.heavy_scores, st.leaf_views)
 
     def _may_drop(self, st, seq_len: int) -> bool:
         cfg = self.router.effective_config(st.options)
         return (cfg.drop_cold or cfg.tiered) and may_route(seq_len, cfg.budget, st.options.exact)
-
-    def _fold_importance(self, last_node, scores, leaf_views=None) -> None:
-        """Fold a request's per-page importances and leaf views into the tables of the nodes on its path."""
-        path = []
-        n = last_node
-        while n is not None and n is not self.root_node:
-            path.append(n)
-            n = n.parent
-        page = 0
-        for node in reversed(path):
-            pt = self.page_table(node)
-            if scores is not None and page < scores.shape[1]:
-                pt.fold_importance(scores[:, page : page + len(pt)])
-            if leaf_views is not None and page < leaf_views.numel():
-                pt.fold_leaf_views(leaf_views[page : page + len(pt)])
-            page += len(pt)
 
     def free_kv_row(self, kv, ranges):
         pages = self.registry.dropped_in_row(kv.req_pool_idx)
@@ -298,9 +278,7 @@ def _subtract_ranges(ranges, holes):
 def build_mux_radix_cache(ctx) -> MuxRadixCache:
     """Factory for SGLang's radix cache registry (called inside the scheduler process)."""
     cfg = MuxConfig.effective_for_server(ctx.params.page_size)
-    pool = ctx.tp_worker.model_runner.token_to_kv_pool if ctx.tp_worker is not None else None
-    num_layers = getattr(pool, "layer_num", 1) if pool is not None else 1
-    cache = MuxRadixCache(ctx.params, cfg, num_layers=num_layers)
+    cache = MuxRadixCache(ctx.params, cfg)
     cache.tiers = shared_tier_manager(cfg)
     logger.info("sglang-mux: radix cache 'mux' (page_size=%d, budget=%d)", cfg.page_size, cfg.budget)
     return cache

@@ -39,28 +39,15 @@ class RequestState:
     cold_kmin: Optional[torch.Tensor] = None
     cold_kmax: Optional[torch.Tensor] = None
     staging: Optional[object] = None
-    # bit per leaf (memory/page_table.py LEAF_BITS) that read each logical page at layer 0, grown as needed
-    leaf_views: Optional[torch.Tensor] = None
     # keep mode: the request's completed pages' summaries, contiguous (memory/page_summaries.py
     # RequestSummaryCache); dropped on a new extend
     summary_cache: Optional[object] = None
     # set when the request cannot continue (e.g. a lower-tier page failed its checksum); the scheduler aborts it
     error: Optional[str] = None
 
-    def note_leaf_views(self, pages: torch.Tensor, bit: int, num_pages: int) -> None:
-        if self.leaf_views is None or self.leaf_views.numel() < num_pages:
-            grown = torch.zeros(max(num_pages, 64, 0 if self.leaf_views is None else 2 * self.leaf_views.numel()),
-                                dtype=torch.uint8, device=pages.device)
-            if self.leaf_views is not None:
-                grown[: self.leaf_views.numel()] = self.leaf_views
-            self.leaf_views = grown
-        self.leaf_views[pages] |= bit
-
     def off_device_pages(self) -> set:
         """Pages whose device slots were given back (dropped or demoted)."""
         return self.dropped_pages | set(self.demoted)
-    routed_steps: int = 0
-    exact_steps: int = 0
 
     def scores(self, num_layers: int, num_pages: int, device) -> torch.Tensor:
         """The heavy-score table, grown to hold ``num_pages`` pages (new pages score 0)."""
