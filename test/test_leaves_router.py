@@ -14,14 +14,14 @@ from sglang_mux.router.spine import StaticSpineRouter
 def test_grant_worked_example():
     split = {"sink": 64, "recent": 512, "heavy": 256, "retrieval": 1216}
     g = grant_for(20000, 2048, 16, split)
-    assert (g.sink_pages, g.recent_pages, g.heavy_pages, g.retrieval_pages) == (4, 32, 16, 76)
+    assert (g["sink"], g["recent"], g["heavy"], g["retrieval"]) == (4, 32, 16, 76)
     assert g.total_pages == 2048 // 16
 
 
 def test_rounding_to_pages_loses_no_budget():
     # the grant.py example: 15/31/15/65 tokens would round to 0+1+0+4 pages; the lost 2 go to the largest leaf
     g = grant_for(1000, 126, 16, {"sink": 15, "recent": 31, "heavy": 15, "retrieval": 65})
-    assert (g.sink_pages, g.recent_pages, g.heavy_pages, g.retrieval_pages) == (0, 1, 0, 6)
+    assert (g["sink"], g["recent"], g["heavy"], g["retrieval"]) == (0, 1, 0, 6)
     for budget in (17, 100, 126, 254, 1000, 4095):
         for P in (1, 4, 16, 64):
             cfg = MuxConfig(budget=budget, page_size=P)
@@ -31,13 +31,13 @@ def test_rounding_to_pages_loses_no_budget():
                     continue
                 split = cfg.replace(leaves=spec).leaf_split(budget)
                 g = grant_for(budget * 10, budget, P, split)
-                got = (g.sink_pages, g.recent_pages, g.heavy_pages, g.retrieval_pages)
+                got = (g["sink"], g["recent"], g["heavy"], g["retrieval"])
                 assert sum(got) == budget // P, (budget, P, spec, split, got)
                 floor = [split[k] // P for k in ("sink", "recent", "heavy", "retrieval")]
                 assert all(a >= b for a, b in zip(got, floor))  # only ever more than the leaf's own tokens give
     # fixed leaves summing below the budget keep their sizes: only rounding losses move
     g = grant_for(1000, 256, 16, {"sink": 8, "recent": 40, "heavy": 0, "retrieval": 0})
-    assert (g.sink_pages, g.recent_pages, g.heavy_pages, g.retrieval_pages) == (0, 3, 0, 0)  # 48 tokens: 3 pages
+    assert (g["sink"], g["recent"], g["heavy"], g["retrieval"]) == (0, 3, 0, 0)  # 48 tokens: 3 pages
 
 
 def test_fits_or_forced_means_exact():
@@ -61,7 +61,7 @@ def test_per_request_budget_overrides_server():
     assert router.grant(3000, MuxRequestOptions()).exact is False
     assert router.grant(3000, MuxRequestOptions(budget=4096)).exact is True
     g = router.grant(3000, MuxRequestOptions(budget=256, leaves="sink=0,recent=rest"))
-    assert (g.recent_pages, g.retrieval_pages, g.heavy_pages) == (16, 0, 0)
+    assert (g["recent"], g["retrieval"], g["heavy"]) == (16, 0, 0)
 
 
 def _ctx(n, scores=None):
@@ -69,13 +69,13 @@ def _ctx(n, scores=None):
 
 
 def test_recent_leaf_example():
-    assert RecentLeaf().select(_ctx(9), Grant(False, recent_pages=3)).tolist() == [6, 7, 8]
-    assert RecentLeaf().select(_ctx(9), Grant(False, recent_pages=0)).tolist() == [8]  # the tail page, always
+    assert RecentLeaf().select(_ctx(9), Grant(False, {"recent": 3})).tolist() == [6, 7, 8]
+    assert RecentLeaf().select(_ctx(9), Grant(False, {"recent": 0})).tolist() == [8]  # the tail page, always
 
 
 def test_sink_heavy_leaf_example():
     scores = torch.tensor([0, 9, 1, 7, 0, 2, 0, 0, 0], dtype=torch.float32)
-    got = SinkHeavyLeaf().select(_ctx(9, scores), Grant(False, sink_pages=1, heavy_pages=2))
+    got = SinkHeavyLeaf().select(_ctx(9, scores), Grant(False, {"sink": 1, "heavy": 2}))
     assert got.tolist() == [0, 1, 3]
 
 

@@ -106,7 +106,7 @@ def test_routed_step_matches_reference_and_obeys_grant():
     assert {0, 1} <= set(pages.tolist())  # sinks
     assert set(range(n_pages - 4, n_pages)) <= set(pages.tolist())  # window incl. the tail page
     assert 40 in pages.tolist()  # retrieval found the needle
-    assert by_leaf["retrieval"] == grant.retrieval_pages
+    assert by_leaf["retrieval"] == grant["retrieval"]
     out = be._routed_decode(q.reshape(1, -1), layer, plan)
     ref = ref_routed_decode(q, kv.get_key_buffer(0), kv.get_value_buffer(0), r2t.req_to_token, torch.tensor([1]),
                             torch.tensor([L]), pages.view(1, -1), torch.tensor([pages.numel()]), 8, layer.scaling)
@@ -305,7 +305,7 @@ def test_two_level_retrieval_finds_a_needle_and_keeps_group_summaries_current():
         grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
         pages, by_leaf = be.select_pages(q, 0, row, _ReqPlan("r", 1, L, grant, st))
         assert 200 in pages.tolist(), L
-        assert by_leaf["retrieval"] == grant.retrieval_pages
+        assert by_leaf["retrieval"] == grant["retrieval"]
         be.summaries.update_decode(0, slots[L - 1 : L], torch.tensor([L - 1]), kv.get_key_buffer(0)[slots[L - 1 : L]])
     cache = st.summary_cache
     assert cache is not None and cache.group_pages == 8
@@ -392,5 +392,5 @@ def test_mass_rule_finds_a_needle_that_a_flat_loud_head_hides_from_the_bound_rul
         q[2:4, 1] = 3.0
         grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
         pages, by_leaf = be.select_pages(q, 0, r2t.req_to_token[1], _ReqPlan("n", 1, L, grant, RequestState()))
-        assert by_leaf["retrieval"] == grant.retrieval_pages > 0
+        assert by_leaf["retrieval"] == grant["retrieval"] > 0
         assert (needle in pages.tolist()) is found, rule

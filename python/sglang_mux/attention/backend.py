@@ -478,7 +478,7 @@ class MuxAttentionBackend(AttentionBackend):
         n_full = (p.seq_len - 1) // P  # pages whose summaries are final (not the one holding this step's token)
         layer_id = self.start_layer + lidx
         st = p.state
-        keep = p.grant.retrieval_pages
+        keep = p.grant["retrieval"]
         # Drop mode scores every page: its dropped pages' summaries are stale (their slots are reused), and a
         # group bound over them would pick groups with nothing left to read; what it may pick is bounded anyway.
         cfg = self.router.effective_config(st.options)

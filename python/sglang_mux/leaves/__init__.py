@@ -2,7 +2,10 @@
 
 A leaf gets a :class:`LeafContext` (what the router and the attention backend know about one request at one
 layer) and its share of the :class:`~sglang_mux.router.grant.Grant`, and returns the logical page ids it keeps.
-The registry maps names (as used in ``--mux-leaves``) to leaf objects; unknown names fail loudly.
+
+This registry is the one list of leaves: the ``--mux-leaves`` names (``leaf_names()``), the split, the grant,
+the pages kept on the device and the routed decode's leaf loop all read it. Adding a leaf is one module with one
+:class:`Leaf` subclass and one ``register_leaf`` line below. Unknown names fail loudly with the allowed ones.
 """
 
 from __future__ import annotations
@@ -12,12 +15,52 @@ from sglang_mux.leaves.recent import RecentLeaf
 from sglang_mux.leaves.retrieval import RetrievalLeaf
 from sglang_mux.leaves.sink_heavy import SinkHeavyLeaf
 
-# Order matters: each leaf chooses among the pages the previous ones left (the window first, so heavy hitters
-# and retrieval never spend budget on pages the window already reads).
-LEAVES: dict[str, Leaf] = {
-    "recent": RecentLeaf(),
-    "sink_heavy": SinkHeavyLeaf(),
-    "retrieval": RetrievalLeaf(),
-}
 
-__all__ = ["LEAVES", "Leaf", "LeafContext"]
+class LeafRegistryError(ValueError):
+    pass
+
+
+# name -> leaf, in the order leaves choose pages: each chooses among the pages the previous ones left (the window
+# first, so heavy hitters and retrieval never spend budget on pages the window already reads).
+LEAVES: dict[str, Leaf] = {}
+
+
+def register_leaf(cls: type[Leaf]) -> type[Leaf]:
+    """Add a leaf class (last in the choosing order); its shares become ``--mux-leaves`` names."""
+    if not (isinstance(cls, type) and issubclass(cls, Leaf)) or cls.name in ("", Leaf.name):
+        raise LeafRegistryError(f"register_leaf: expected a Leaf subclass with its own name, got {cls!r}")
+    if cls.name in LEAVES:
+        raise LeafRegistryError(f"register_leaf: leaf {cls.name!r} is already registered")
+    taken = set(leaf_names())
+    clash = sorted(taken & set(cls.share_places()))
+    if clash:
+        raise LeafRegistryError(f"register_leaf: {cls.name!r}: share(s) {', '.join(clash)} already spent by a leaf")
+    LEAVES[cls.name] = cls()
+    return cls
+
+
+def unregister_leaf(name: str) -> None:
+    if name not in LEAVES:
+        raise LeafRegistryError(f"unknown leaf {name!r}; registered: {', '.join(LEAVES)}")
+    del LEAVES[name]
+
+
+def get_leaf(name: str) -> Leaf:
+    try:
+        return LEAVES[name]
+    except KeyError:
+        raise LeafRegistryError(f"unknown leaf {name!r}; registered: {', '.join(LEAVES)}") from None
+
+
+def leaf_names() -> tuple[str, ...]:
+    """The ``--mux-leaves`` names (every registered leaf's shares), in split order."""
+    places = {s: p for leaf in LEAVES.values() for s, p in leaf.share_places().items()}
+    return tuple(sorted(places, key=places.__getitem__))  # stable: equal places keep registration order
+
+
+register_leaf(RecentLeaf)
+register_leaf(SinkHeavyLeaf)
+register_leaf(RetrievalLeaf)
+
+__all__ = ["LEAVES", "Leaf", "LeafContext", "LeafRegistryError", "get_leaf", "leaf_names", "register_leaf",
+           "unregister_leaf"]

@@ -1,13 +1,21 @@
-"""The leaf interface: a pure function from (context, grant) to the logical pages a leaf keeps."""
+"""The leaf interface: a pure function from (context, grant) to the logical pages a leaf keeps.
+
+A leaf spends one or more *shares* of the budget: the names ``--mux-leaves`` accepts (``sink_heavy`` spends
+``sink`` and ``heavy``; most leaves spend one share named like the leaf). Besides ``select``, a leaf states, as
+pure functions of integers, how many pages it may read (``max_pages``) and which pages must stay on the device
+for it (``device_pages`` by position, ``device_best_pages`` as the best by heavy score): the cold-page policies
+(drop, tier) move every other page of a routed request.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 import torch
 
-from sglang_mux.router.grant import Grant
+if TYPE_CHECKING:
+    from sglang_mux.router.grant import Grant
 
 
 @dataclass
@@ -26,11 +34,36 @@ class LeafContext:
 
 
 class Leaf:
-    name = "leaf"
+    """One memory stream. Subclasses set ``name`` and implement ``select``; the rest has defaults.
+
+    ``shares``: the ``--mux-leaves`` names whose tokens this leaf spends, each with its place in the split (the
+    order of ``leaf_names()``, of the allowed names in errors, and of the rounding tie-break in ``grant_for``).
+    Empty: one share named like the leaf, placed after the built-in ones.
+    """
+
+    name: ClassVar[str] = "leaf"
+    shares: ClassVar[dict[str, float]] = {}
+
+    @classmethod
+    def share_places(cls) -> dict[str, float]:
+        return dict(cls.shares) if cls.shares else {cls.name: 100.0}
 
     def select(self, ctx: LeafContext, grant: Grant) -> torch.Tensor:  # pragma: no cover - interface
         """Logical page ids (int64, any order, unique, none already ``taken``) this leaf keeps."""
         raise NotImplementedError
+
+    def max_pages(self, grant: Grant) -> int:
+        """The most pages ``select`` returns under ``grant``: the pages of its shares."""
+        return sum(grant[s] for s in self.share_places())
+
+    def device_pages(self, num_pages: int, grant: Grant) -> range:
+        """Pages this leaf reads by position every step, so they never leave the device. Default: none."""
+        return range(0)
+
+    def device_best_pages(self, grant: Grant, dropping: bool) -> int:
+        """How many of the request's best pages by heavy score stay on the device for this leaf. ``dropping``:
+        pages that leave the device are gone for good (drop), not kept in a lower tier (tier). Default: none."""
+        return 0
 
 
 def top_free(scores: torch.Tensor, taken: torch.Tensor, k: int) -> torch.Tensor:

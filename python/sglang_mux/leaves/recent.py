@@ -1,9 +1,9 @@
 """``recent`` (L1): the last ``--mux-window-tokens`` tokens, exact.
 
     pages   0   1   2   3   4   5   6   7  [8: partial tail]
-    grant.recent_pages = 3  ->  keeps 6, 7, 8
-The partial tail page is always the last page and always kept (by this leaf, or by the caller when the
-window is 0).
+    grant["recent"] = 3  ->  keeps 6, 7, 8
+The partial tail page is always the last page and always kept by this leaf (one page even when the window is 0).
+These pages never leave the device.
 """
 
 from __future__ import annotations
@@ -16,9 +16,14 @@ from sglang_mux.router.grant import Grant
 
 class RecentLeaf(Leaf):
     name = "recent"
+    shares = {"recent": 2}
 
     def select(self, ctx: LeafContext, grant: Grant) -> torch.Tensor:
-        n = max(grant.recent_pages, 1)  # the tail page, always
-        lo = max(ctx.num_pages - n, 0)
-        pages = torch.arange(lo, ctx.num_pages, device=ctx.taken.device)
+        pages = torch.arange(self.device_pages(ctx.num_pages, grant).start, ctx.num_pages, device=ctx.taken.device)
         return pages[~ctx.taken[pages]]
+
+    def max_pages(self, grant: Grant) -> int:
+        return max(grant["recent"], 1)  # the tail page, always
+
+    def device_pages(self, num_pages: int, grant: Grant) -> range:
+        return range(max(num_pages - self.max_pages(grant), 0), num_pages)

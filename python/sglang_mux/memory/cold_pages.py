@@ -18,6 +18,7 @@ import torch
 
 from mux_kernels.reference import num_pages_of
 from sglang_mux.config import MuxConfig
+from sglang_mux.leaves import LEAVES
 from sglang_mux.memory.staging import StagingArea
 from sglang_mux.memory.tiers import PageIntegrityError
 from sglang_mux.metrics import STATS
@@ -38,11 +39,13 @@ class ColdPageMover:
         # background fetches into staging areas (skip mode)
         self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mux-fetch") if tiers else None
 
-    def cold_pages(self, p, hot_pages: int) -> list[int]:
+    def cold_pages(self, p, dropping: bool) -> list[int]:
         """The request's own full pages outside its hot set, still on the device.
 
             pages  [ tree-owned prefix | own tail .............................. | tail page ]
-            hot     (never touched)      sinks, window, top `hot_pages` by heavy score   always
+            hot     (never touched)      what each leaf keeps on the device         always
+        Each registered leaf says what it keeps (``Leaf.device_pages``, ``Leaf.device_best_pages``): today the
+        sinks, the window, and the best pages by heavy score (``heavy``, plus ``retrieval`` when ``dropping``).
         Heavy score here is the max over layers: the pages some layer still wants.
         """
         st, g, P = p.state, p.grant, self.page_size
@@ -51,7 +54,11 @@ class ColdPageMover:
         n = num_pages_of(p.seq_len, P)
         first_own = -(-st.protected_len // P)
         gone = st.off_device_pages()
-        keep = set(range(g.sink_pages)) | set(range(max(n - max(g.recent_pages, 1), 0), n))
+        keep: set[int] = set()
+        hot_pages = 0
+        for leaf in LEAVES.values():
+            keep.update(leaf.device_pages(n, g))
+            hot_pages += leaf.device_best_pages(g, dropping)
         if st.heavy_scores is not None and hot_pages > 0:
             scores = st.scores(self.num_layers, n, st.heavy_scores.device)[:, :n].amax(dim=0)
             if gone:
@@ -68,7 +75,7 @@ class ColdPageMover:
     def drop(self, p) -> None:
         """``--mux-drop-cold``: free the device KV of the request's cold pages for good (sinks, window and the
         ``heavy + retrieval`` best pages stay). A dropped page is never read again."""
-        cold = self.cold_pages(p, p.grant.heavy_pages + p.grant.retrieval_pages)
+        cold = self.cold_pages(p, dropping=True)
         if not cold:
             return
         self.allocator.free(self._page_slots(p.row, cold))
@@ -81,7 +88,7 @@ class ColdPageMover:
         tiers, keep their summaries on the device, and give their device slots back. Retrieval still scores
         them and reads them through the staging area."""
         st = p.state
-        cold = self.cold_pages(p, p.grant.heavy_pages)
+        cold = self.cold_pages(p, dropping=False)
         if not cold:
             return
         P, L = self.page_size, self.num_layers

@@ -1,11 +1,16 @@
-"""Grant: what the spine router hands to the leaves for one request (pages per leaf), as a value object.
+"""Grant: what the spine router hands to the leaves for one request (pages per share), as a value object.
+
+A routed grant maps every ``--mux-leaves`` name of the split (the shares the registered leaves spend, see
+``sglang_mux.leaves``) to pages: ``grant["heavy"]``.
 
 The pure count function :func:`grant_for` is the whole static policy:
 
-    budget B tokens, page size P, context L tokens, split {sink, recent, heavy, retrieval} (tokens, sums to B)
+    budget B tokens, page size P, context L tokens, split {share: tokens} (e.g. sink, recent, heavy, retrieval;
+                                           sums to B)
     L <= B (or exact requested)         -> exact: every page
-    otherwise                           -> pages per leaf = tokens // P (recent at least 1: the tail page);
-                                           the pages the rounding lost go to the largest leaf
+    otherwise                           -> pages per share = tokens // P (the recent leaf reads at least 1:
+                                           the tail page); the pages the rounding lost go to the largest
+                                           share (ties: the first in split order)
     pages read per step <= B // P + 1   (the +1: a window smaller than one page still reads the tail page)
 
 Without the last rule a small budget would lose up to a page per leaf: B=126, P=16, split sink=15 recent=31
@@ -17,22 +22,31 @@ Worked example: B=2048, P=16, split sink=64 recent=512 heavy=256 retrieval=1216,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 from sglang_mux.router.route_rule import routes_now
 
 
 @dataclass(frozen=True)
 class Grant:
+    """``exact``: every page is read. Otherwise ``pages``: pages per share, one entry per name of the split."""
+
     exact: bool
-    sink_pages: int = 0
-    recent_pages: int = 0
-    heavy_pages: int = 0
-    retrieval_pages: int = 0
+    pages: Mapping[str, int] = field(default_factory=dict)
+
+    def __getitem__(self, share: str) -> int:
+        try:
+            return self.pages[share]
+        except KeyError:
+            raise KeyError(f"grant has no share {share!r}; it has: {', '.join(self.pages) or 'none (exact)'}") from None
 
     @property
     def total_pages(self) -> int:
-        return self.sink_pages + max(self.recent_pages, 1) + self.heavy_pages + self.retrieval_pages
+        """The most pages one step reads under this grant: what each registered leaf may read, summed."""
+        from sglang_mux.leaves import LEAVES
+
+        return sum(leaf.max_pages(self) for leaf in LEAVES.values())
 
 
 EXACT = Grant(exact=True)
@@ -42,14 +56,8 @@ def grant_for(seq_len: int, budget: int, page_size: int, split: dict[str, int], 
     if not routes_now(seq_len, budget, exact=force_exact):
         return EXACT
     P = page_size
-    pages = {name: split[name] // P for name in ("sink", "recent", "heavy", "retrieval")}
-    lost = sum(split[name] for name in pages) // P - sum(pages.values())
+    pages = {name: tokens // P for name, tokens in split.items()}
+    lost = sum(split.values()) // P - sum(pages.values())
     if lost > 0:
         pages[max(pages, key=lambda name: split[name])] += lost
-    return Grant(
-        exact=False,
-        sink_pages=pages["sink"],
-        recent_pages=pages["recent"],
-        heavy_pages=pages["heavy"],
-        retrieval_pages=pages["retrieval"],
-    )
+    return Grant(exact=False, pages=pages)
