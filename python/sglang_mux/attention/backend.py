@@ -321,11 +321,14 @@ class MuxAttentionBackend(AttentionBackend):
                 if layer.layer_id == self.start_layer:
                     blocks[0] += computed
                     blocks[1] += dense_block_count(prefix, n, params.block, hk)
-            else:
-                causal = torch.arange(L, device=q.device).view(1, -1) <= torch.arange(prefix, L, device=q.device).view(-1, 1)
+            else:  # exact; an explicit [n, L] mask only when a prefix offsets the queries
+                causal = None
+                if prefix:
+                    causal = torch.arange(L, device=q.device).view(1, -1) <= torch.arange(prefix, L, device=q.device).view(-1, 1)
                 out = scaled_dot_product_attention(
                     q_req.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
-                    values.transpose(0, 1).unsqueeze(0), attn_mask=causal, scale=layer.scaling, enable_gqa=hq != hk,
+                    values.transpose(0, 1).unsqueeze(0), attn_mask=causal, is_causal=causal is None,
+                    scale=layer.scaling, enable_gqa=hq != hk,
                 )[0].transpose(0, 1)
             o[start : start + n] = out.reshape(n, hq * dv).to(o.dtype)
             start += n
