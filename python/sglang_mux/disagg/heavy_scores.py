@@ -13,7 +13,8 @@ and an engine with one buffer fewer still receives the leading ones). Its slot h
 ``SHIPPED_PAGES`` best pages of the request as ``(page index, score)`` (index -1: empty); the decode side
 copies them into the request's score table when it commits the transfer, before the slot is reused.
 
-Four named patches of SGLang behaviour (installed by ``disagg/hooks.py`` in every scheduler process; no-ops
+Four named patches of SGLang behaviour (rows of the hook table in ``sglang_hooks.py``, group ``pd-heavy-scores``,
+registered by ``disagg/hooks.py`` in every scheduler process; no-ops
 unless the process built a mux attention backend, which calls :func:`register_local_layout`):
 
 * ``add_heavy_score_buffer``  AFTER ``MetadataBuffers.__init__``: allocate the buffer.
@@ -40,9 +41,6 @@ logger = logging.getLogger(__name__)
 # are the whole prompt up to 4K tokens at P = 16; beyond, the best 256 per layer, far more than a heavy
 # share of any budget keeps (the decode side's other pages start at 0 and gain decode attention as usual).
 SHIPPED_PAGES = 256
-
-METADATA_BUFFERS = "sglang.srt.disaggregation.utils.MetadataBuffers"
-DECODE_TRANSFER_QUEUE = "sglang.srt.disaggregation.decode.DecodeTransferQueue"
 
 
 @dataclass(frozen=True)
@@ -145,12 +143,3 @@ def read_heavy_scores(self, decode_req, *args, **kwargs):
     except Exception:  # the scores only steer the heavy leaf: serve without them rather than fail the request
         logger.exception("request %s: could not read its heavy-hitter scores", decode_req.req.rid)
     return None
-
-
-def install_heavy_score_transfer() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(f"{METADATA_BUFFERS}.__init__", add_heavy_score_buffer, HookType.AFTER)
-    HookRegistry.register(f"{METADATA_BUFFERS}.get_buf_infos", register_heavy_score_buffer, HookType.AFTER)
-    HookRegistry.register(f"{METADATA_BUFFERS}.set_buf", write_heavy_scores, HookType.AFTER)
-    HookRegistry.register(f"{DECODE_TRANSFER_QUEUE}._commit_transfer_to_req", read_heavy_scores, HookType.BEFORE)

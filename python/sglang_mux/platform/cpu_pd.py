@@ -9,8 +9,9 @@ SGLang's PD path assumes a GPU in three spots (verified on SGLang 0.5.23, docs/p
   which every other transfer backend uses anyway).
 
 The first two are command-line flags (:func:`cpu_pd_flags`, used by ``sglang_mux.launch_pd``); the third is a
-patch of SGLang behaviour, installed by :func:`install_cpu_pd_workarounds` from the plugin and applied inside a
-scheduler process only when it is a PD prefill and there is no GPU.
+patch of SGLang behaviour: ``_before_init_disaggregation``, a hook in the table of ``sglang_hooks.py`` (groups
+``pd-cpu`` and ``pd-cpu-runtime``), registered by ``disagg/hooks.py`` only without a GPU and applied inside a
+scheduler process only when it is a PD prefill.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import logging
 from sglang_mux.platform import has_cuda_gpu
 
 logger = logging.getLogger(__name__)
-
-SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 
 # The transfer backend that moves real KV bytes over TCP and needs no RDMA device or GPU.
 CPU_TRANSFER_BACKEND = "mooncake_tcp"
@@ -60,15 +59,3 @@ def _before_init_disaggregation(scheduler, *args, **kwargs):
         if disable_mooncake_host_tensor_indices():
             logger.info("sglang-mux: CPU PD prefill: Mooncake host-tensor indices off")
     return None  # arguments unchanged
-
-
-def install_cpu_pd_workarounds() -> None:
-    """Register the scheduler hook that applies the CPU-only Mooncake patch in PD prefill processes.
-
-    Does nothing on a GPU machine (the hook is not even registered).
-    """
-    if has_cuda_gpu():
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(f"{SCHEDULER}.init_disaggregation", _before_init_disaggregation, HookType.BEFORE)

@@ -1,17 +1,8 @@
-"""Scheduler-process hooks of the router (each a named patch of SGLang behaviour, installed by the plugin from the
-table in ``sglang_hooks.py``, group ``router``).
+"""Scheduler-process hooks of the router, each a named patch of SGLang behaviour.
 
-* ``admit_request``  BEFORE ``Scheduler.handle_generate_request``: record the request's mux options
-  (``sampling_params.custom_params``) in the registry, keyed by request id, before it can be scheduled.
-* ``abort_failed_requests``  BEFORE ``Scheduler.process_batch_result``: finish a request whose memory failed it
-  with an error to its client, the others go on.
-* ``after_stream_output``  AFTER ``SchedulerOutputStreamer.stream_output``: drop the state of a request
-  that finished without ever holding KV (it never reaches the cache's release); with ``--mux-placement-costs``,
-  note each finished request's lengths for the placement recommendation.
-* ``reopen_batch_after_freeing``  BEFORE ``Scheduler.get_next_batch_to_run``: after mux freed device slots, let
-  the scheduler try to admit waiting requests again.
-* ``add_mux_stats``  AFTER ``Scheduler.get_internal_state``: add ``MuxStats`` under the key ``mux``, so
-  ``/server_info`` carries it and ``/mux/stats`` can serve it (the HTTP server lives in another process).
+Which SGLang method each one patches, how, why, and what breaks if SGLang changes it: one row per hook in the table
+of ``sglang_hooks.py`` (group ``router``), the one place they are listed. The plugin installs them from there
+(:func:`install_scheduler_hooks`) and the startup check verifies them.
 """
 
 from __future__ import annotations
