@@ -6,7 +6,7 @@
 
 Every (policy, task, length) cell sends the same seeded samples through ``/generate`` (greedy) with the
 policy's ``custom_params`` and scores the outputs (RULER recall / exact). Writes, under ``--out``:
-``<policy>/<task>_<length>.json`` (every sample: prompt size, budget, answers, output, score),
+``<policy>/<task>_<length>.json`` (``snapkv@1_8/`` with several budget fractions; every sample: prompt size, budget, answers, output, score),
 ``summary.json`` (the table), ``summary.md`` (the same as markdown) and ``accuracy.png`` (accuracy vs length,
 one line per policy, one panel per task). A stock server ignores the mux fields: every policy is then full KV.
 """
@@ -124,8 +124,9 @@ def run_suite(args, tokenizer, send=generate, progress=True) -> dict:
 
                 outputs = list(pool.map(one, range(len(samples))))
                 summary, records = score_cell(samples, outputs, budgets)
-                (out / label).mkdir(parents=True, exist_ok=True)
-                (out / label / f"{task}_{length}.json").write_text(
+                folder = out / label.replace("/", "_")  # snapkv@1/8 -> snapkv@1_8
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{task}_{length}.json").write_text(
                     json.dumps({"policy": label, "task": task, "length": length, **summary, "samples": records}, indent=1)
                 )
                 table.append({"policy": label, "task": task, "length": length, "budget_frac": frac, **summary})
