@@ -63,6 +63,10 @@ HOOKS: tuple[SGLangHook, ...] = (
     SGLangHook(f"{OUTPUT_STREAMER}.stream_output", "AFTER", "sglang_mux.router.hooks:after_stream_output", "router",
                "drop the state of requests that finished without KV; feed the placement window",
                "the state of aborted requests leaks; the placement recommendation stays empty"),
+    # prometheus_metrics.py, registered with the router group (every scheduler)
+    SGLangHook(f"{SCHEDULER}.process_batch_result", "AFTER", "sglang_mux.prometheus_metrics:export_after_batch",
+               "router", "--enable-metrics: copy the mux stats into Prometheus metrics after each batch (/metrics)",
+               "/metrics carries no sglang_mux_* metrics (or stale values); serving is unaffected"),
     # router/http_routes.py: the launcher's main process (the HTTP server)
     SGLangHook(f"{HTTP_SERVER}.app", ROUTE, "sglang_mux.router.http_routes:mux_stats", "stats-route",
                "GET /mux/stats: the mux section of every scheduler's internal state",
