@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from sglang_mux.config import ENV_VAR, MuxConfig
+from sglang_mux.config import ENV_VAR, MuxConfig, MuxConfigError
 from sglang_mux.launch_server import build_sglang_argv
 from sglang_mux.models import default_model_path
 
@@ -91,3 +91,53 @@ def test_bad_flag_exits_at_once_with_one_line(flags, needle):
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("sglang-mux: error:") and needle in lines[0]
+
+
+# ------------------------------------------------------------------ parallel layouts mux refuses (launch_server.check_parallelism)
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--tp-size", "2"], "--tp-size 2"),
+        (["--tp", "2"], "--tp-size 2"),  # SGLang's parser takes abbreviations
+        (["--tensor-parallel-size=4"], "--tp-size 4"),
+        (["--pp-size", "2"], "--pp-size 2"),
+    ],
+)
+def test_tp_or_pp_above_one_is_refused_with_mux_on(flags, needle):
+    with pytest.raises(MuxConfigError) as e:
+        build_sglang_argv(flags, env={})
+    msg = str(e.value)
+    assert needle in msg and "--mux-disable" in msg and "\n" not in msg
+
+
+def test_tp_from_a_config_file_is_refused(tmp_path):
+    cfg_file = tmp_path / "serve.yaml"
+    cfg_file.write_text("tp-size: 2\n")
+    with pytest.raises(MuxConfigError, match="--tp-size 2"):
+        build_sglang_argv(["--config", str(cfg_file)], env={})
+
+
+def test_parallel_layouts_mux_serves():
+    _, argv = build_sglang_argv(["--tp-size", "2", "--mux-disable"], env={})  # stock tensor parallelism
+    assert _value(argv, "--tp-size") == "2"
+    _, argv = build_sglang_argv(["--tp-size", "1", "--pp-size", "1"], env={})
+    assert _value(argv, "--radix-cache-backend") == "mux"
+    _, argv = build_sglang_argv(["--dp-size", "2"], env={})  # independent replicas
+    assert _value(argv, "--dp-size") == "2" and _value(argv, "--radix-cache-backend") == "mux"
+
+
+def test_dp_with_a_disk_tier_is_refused(tmp_path):
+    with pytest.raises(MuxConfigError, match="--dp-size 2 with --mux-disk-path"):
+        build_sglang_argv(["--dp-size", "2", "--mux-disk-path", str(tmp_path), "--mux-disk-bytes", "1000000"], env={})
+
+
+def test_tp_above_one_exits_at_once_with_one_line():
+    p = subprocess.run(
+        [sys.executable, "-m", "sglang_mux.launch_server", "--tp", "2"], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("sglang-mux: error: --tp-size 2") and "--mux-disable" in lines[0]

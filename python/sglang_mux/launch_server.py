@@ -58,6 +58,67 @@ def _drop_flag(argv: list[str], flag: str) -> list[str]:
     return out
 
 
+# SGLang's parallelism flags (every spelling SGLang 0.5.23 accepts, abbreviations through its own parser).
+PARALLEL_FLAGS = ("--tp-size", "--tensor-parallel-size", "--pp-size", "--pipeline-parallel-size",
+                  "--dp-size", "--data-parallel-size")
+
+
+def _parallel_sizes(args: list[str]) -> tuple[int, int, int]:
+    """(tp, pp, dp) as SGLang will read them from ``args``; (1, 1, 1) without any of those flags or ``--config``.
+
+    Parsed by SGLang's own argument parser (aliases, abbreviations such as ``--tp``, ``--config`` files), imported
+    only when one of those flags may be present; a command line it cannot parse is left to SGLang to report.
+    """
+    given = [a.split("=", 1)[0] for a in args if a.startswith("--")]
+    if "--config" not in given and not any(
+        len(f) >= 4 and any(s.startswith(f) for s in PARALLEL_FLAGS) for f in given
+    ):
+        return 1, 1, 1
+    import argparse
+    import contextlib
+    import io
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(add_help=False)
+    ServerArgs.add_cli_args(parser)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            if "--config" in given:
+                from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
+
+                args = ConfigArgumentMerger(parser).merge_config_with_args(list(args))
+            ns, _ = parser.parse_known_args(["--model-path", "unused", *args])  # the user's own path wins
+    except (SystemExit, ValueError, OSError):  # argparse / config-file errors: SGLang reports them at its own parse
+        return 1, 1, 1
+    return int(ns.tp_size), int(ns.pp_size), int(ns.dp_size)
+
+
+def check_parallelism(args: list[str], cfg: MuxConfig) -> None:
+    """Refuse the layouts where mux would be wrong (MuxConfigError, one line).
+
+    * tp > 1 / pp > 1: every rank runs its own scheduler in lockstep with the others, and mux takes its route /
+      drop / demote decisions in each one from what that rank sees (page scores from its own heads or layers, its
+      own tier capacity). Ranks could free different KV slots, admit different requests and hang or diverge.
+    * dp > 1 is served: replicas are independent schedulers (nothing they decide has to agree), but with
+      ``--mux-disk-path`` they would share one folder of page files, named alike for the same prefix pages.
+    """
+    if cfg.disable:
+        return
+    tp, pp, dp = _parallel_sizes(args)
+    for flag, size, what in (("--tp-size", tp, "tensor"), ("--pp-size", pp, "pipeline")):
+        if size > 1:
+            raise MuxConfigError(
+                f"{flag} {size}: mux takes its route/drop decisions in each {what}-parallel rank separately, so "
+                f"ranks could diverge; mux serves {flag} 1 only (--mux-disable serves stock {what} parallelism)"
+            )
+    if dp > 1 and cfg.disk_path:
+        raise MuxConfigError(
+            f"--dp-size {dp} with --mux-disk-path: the {dp} replicas would share one folder of page files; "
+            f"run one replica per server, or no disk tier (--mux-disable serves stock data parallelism)"
+        )
+
+
 def build_sglang_argv(argv: list[str], env: dict | None = None) -> tuple[MuxConfig, list[str]]:
     """Turn our command line into (MuxConfig, SGLang's argv); sets the process env the children inherit.
 
@@ -79,6 +140,7 @@ def build_sglang_argv(argv: list[str], env: dict | None = None) -> tuple[MuxConf
         given = _flag_value(args, flag)
         if given in SHORT_NAMES:
             args = _drop_flag(args, flag) + [flag, resolve_model_path(given)]
+    check_parallelism(args, cfg)
     if not cfg.disable:
         given = _flag_value(args, "--radix-cache-backend")
         if given not in (None, "mux"):
