@@ -110,6 +110,21 @@ def test_samples_map_the_stats_fields():
     assert {n for n, _ in got} == {m.name for m in METRICS}
 
 
+def test_current_stats_reads_what_mux_stats_shows(monkeypatch):
+    """The exporter's per-batch section (built shallowly) gives the same samples as ``MuxStats.as_dict``, the
+    ``/mux/stats`` section, with the tier bytes refreshed from the cache's tiers as router/hooks.py does."""
+    from sglang_mux.prometheus_metrics import current_stats
+    from sglang_mux.router.requests import REGISTRY
+
+    fields = dict(page_size=16, kv_bytes_per_token=1000, decode_steps=9, routed_request_steps=5, staging_hits=3,
+                  device_kv_tokens_held={"a": 100, "b": 20}, last_pages_by_leaf={"recent": 4}, tier_bytes={"host": 1})
+    monkeypatch.setattr("sglang_mux.metrics.STATS", MuxStats(**fields))
+    tiers = types.SimpleNamespace(bytes_by_tier=lambda: {"host": 4096, "disk": 512})
+    sched = types.SimpleNamespace(tree_cache=types.SimpleNamespace(tiers=tiers))
+    want = stats_section(**{**fields, "tier_bytes": {"host": 4096, "disk": 512}}, running_requests_tracked=len(REGISTRY))
+    assert sorted(samples(current_stats(sched)), key=repr) == sorted(samples(want), key=repr)
+
+
 # ------------------------------------------------------------------ the exporter, on a private registry
 
 
