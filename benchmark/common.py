@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "python") not in sys.path:
     sys.path.insert(0, str(ROOT / "python"))
 
+from sglang_mux.platform import has_cuda_gpu  # noqa: E402
 from sglang_mux.server_process import ServerProcess, free_port  # noqa: E402
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "half": 2, "float": 4}
@@ -122,6 +123,9 @@ def extra_flags(items: list[str], *, mux: bool = False) -> list[str]:
     return out
 
 
+CPU_MEM_FRACTION = "0.3"
+
+
 def server_flags(args: argparse.Namespace, *, context_length: int, max_running: int,
                  chunked_prefill: int = 16384) -> list[str]:
     """SGLang flags both systems get (mux flags are added by ``start_server``)."""
@@ -130,7 +134,12 @@ def server_flags(args: argparse.Namespace, *, context_length: int, max_running: 
              "--max-prefill-tokens", str(chunked_prefill)]
     if args.model_path:
         flags += ["--model-path", args.model_path]
-    return flags + extra_flags(args.server_arg)
+    extra = extra_flags(args.server_arg)
+    if "--mem-fraction-static" not in extra and not has_cuda_gpu():
+        # The launcher's CPU default (0.05) leaves the default model about 9K tokens of KV; long-context runs need
+        # several requests of up to 8K. Both systems get the same value.
+        flags += ["--mem-fraction-static", CPU_MEM_FRACTION]
+    return flags + extra
 
 
 def mux_flags(args: argparse.Namespace) -> list[str]:

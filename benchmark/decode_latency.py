@@ -30,9 +30,9 @@ SUFFIX_TOKENS = 32
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=C.positive_ints, default=C.positive_ints("1K,2K,4K,8K,16K,32K"),
-                   help="context lengths in tokens, comma-separated, K suffix allowed (default 1K..32K)")
-    p.add_argument("--batches", type=C.positive_ints, default=[1, 8], help="batch sizes (default 1,8)")
+    p.add_argument("--contexts", type=C.positive_ints, default=C.positive_ints("1K,2K,4K,7K"),
+                   help="context lengths in tokens, comma-separated, K suffix allowed (default 1K,2K,4K,7K: the default model's context is 8K; 16K-32K need --model-path tiny)")
+    p.add_argument("--batches", type=C.positive_ints, default=[1, 4], help="batch sizes (default 1,4)")
     p.add_argument("--output-tokens", type=C.positive_int, default=64, help="decode steps timed per request")
     p.add_argument("--repeats", type=C.positive_int, default=3, help="repeats per point (median reported)")
     p.add_argument("--seed", type=int, default=0)

@@ -36,8 +36,8 @@ import common as C  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=C.positive_ints, default=C.positive_ints("1K,2K,4K,8K,16K,32K"),
-                   help="prompt lengths in tokens, comma-separated, K suffix allowed (default 1K..32K)")
+    p.add_argument("--contexts", type=C.positive_ints, default=C.positive_ints("1K,2K,4K,7K"),
+                   help="prompt lengths in tokens, comma-separated, K suffix allowed (default 1K,2K,4K,7K: the default model's context is 8K; 16K-32K need --model-path tiny)")
     p.add_argument("--output-tokens", type=C.positive_int, default=128, help="tokens generated per request")
     p.add_argument("--poll-interval", type=float, default=0.05, help="seconds between allocator samples")
     p.add_argument("--ratio-base", type=C.positive_int, default=4096,

@@ -189,3 +189,16 @@ def test_pd_metadata_costs_without_servers(tmp_path):
     assert all(h["rebuild_ms"] > 0 for h in heavy) and res["transfer"] == []
     p = _run("pd_transfer.py", "--systems", "stock,gpu")
     assert p.returncode == 2 and "--systems" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_server_flags_give_both_systems_room_for_long_prompts_on_cpu():
+    """On CPU both systems get the same --mem-fraction-static (the launcher's 0.05 leaves the default model about
+    9K tokens of KV); a value passed with --server-arg wins, once."""
+    import types
+
+    a = types.SimpleNamespace(dtype="bfloat16", model_path="smollm2", server_arg=[])
+    flags = C.server_flags(a, context_length=7256, max_running=4)
+    assert flags[flags.index("--mem-fraction-static") + 1] == C.CPU_MEM_FRACTION
+    a.server_arg = ["--mem-fraction-static=0.5"]
+    flags = C.server_flags(a, context_length=7256, max_running=4)
+    assert flags.count("--mem-fraction-static") == 1 and flags[flags.index("--mem-fraction-static") + 1] == "0.5"
