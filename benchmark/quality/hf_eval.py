@@ -1,6 +1,6 @@
 """Score the suite with HF transformers greedy decoding: no server, the oracle for served results.
 
-    .venv/bin/python -m benchmark.quality.hf_eval --model python/sglang_mux/models/default \
+    .venv/bin/python -m benchmark.quality.hf_eval --model smollm2 \
         --tasks niah_single,vt --lengths 1024,2048 --samples 50
 """
 
@@ -73,7 +73,7 @@ def markdown(table: dict, metric: str = "exact") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="HF model directory or name")
+    ap.add_argument("--model", required=True, help="HF model directory, or a short name: smollm2, tiny")
     ap.add_argument("--tasks", default="niah_single,niah_multikey,vt")
     ap.add_argument("--lengths", default="1024")
     ap.add_argument("--samples", type=int, default=50)
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
+    from sglang_mux.models import resolve_model_path
+
+    args.model = resolve_model_path(args.model)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     t0 = time.time()
