@@ -7,8 +7,8 @@
 Every (policy, task, length) cell sends the same seeded samples through ``/generate`` (greedy) with the
 policy's ``custom_params`` and scores the outputs (RULER recall / exact). Writes, under ``--out``:
 ``<policy>/<task>_<length>.json`` (``snapkv@1_8/`` with several budget fractions; every sample: prompt size, budget, answers, output, score),
-``summary.json`` (the table), ``summary.md`` (the same as markdown) and ``accuracy.png`` (accuracy vs length,
-one line per policy, one panel per task). A stock server ignores the mux fields: every policy is then full KV.
+``summary.json`` (the table), ``summary.md`` (the same as markdown), ``accuracy.png`` (accuracy vs length,
+one line per policy, one panel per task) and ``means.png`` (each policy's mean over tasks, a bar per budget). A stock server ignores the mux fields: every policy is then full KV.
 """
 
 from __future__ import annotations
@@ -194,6 +194,44 @@ def plot(results: list[dict], path: Path, title: str, metric: str = "recall") ->
     plt.close(fig)
 
 
+def means_by_arm(results: list[dict], metric: str = "recall") -> dict[tuple[str, float | None], float]:
+    """``{(policy, budget fraction): mean of metric over every cell}``; ``snapkv@1/8`` counts as ``snapkv``."""
+    cells: dict[tuple[str, float | None], list[float]] = {}
+    for r in results:
+        cells.setdefault((r["policy"].split("@")[0], r.get("budget_frac")), []).append(r[metric])
+    return {arm: mean(v) for arm, v in cells.items()}
+
+
+def plot_means(results: list[dict], path: Path, title: str, metric: str = "recall") -> None:
+    """Mean over tasks (all lengths) per policy, one bar per budget fraction, full KV as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_arm = means_by_arm(results, metric)
+    policies = list(dict.fromkeys(p for p, _ in by_arm if p != "full"))
+    fracs = sorted({f for p, f in by_arm if p != "full" and f is not None}, reverse=True) or [None]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(policies), 3.2))
+    width = 0.8 / len(fracs)
+    for j, f in enumerate(fracs):
+        xs = [i + (j - (len(fracs) - 1) / 2) * width for i in range(len(policies))]
+        ys = [by_arm.get((p, f), 0.0) for p in policies]
+        label = "budget" if f is None else f"budget {frac_label(f)} of the prompt"
+        bars = ax.bar(xs, ys, width=width * 0.95, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    if ("full", None) in by_arm:
+        ax.axhline(by_arm[("full", None)], ls="--", color="black", lw=1, label="full KV")
+    ax.set_xticks(range(len(policies)), policies)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"mean {metric} over tasks")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:30000", help="base URL of a running SGLang server")
@@ -258,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown_table(result["results"]) + "\n" + mean_table(result["results"])
     (out / "summary.md").write_text(md)
     plot(result["results"], out / "accuracy.png", args.title)
+    plot_means(result["results"], out / "means.png", args.title)
     print(md)
-    print(f"wrote {out}/summary.json, summary.md, accuracy.png and per-cell JSON")
+    print(f"wrote {out}/summary.json, summary.md, accuracy.png, means.png and per-cell JSON")
     return 0
 
 

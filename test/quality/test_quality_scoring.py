@@ -92,6 +92,12 @@ def test_several_budget_fractions_run_every_budgeted_policy_at_each_and_full_onc
     for label, div in (("streaming@1/8", 8), ("streaming@1/16", 16)):
         cell = json.loads((tmp_path / label.replace("/", "_") / "niah_single_512.json").read_text())
         assert [r["budget"] for r in cell["samples"]] == [-(-r["n_tokens"] // div) for r in cell["samples"]]
+    from benchmark.quality.run import means_by_arm, plot_means
+
+    scored = [dict(r, recall=v) for r, v in zip(result["results"], (1.0, 0.5, 0.25))]
+    assert means_by_arm(scored) == {("full", None): 1.0, ("streaming", 0.125): 0.5, ("streaming", 0.0625): 0.25}
+    plot_means(scored, tmp_path / "means.png", "t")
+    assert (tmp_path / "means.png").stat().st_size > 1000
     assert build_parser().parse_args(["--budget-frac", "0.25,0.125"]).budget_frac == [0.25, 0.125]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--budget-frac", "a,b"])
