@@ -24,7 +24,7 @@ table by hand). Bad values stop the launcher at once with one line naming the fl
 
 Boolean flags are switches (`--mux-drop-cold`) that also take a value (`--mux-drop-cold false`).
 What the launcher adds to SGLang's flags: `--radix-cache-backend mux --attention-backend mux --page-size
-<--mux-page-size>` (unless `--mux-disable`), `--model-path <bundled model>` when none is given, and on a machine
+<--mux-page-size>` (unless `--mux-disable`), `--model-path <the default model, SmolLM2-135M-Instruct>` when none is given (short names: `smollm2`, `tiny`), and on a machine
 without a GPU `--device cpu --mem-fraction-static 0.05 --disable-cuda-graph`. An `--attention-backend X` you give
 becomes the backend mux wraps (`--mux-inner-backend`).
 

@@ -126,7 +126,7 @@ class MuxConfig:
         10.0,
         "Temperature of the 'mass' softmax: bounds are scaled by the layer's softmax scale / T. The bounds "
         "overstate the logits (each dimension's extreme over the page), so a softer softmax than attention's "
-        "(T > 1) ranks better; 10 is what the probe model's needle tasks chose (docs/quality.md).",
+        "(T > 1) ranks better; 10 is what a sweep on the tiny model's needle tasks chose (docs/memory.md).",
         "T",
     )
     observation_window: int = _knob(
