@@ -34,6 +34,7 @@ OPENAI_CHAT = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._con
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 METADATA_BUFFERS = "sglang.srt.disaggregation.utils.MetadataBuffers"
 DECODE_TRANSFER_QUEUE = "sglang.srt.disaggregation.decode.DecodeTransferQueue"
+REQ = "sglang.srt.managers.schedule_batch.Req"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ HOOKS: tuple[SGLangHook, ...] = (
     SGLangHook(f"{SCHEDULER}.handle_generate_request", "BEFORE", "sglang_mux.router.hooks:admit_request", "router",
                "record the request's mux options (custom_params) before it can be scheduled",
                "per-request mux_budget / mux_leaves / mux_exact ignored: the server's settings for everyone"),
+    SGLangHook(f"{REQ}.reset_for_retract", "AFTER", "sglang_mux.router.hooks:readmit_retracted_request", "router",
+               "a retracted request (KV released, queued again) gets its mux options back for its new prefill",
+               "a retracted request is re-served with the server's budget and leaves, not its own"),
     SGLangHook(f"{SCHEDULER}.get_internal_state", "AFTER", "sglang_mux.router.hooks:add_mux_stats", "router",
                "add the mux stats to the scheduler's internal state (/server_info, /mux/stats)",
                "/mux/stats answers 404; benchmarks lose the memory decomposition"),

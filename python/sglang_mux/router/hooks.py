@@ -27,6 +27,17 @@ def admit_request(scheduler, recv_req, *args, **kwargs):
     return None  # arguments unchanged
 
 
+def readmit_retracted_request(result, req, *args, **kwargs):
+    """AFTER ``Req.reset_for_retract``: SGLang retracted ``req`` (decode ran out of KV, a priority preemption, a
+    paused generation); the cache's release just dropped its mux state with its KV. A request that goes back to a
+    queue gets its options again, so its new prefill and later decode steps use its own budget and leaves, not
+    the server's. One that is being aborted instead (``to_finish`` set) is not recorded: nothing would release it."""
+    if req.to_finish is None and not req.finished():
+        sp = getattr(req, "sampling_params", None)
+        REGISTRY.readmit(req.rid, getattr(sp, "custom_params", None))
+    return None
+
+
 def add_mux_stats(result, scheduler, *args, **kwargs):
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
@@ -41,6 +52,7 @@ def add_mux_stats(result, scheduler, *args, **kwargs):
         )
         stats = STATS.as_dict()
         stats["running_requests_tracked"] = len(REGISTRY)
+        stats["retracted_requests"] = REGISTRY.readmitted
         placement = _placement_config()
         if placement is not None:
             stats["placement"] = FINISHED.recommendation(placement)

@@ -3,6 +3,11 @@
 Filled when the scheduler accepts a request (its ``custom_params`` mux fields), read by the attention
 backend at forward time (``ForwardBatch.rids``), dropped when the cache releases the request. Holds the
 request's heavy-hitter page scores per layer and the positions it dropped (``--mux-drop-cold``).
+
+Retraction: SGLang releases a retracted request's KV through the cache (which drops its state here, freeing its
+tier pages and staging like a finished request's) and queues it again; :meth:`RequestRegistry.readmit` then
+records its options anew, so it is prefilled and decoded again under its own budget and leaves. What belonged to
+its KV (scores, summaries, dropped / demoted pages, row) is rebuilt by its new prefill.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class RequestState:
 class RequestRegistry:
     def __init__(self):
         self._states: dict[str, RequestState] = {}
+        self.readmitted = 0  # retracted requests whose options were recorded again (``/mux/stats``)
 
     def __len__(self) -> int:
         return len(self._states)
@@ -77,6 +83,15 @@ class RequestRegistry:
             logger.warning("request %s: %s; serving it with the server's mux settings", rid, e)
             opts = MuxRequestOptions()
         self._states[rid] = RequestState(options=opts)
+
+    def readmit(self, rid: str, custom_params) -> bool:
+        """A retracted request, its KV released and the request queued again: record its options as at admission.
+        A request whose state was not released (its KV row kept) keeps it; returns whether it was recorded."""
+        if rid in self._states:
+            return False
+        self.admit(rid, custom_params)
+        self.readmitted += 1
+        return True
 
     def get(self, rid: str) -> RequestState:
         st = self._states.get(rid)
