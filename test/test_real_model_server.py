@@ -12,8 +12,10 @@ from mux_test_support import hf_greedy_ignore_eos
 pytestmark = pytest.mark.server
 
 MAX_NEW = 16
+# --mem-fraction-static: the launcher's CPU default (0.05 of the memory SGLang finds free) does not always leave
+# room for the fp32 weights (540 MB) next to other servers; 0.2 does, and --max-total-tokens caps the pool.
 COMMON = ["--model-path", "smollm2", "--dtype", "float32", "--max-running-requests", "4",
-          "--max-total-tokens", "16384", "--log-level", "warning"]
+          "--max-total-tokens", "16384", "--mem-fraction-static", "0.2", "--log-level", "warning"]
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",
