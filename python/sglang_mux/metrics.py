@@ -49,12 +49,16 @@ class MuxStats:
             "summaries": self.summary_bytes,
             "kv_per_token": self.kv_bytes_per_token,
         }
-        held = sum(self.device_kv_tokens_held.values())
-        d["tiers"] = {
-            "device": {"kv_tokens_held_by_running_requests": held, "kv_bytes": held * self.kv_bytes_per_token},
-            **{name: {"kv_bytes": b} for name, b in self.tier_bytes.items()},
-        }
+        d["tiers"] = self.tiers_section(self.tier_bytes)
         return d
+
+    def tiers_section(self, tier_bytes: dict[str, int]) -> dict:
+        """``/mux/stats`` ``tiers``: the device KV running requests hold, then each lower tier's bytes."""
+        held = sum(self.device_kv_tokens_held.values())
+        return {
+            "device": {"kv_tokens_held_by_running_requests": held, "kv_bytes": held * self.kv_bytes_per_token},
+            **{name: {"kv_bytes": b} for name, b in tier_bytes.items()},
+        }
 
 
 STATS = MuxStats()

@@ -17,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+# imported here, not in current_stats: a module that binds STATS by name must be loaded before tests swap STATS
+from sglang_mux.router.hooks import live_stats
+
 PREFIX = "sglang_mux_"
 COUNTER, GAUGE = "counter", "gauge"
 UNITS = ("bytes", "tokens", "pages", "steps", "requests", "lookups", "failures")
@@ -114,23 +117,13 @@ def samples(stats: dict) -> list[tuple[str, dict[str, str], float]]:
 
 
 def current_stats(scheduler) -> dict:
-    """The ``mux`` section ``/mux/stats`` would show now (refreshed as ``router/hooks.py::add_mux_stats`` does), as
-    far as :data:`METRICS` reads it. Built shallowly each batch (``MuxStats.as_dict`` deep-copies every field, ~10x
-    the cost; a test keeps the two equal); STATS itself is not written."""
+    """The ``mux`` section ``/mux/stats`` would show now (with ``router/hooks.py::live_stats``, as ``add_mux_stats``
+    refreshes it), as far as :data:`METRICS` reads it. Built shallowly each batch (``MuxStats.as_dict`` deep-copies
+    every field, ~10x the cost; a test keeps the two equal); STATS itself is not written."""
     from sglang_mux.metrics import STATS
-    from sglang_mux.router.requests import REGISTRY
 
-    stats = dict(vars(STATS))
-    stats["staging_bytes"] = sum(st.staging.nbytes() for st in REGISTRY.states() if st.staging is not None)
-    tiers = getattr(getattr(scheduler, "tree_cache", None), "tiers", None)
-    if tiers is not None:
-        stats["tier_bytes"] = tiers.bytes_by_tier()
-    held = sum(STATS.device_kv_tokens_held.values())
-    stats["tiers"] = {
-        "device": {"kv_bytes": held * STATS.kv_bytes_per_token},
-        **{name: {"kv_bytes": b} for name, b in stats["tier_bytes"].items()},
-    }
-    stats["running_requests_tracked"] = len(REGISTRY)
+    stats = {**vars(STATS), **live_stats(scheduler)}
+    stats["tiers"] = STATS.tiers_section(stats["tier_bytes"])
     return stats
 
 

@@ -38,21 +38,31 @@ def readmit_retracted_request(result, req, *args, **kwargs):
     return None
 
 
+def live_stats(scheduler) -> dict:
+    """The ``/mux/stats`` values read from live objects, not counted in STATS: staging bytes, tier bytes (only
+    when the cache has tiers), the requests tracked and those readmitted after a retraction. Read-only."""
+    live = {
+        "staging_bytes": sum(st.staging.nbytes() for st in REGISTRY.states() if st.staging is not None),
+        "running_requests_tracked": len(REGISTRY),
+        "retracted_requests": REGISTRY.readmitted,
+    }
+    tiers = getattr(getattr(scheduler, "tree_cache", None), "tiers", None)
+    if tiers is not None:
+        live["tier_bytes"] = tiers.bytes_by_tier()
+    return live
+
+
 def add_mux_stats(result, scheduler, *args, **kwargs):
     state = getattr(result, "internal_state", None)
     if isinstance(state, dict):
         alloc = getattr(scheduler, "token_to_kv_pool_allocator", None)
         if alloc is not None:
             STATS.pool_free_tokens = int(alloc.available_size())
-        tiers = getattr(getattr(scheduler, "tree_cache", None), "tiers", None)
-        if tiers is not None:
-            STATS.tier_bytes = tiers.bytes_by_tier()
-        STATS.staging_bytes = sum(
-            st.staging.nbytes() for st in REGISTRY.states() if st.staging is not None
-        )
+        live = live_stats(scheduler)
+        STATS.staging_bytes = live.pop("staging_bytes")
+        STATS.tier_bytes = live.pop("tier_bytes", STATS.tier_bytes)
         stats = STATS.as_dict()
-        stats["running_requests_tracked"] = len(REGISTRY)
-        stats["retracted_requests"] = REGISTRY.readmitted
+        stats.update(live)
         placement = _placement_config()
         if placement is not None:
             stats["placement"] = FINISHED.recommendation(placement)
