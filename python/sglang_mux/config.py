@@ -129,6 +129,12 @@ class MuxConfig:
         "(T > 1) ranks better; 10 is what a sweep on the tiny model's needle tasks chose (docs/memory.md).",
         "T",
     )
+    chunk_tokens: int = _knob(
+        64,
+        "Longest chunk of the chunk leaf, in tokens: chunks end after a sentence end or a newline in the token "
+        "stream, or after this many tokens; the chunk leaf reads whole chunks.",
+        "TOKENS",
+    )
     observation_window: int = _knob(
         32, "Last prompt tokens whose attention scores heavy hitters at prefill (SnapKV-style).", "TOKENS"
     )
@@ -243,6 +249,8 @@ class MuxConfig:
             raise MuxConfigError(
                 f"--mux-retrieval-temperature: must be a positive number, got {self.retrieval_temperature!r}"
             )
+        if self.chunk_tokens < 1 or self.chunk_tokens > 1 << 20:
+            raise MuxConfigError(f"--mux-chunk-tokens: must be an integer in [1, {1 << 20}], got {self.chunk_tokens}")
         if self.observation_window < 1:
             raise MuxConfigError(f"--mux-observation-window: must be >= 1, got {self.observation_window}")
         if self.sparse_prefill_min_tokens < 0:
