@@ -50,15 +50,15 @@ def test_worked_example():
 
 
 def test_unknown_until_registered():
-    with pytest.raises(MuxConfigError, match="allowed: sink, recent, heavy, retrieval$"):
+    with pytest.raises(MuxConfigError, match="allowed: sink, recent, heavy, retrieval, chunk$"):
         MuxConfig(leaves="recent=16,every_other=rest")
 
 
 def test_spec_split_and_grant(every_other):
-    assert list(LEAVES)[-1] == "every_other" and leaf_names() == ("sink", "recent", "heavy", "retrieval", "every_other")
+    assert list(LEAVES)[-1] == "every_other" and leaf_names() == ("sink", "recent", "heavy", "retrieval", "chunk", "every_other")
     cfg = MuxConfig(budget=ROUTED_BUDGET, page_size=P, leaves="sink=8,recent=16,every_other=rest")
     split = cfg.leaf_split(cfg.budget)
-    assert split == {"sink": 8, "recent": 16, "heavy": 0, "retrieval": 0, "every_other": 40}
+    assert split == {"sink": 8, "recent": 16, "heavy": 0, "retrieval": 0, "chunk": 0, "every_other": 40}
     g = grant_for(L, cfg.budget, P, split)
     assert (g["sink"], g["recent"], g["every_other"]) == (1, 2, 5)
     assert g.total_pages == ROUTED_BUDGET // P
@@ -66,7 +66,7 @@ def test_spec_split_and_grant(every_other):
     assert MuxConfig(budget=ROUTED_BUDGET, page_size=P).leaf_split(ROUTED_BUDGET)["every_other"] == 0
     opts = parse_request_options({"mux_leaves": "recent=8,every_other=rest"})
     assert opts.effective_config(cfg).leaf_split(ROUTED_BUDGET)["every_other"] == 56
-    with pytest.raises(MuxConfigError, match="allowed: sink, recent, heavy, retrieval, every_other"):
+    with pytest.raises(MuxConfigError, match="allowed: sink, recent, heavy, retrieval, chunk, every_other"):
         MuxConfig(leaves="every_odd=rest")
     with pytest.raises(MuxRequestError, match="mux_leaves"):
         parse_request_options({"mux_leaves": "every_odd=rest"})
@@ -78,7 +78,7 @@ def test_registry_errors_are_loud(every_other):
     clash = type("Clash", (Leaf,), {"name": "clash", "shares": {"recent": 9}})
     with pytest.raises(LeafRegistryError, match="recent already spent"):
         register_leaf(clash)
-    with pytest.raises(LeafRegistryError, match="registered: recent, sink_heavy, retrieval, every_other"):
+    with pytest.raises(LeafRegistryError, match="registered: recent, sink_heavy, retrieval, chunk, every_other"):
         unregister_leaf("nope")
 
 

@@ -80,7 +80,7 @@ def test_sink_heavy_leaf_example():
 
 
 def test_leaves_registry_order_window_first():
-    assert list(LEAVES) == ["recent", "sink_heavy", "retrieval"]
+    assert list(LEAVES) == ["recent", "sink_heavy", "retrieval", "chunk"]
 
 
 def test_finished_request_without_kv_is_forgotten_but_one_holding_kv_waits_for_the_cache():

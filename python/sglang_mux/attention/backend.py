@@ -457,13 +457,21 @@ class MuxAttentionBackend(AttentionBackend):
             dropped = torch.tensor(sorted(p.state.dropped_pages), dtype=torch.long, device=dev)
             taken[dropped[dropped < n]] = True  # never read a dropped page: no leaf may choose it
 
-        def page_scores() -> torch.Tensor:
-            return self.page_scores(q_req, lidx, req_row, p, scale)
+        memo: list[torch.Tensor] = []
+
+        def page_scores() -> torch.Tensor:  # once per request and layer, whichever leaves ask (retrieval, chunk)
+            if not memo:
+                memo.append(self.page_scores(q_req, lidx, req_row, p, scale))
+            return memo[0]
+
+        def chunk_spans() -> tuple[torch.Tensor, torch.Tensor]:
+            cfg = self.router.effective_config(p.state.options)
+            return p.state.chunk_spans(p.seq_len, P, cfg.chunk_tokens)
 
         scores = p.state.heavy_scores[lidx] if p.state.heavy_scores is not None else None
         if scores is not None and scores.numel() < n:
             scores = p.state.scores(self.num_layers, n, dev)[lidx]
-        ctx = LeafContext(num_pages=n, taken=taken, heavy_scores=scores, page_scores=page_scores)
+        ctx = LeafContext(num_pages=n, taken=taken, heavy_scores=scores, page_scores=page_scores, chunk_spans=chunk_spans)
         chosen, by_leaf = [], {}
         for name, leaf in LEAVES.items():
             pages = leaf.select(ctx, p.grant)
@@ -481,7 +489,7 @@ class MuxAttentionBackend(AttentionBackend):
         n_full = (p.seq_len - 1) // P  # pages whose summaries are final (not the one holding this step's token)
         layer_id = self.start_layer + lidx
         st = p.state
-        keep = p.grant["retrieval"]
+        keep = p.grant["retrieval"] + p.grant["chunk"]  # the query-aware leaves' pages: groups worth scoring
         # Drop mode scores every page: its dropped pages' summaries are stale (their slots are reused), and a
         # group bound over them would pick groups with nothing left to read; what it may pick is bounded anyway.
         cfg = self.router.effective_config(st.options)

@@ -11,6 +11,7 @@ the pages kept on the device and the routed decode's leaf loop all read it. Addi
 from __future__ import annotations
 
 from sglang_mux.leaves.base import Leaf, LeafContext
+from sglang_mux.leaves.chunk import ChunkLeaf
 from sglang_mux.leaves.recent import RecentLeaf
 from sglang_mux.leaves.retrieval import RetrievalLeaf
 from sglang_mux.leaves.sink_heavy import SinkHeavyLeaf
@@ -61,6 +62,7 @@ def leaf_names() -> tuple[str, ...]:
 register_leaf(RecentLeaf)
 register_leaf(SinkHeavyLeaf)
 register_leaf(RetrievalLeaf)
+register_leaf(ChunkLeaf)
 
 __all__ = ["LEAVES", "Leaf", "LeafContext", "LeafRegistryError", "get_leaf", "leaf_names", "register_leaf",
            "unregister_leaf"]

@@ -24,13 +24,16 @@ class LeafContext:
 
     ``taken`` marks pages already chosen by earlier leaves (bool ``[num_pages]``, updated by the caller).
     ``heavy_scores`` are the request's accumulated page importances for this layer (``[>= num_pages]`` float32)
-    or None. ``page_scores`` computes query-aware scores of all pages on demand (retrieval only).
+    or None. ``page_scores`` computes query-aware scores of all pages on demand (once per request and layer,
+    however many leaves ask). ``chunk_spans`` gives the request's chunks as ``(first_page, last_page)`` int64
+    tensors (``sglang_mux.memory.chunks``), or is None when its tokens are not known.
     """
 
     num_pages: int
     taken: torch.Tensor
     heavy_scores: Optional[torch.Tensor] = None
     page_scores: Optional[Callable[[], torch.Tensor]] = None
+    chunk_spans: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 class Leaf:

@@ -55,9 +55,12 @@ EXACT = Grant(exact=True)
 def grant_for(seq_len: int, budget: int, page_size: int, split: dict[str, int], force_exact: bool = False) -> Grant:
     if not routes_now(seq_len, budget, exact=force_exact):
         return EXACT
+    from sglang_mux.leaves import leaf_names
+
     P = page_size
-    pages = {name: tokens // P for name, tokens in split.items()}
+    # Shares the split does not name get no pages (a hand-written split need not list every registered leaf).
+    pages = {name: 0 for name in leaf_names()} | {name: tokens // P for name, tokens in split.items()}
     lost = sum(split.values()) // P - sum(pages.values())
     if lost > 0:
-        pages[max(pages, key=lambda name: split[name])] += lost
+        pages[max(pages, key=lambda name: split.get(name, 0))] += lost
     return Grant(exact=False, pages=pages)

@@ -23,7 +23,8 @@ def admit_request(scheduler, recv_req, *args, **kwargs):
     custom = getattr(sp, "custom_params", None) if sp is not None else None
     rid = getattr(recv_req, "rid", None)
     if rid is not None:
-        REGISTRY.admit(rid, custom)
+        tokens = getattr(recv_req, "input_ids", None)
+        REGISTRY.admit(rid, custom, tokens, getattr(scheduler, "tokenizer", None))
     return None  # arguments unchanged
 
 
@@ -34,7 +35,8 @@ def readmit_retracted_request(result, req, *args, **kwargs):
     the server's. One that is being aborted instead (``to_finish`` set) is not recorded: nothing would release it."""
     if req.to_finish is None and not req.finished():
         sp = getattr(req, "sampling_params", None)
-        REGISTRY.readmit(req.rid, getattr(sp, "custom_params", None))
+        tokens = list(req.origin_input_ids or ()) + list(req.output_ids or ())
+        REGISTRY.readmit(req.rid, getattr(sp, "custom_params", None), tokens, getattr(req, "tokenizer", None))
     return None
 
 

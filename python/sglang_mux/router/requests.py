@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from sglang_mux.memory.chunks import delimiter_mask, delimiter_table, page_spans_for
 from sglang_mux.metrics import STATS
 from sglang_mux.request_options import MuxRequestError, MuxRequestOptions, parse_request_options
 
@@ -49,6 +50,18 @@ class RequestState:
     summary_cache: Optional[object] = None
     # set when the request cannot continue (e.g. a lower-tier page failed its checksum); the scheduler aborts it
     error: Optional[str] = None
+    # which of the tokens known at admission end a chunk (bool [prompt tokens]; memory/chunks.py), None when
+    # the request's tokens were not seen (PD transfer, no tokenizer): its chunks are then fixed-length
+    token_delims: Optional[torch.Tensor] = None
+    _chunk_spans: Optional[tuple] = None  # (seq_len, max_tokens, page_size, spans): one computation per step
+
+    def chunk_spans(self, seq_len: int, page_size: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The request's chunks as ``(first_page, last_page)`` at ``seq_len`` tokens (cached for the step: every
+        layer asks)."""
+        key = (seq_len, max_tokens, page_size)
+        if self._chunk_spans is None or self._chunk_spans[0] != key:
+            self._chunk_spans = (key, page_spans_for(self.token_delims, seq_len, page_size, max_tokens))
+        return self._chunk_spans[1]
 
     def off_device_pages(self) -> set:
         """Pages whose device slots were given back (dropped or demoted)."""
@@ -74,22 +87,28 @@ class RequestRegistry:
     def __len__(self) -> int:
         return len(self._states)
 
-    def admit(self, rid: str, custom_params) -> None:
-        """Record a new request's options. Malformed fields were rejected at the HTTP edge; here (second line)
-        they are logged and ignored rather than failing the scheduler."""
+    def admit(self, rid: str, custom_params, token_ids=None, tokenizer=None) -> None:
+        """Record a new request's options and, given its prompt's token ids and the tokenizer, where its chunks
+        end. Malformed fields were rejected at the HTTP edge; here (second line) they are logged and ignored
+        rather than failing the scheduler."""
         try:
             opts = parse_request_options(custom_params)
         except MuxRequestError as e:
             logger.warning("request %s: %s; serving it with the server's mux settings", rid, e)
             opts = MuxRequestOptions()
-        self._states[rid] = RequestState(options=opts)
+        st = self._states[rid] = RequestState(options=opts)
+        if token_ids is not None and tokenizer is not None:
+            try:
+                st.token_delims = delimiter_mask(token_ids, delimiter_table(tokenizer))
+            except Exception:  # chunks are an optimisation: without them the chunk leaf uses fixed-length chunks
+                logger.exception("mux: finding the chunks of request %s failed", rid)
 
-    def readmit(self, rid: str, custom_params) -> bool:
+    def readmit(self, rid: str, custom_params, token_ids=None, tokenizer=None) -> bool:
         """A retracted request, its KV released and the request queued again: record its options as at admission.
         A request whose state was not released (its KV row kept) keeps it; returns whether it was recorded."""
         if rid in self._states:
             return False
-        self.admit(rid, custom_params)
+        self.admit(rid, custom_params, token_ids, tokenizer)
         self.readmitted += 1
         return True
 
