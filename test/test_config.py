@@ -50,6 +50,12 @@ def test_split_mux_args_separates_our_flags():
         (["--mux-sparse-prefill-sink-tokens", "-1"], "--mux-sparse-prefill-sink-tokens", ">= 0"),
         (["--mux-sparse-prefill-window-tokens", "-8"], "--mux-sparse-prefill-window-tokens", ">= 0"),
         (["--mux-sparse-prefill-pattern", "dense"], "--mux-sparse-prefill-pattern", "allowed: topk, vertical_slash"),
+        (["--mux-cold-bits", "3"], "--mux-cold-bits", "allowed: 16, 8, 4, 2"),
+        (["--mux-cold-bits", "32"], "--mux-cold-bits", "allowed: 16, 8, 4, 2"),
+        (["--mux-cold-bits", "int4"], "--mux-cold-bits", "integer"),
+        (["--mux-quant-group", "48"], "--mux-quant-group", "power of two in [4, 1024]"),
+        (["--mux-quant-group", "2"], "--mux-quant-group", "power of two in [4, 1024]"),
+        (["--mux-quant-group", "2048"], "--mux-quant-group", "power of two in [4, 1024]"),
     ],
 )
 def test_bad_values_give_one_line_error_naming_the_flag(argv, flag, allowed):
@@ -108,3 +114,18 @@ def test_sparse_prefill_flags_parse_and_default_off():
     p = SparsePrefillParams.from_config(cfg)
     assert (p.block, p.keep, p.pattern, p.sink_tokens, p.window_tokens) == (128, 0.8, "vertical_slash", 64, 256)
     assert PATTERNS == ("topk", "vertical_slash")
+
+
+def test_cold_bits_flags_parse_and_default_exact():
+    assert (MuxConfig().cold_bits, MuxConfig().quant_group) == (16, 32)
+    cfg, rest = split_mux_args(["--mux-cold-bits", "4", "--mux-quant-group=64", "--port", "1"])
+    assert rest == ["--port", "1"]
+    assert (cfg.cold_bits, cfg.quant_group) == (4, 64)
+    from sglang_mux.config import COLD_BITS
+    from sglang_mux.memory.quantized_pages import BITS
+
+    assert COLD_BITS == BITS
+    for bits in COLD_BITS:
+        assert MuxConfig(cold_bits=bits).cold_bits == bits
+    with pytest.raises(MuxConfigError, match="--mux-cold-bits: allowed: 16, 8, 4, 2; got 1"):
+        MuxConfig(cold_bits=1)

@@ -126,6 +126,12 @@ CASES = [
     ({"text": "a", "sampling_params": {"custom_params": {"mux_sparse_prefill": 1}}},
      "sampling_params.custom_params.mux_sparse_prefill",
      {"text": "a", "sampling_params": {"custom_params": {"mux_sparse_prefill": False}}}),
+    ({"text": "a", "sampling_params": {"custom_params": {"mux_cold_bits": 3}}},
+     "sampling_params.custom_params.mux_cold_bits",
+     {"text": "a", "sampling_params": {"custom_params": {"mux_cold_bits": 4}}}),
+    ({"text": "a", "sampling_params": {"custom_params": {"mux_cold_bits": "4"}}},
+     "sampling_params.custom_params.mux_cold_bits",
+     {"text": "a", "sampling_params": {"custom_params": {"mux_cold_bits": 16}}}),
     ({"text": "a", "sampling_params": {"custom_params": {"mux_budgt": 5}}}, "sampling_params.custom_params.mux_budgt",
      {"text": "a", "sampling_params": {"custom_params": {"other_plugin_key": 5}}}),
     ({"text": ["a", "b"], "sampling_params": [SP, {"custom_params": {"mux_budget": -1}}]},
@@ -282,3 +288,25 @@ def test_sparse_prefill_field_rule():
         validate_scheduled_request({"input_ids": [1], "custom_params": {"mux_sparse_prefill": "on"}}, LIMITS)
     assert info.value.field == "sampling_params.custom_params.mux_sparse_prefill"
     assert "true or false" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [3, 1, 32, 0, -4, "4", 4.0, True, [4]])
+def test_mux_cold_bits_rejected_naming_field_and_allowed_values(bad):
+    from sglang_mux.request_options import MuxRequestError, parse_request_options
+
+    with pytest.raises(MuxRequestError) as info:
+        parse_request_options({"mux_cold_bits": bad})
+    msg = str(info.value)
+    assert msg.startswith("sampling_params.custom_params.mux_cold_bits: ") and "allowed: 16, 8, 4, 2" in msg
+    assert "\n" not in msg
+
+
+def test_mux_cold_bits_overrides_the_server_value():
+    from sglang_mux.config import MuxConfig
+    from sglang_mux.request_options import parse_request_options
+
+    server = MuxConfig(cold_bits=8)
+    assert parse_request_options({"mux_cold_bits": 2}).effective_config(server).cold_bits == 2
+    assert parse_request_options({"mux_cold_bits": 16}).effective_config(server).cold_bits == 16
+    assert parse_request_options({"mux_budget": 64}).effective_config(server).cold_bits == 8
+    assert parse_request_options({}).cold_bits is None

@@ -33,6 +33,9 @@ def __getattr__(name: str):
 # --mux-retrieval-score values (see sglang_mux.attention.routed_decode.combine_head_bounds).
 RETRIEVAL_SCORE_RULES = ("mass", "bound")
 
+# --mux-cold-bits values (16: exact; see sglang_mux.memory.quantized_pages, whose BITS must agree).
+COLD_BITS = (16, 8, 4, 2)
+
 # --mux-sparse-prefill-pattern values (see sglang_mux.attention.sparse_prefill).
 SPARSE_PREFILL_PATTERNS = ("topk", "vertical_slash")
 
@@ -137,6 +140,21 @@ class MuxConfig:
     )
     observation_window: int = _knob(
         32, "Last prompt tokens whose attention scores heavy hitters at prefill (SnapKV-style).", "TOKENS"
+    )
+    cold_bits: int = _knob(
+        16,
+        "Precision of a request's cold KV pages (those outside its hot leaves), KIVI-style: 16 keeps them exact; "
+        "8, 4 or 2 quantizes them (keys per channel, values per token, asymmetric, a float16 scale and zero per "
+        "group), so a cold page takes about bits/16 of its bytes (plus scales). Per request: custom_params "
+        "mux_cold_bits. Not read by the served decode yet: validated and accounted only (docs/memory.md, "
+        "Quantized cold pages).",
+        "16|8|4|2",
+    )
+    quant_group: int = _knob(
+        32,
+        "Quantization group of --mux-cold-bits (power of two in [4, 1024]): keys share a scale over this many "
+        "tokens of a page (at most the page), values over this many channels of a head (at most the head dim).",
+        "N",
     )
     sparse_prefill_min_tokens: int = _knob(
         0,
@@ -253,6 +271,11 @@ class MuxConfig:
             raise MuxConfigError(f"--mux-chunk-tokens: must be an integer in [1, {1 << 20}], got {self.chunk_tokens}")
         if self.observation_window < 1:
             raise MuxConfigError(f"--mux-observation-window: must be >= 1, got {self.observation_window}")
+        if self.cold_bits not in COLD_BITS:
+            raise MuxConfigError(f"--mux-cold-bits: allowed: {', '.join(map(str, COLD_BITS))}; got {self.cold_bits}")
+        g = self.quant_group
+        if g < 4 or g > 1024 or (g & (g - 1)) != 0:
+            raise MuxConfigError(f"--mux-quant-group: must be a power of two in [4, 1024], got {g}")
         if self.sparse_prefill_min_tokens < 0:
             raise MuxConfigError(
                 f"--mux-sparse-prefill-min-tokens: must be >= 0 (0: off), got {self.sparse_prefill_min_tokens}"

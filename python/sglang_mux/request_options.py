@@ -13,6 +13,7 @@ router reads it. Fields (all optional; absent means the server's ``--mux-*`` val
 * ``mux_sparse_prefill``  bool: ``true`` prefills this prompt with block-sparse attention when it has at least
   ``--mux-sparse-prefill-min-tokens`` tokens (any length when that flag is 0, i.e. off for other requests);
   ``false`` (or absent with ``mux_exact``) prefills it exactly whatever its length.
+* ``mux_cold_bits``  16, 8, 4 or 2: precision of this request's cold pages, as ``--mux-cold-bits``.
 
 Validated by :func:`parse_request_options` both at the HTTP edge (HTTP 400 naming the field) and in the
 scheduler (a second line: the request is aborted with the same message).
@@ -23,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sglang_mux.config import RETRIEVAL_SCORE_RULES, MuxConfig, MuxConfigError
+from sglang_mux.config import COLD_BITS, RETRIEVAL_SCORE_RULES, MuxConfig, MuxConfigError
 
 FIELD_PREFIX = "sampling_params.custom_params."
-KNOWN_FIELDS = ("mux_budget", "mux_leaves", "mux_exact", "mux_retrieval_score", "mux_sparse_prefill")
+KNOWN_FIELDS = ("mux_budget", "mux_leaves", "mux_exact", "mux_retrieval_score", "mux_sparse_prefill", "mux_cold_bits")
 MAX_BUDGET = 1 << 24
 
 
@@ -41,6 +42,7 @@ class MuxRequestOptions:
     exact: bool = False
     retrieval_score: str | None = None
     sparse_prefill: bool | None = None
+    cold_bits: int | None = None
 
     def prefills_sparsely(self, server: MuxConfig, prompt_tokens: int) -> bool:
         """Whether a prompt of ``prompt_tokens`` tokens is prefilled with block-sparse attention (the rule of
@@ -60,6 +62,8 @@ class MuxRequestOptions:
             changes["leaves"] = self.leaves
         if self.retrieval_score is not None:
             changes["retrieval_score"] = self.retrieval_score
+        if self.cold_bits is not None:
+            changes["cold_bits"] = self.cold_bits
         if not changes:
             return server
         # A smaller per-request budget shrinks explicitly set sink/window parts to fit rather than failing.
@@ -107,4 +111,11 @@ def parse_request_options(custom_params: Mapping[str, Any] | None) -> MuxRequest
     sparse = custom_params.get("mux_sparse_prefill")
     if sparse is not None and not isinstance(sparse, bool):
         raise MuxRequestError(f"{FIELD_PREFIX}mux_sparse_prefill: expected true or false, got {sparse!r}")
-    return MuxRequestOptions(budget=budget, leaves=leaves, exact=exact, retrieval_score=score, sparse_prefill=sparse)
+    cold_bits = custom_params.get("mux_cold_bits")
+    if cold_bits is not None and (isinstance(cold_bits, bool) or not isinstance(cold_bits, int) or cold_bits not in COLD_BITS):
+        raise MuxRequestError(
+            f"{FIELD_PREFIX}mux_cold_bits: allowed: {', '.join(map(str, COLD_BITS))}; got {cold_bits!r}"
+        )
+    return MuxRequestOptions(
+        budget=budget, leaves=leaves, exact=exact, retrieval_score=score, sparse_prefill=sparse, cold_bits=cold_bits
+    )
