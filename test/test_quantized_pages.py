@@ -225,3 +225,81 @@ def test_bad_arguments_raise():
         quantize_page(rec, 4, 12)
     with pytest.raises(ValueError, match=r"\[..., 2, P, H, D\]"):
         quantize_page(rec[:, 0], 4, 32)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("mode", ["wait", "skip"])
+def test_demoted_pages_keep_a_quantized_device_copy_that_routed_decode_reads(bits, mode):
+    """Tier mode with --mux-cold-bits: ColdPageMover.demote keeps a quantized copy of each demoted page with the
+    request; the routed step reads it (dequantized, through the staging area, never skipped) instead of fetching
+    the exact copy, and equals the float64 routed reference over K/V whose demoted pages hold the dequantized values."""
+    from types import SimpleNamespace
+
+    from mux_kernels.reference import routed_decode as ref_routed_decode
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+    from sglang_mux.attention.backend import MuxAttentionBackend, _ReqPlan
+    from sglang_mux.memory.cold_pages import ColdPageMover, quantized_copies
+    from sglang_mux.memory.tiers import TierManager
+    from sglang_mux.metrics import STATS
+    from sglang_mux.request_options import MuxRequestOptions
+    from sglang_mux.router.requests import RequestState
+    from sglang_mux.router.spine import StaticSpineRouter
+
+    hq, hkv, d, P, L = 4, 2, 32, 8, 400
+    cfg = MuxConfig(budget=64, page_size=P, leaves="sink=8,recent=8,retrieval=rest", missing_page=mode)
+    g = torch.Generator().manual_seed(11)
+    kv = MHATokenToKVPool(size=4096, page_size=P, dtype=torch.float32, head_num=hkv, head_dim=d, layer_num=1,
+                          device="cpu", enable_memory_saver=False)
+    r2t = ReqToTokenPool(size=4, max_context_len=4096, device="cpu", enable_memory_saver=False)
+    phys = torch.randperm(4096 // P - 1, generator=g)[: (L + P - 1) // P] + 1
+    slots = (phys.view(-1, 1) * P + torch.arange(P)).flatten()[:L]
+    r2t.req_to_token[1, :L] = slots.to(torch.int32)
+    kv.get_key_buffer(0)[slots] = torch.randn(L, hkv, d, generator=g)
+    kv.get_key_buffer(0)[slots, :, 3] *= 20  # an outlier key channel
+    kv.get_value_buffer(0)[slots] = torch.randn(L, hkv, d, generator=g)
+    be = MuxAttentionBackend(SimpleNamespace(req_to_token_pool=r2t, token_to_kv_pool=kv), inner=None, mux_config=cfg)
+    be.summaries.rebuild_from_keys(0, r2t.req_to_token[1], 0, L)
+    layer = SimpleNamespace(layer_id=0, tp_q_head_num=hq, tp_k_head_num=hkv, qk_head_dim=d, v_head_dim=d,
+                            scaling=d**-0.5, is_cross_attention=False)
+    freed = []
+    mover = ColdPageMover(kv_pool=kv, allocator=SimpleNamespace(free=freed.append), req_to_token=r2t.req_to_token,
+                          summaries=be.summaries, tiers=TierManager(host_bytes=1 << 24), page_size=P, num_layers=1,
+                          start_layer=0)
+    be.cold = mover
+    k_exact, v_exact = kv.get_key_buffer(0).clone(), kv.get_value_buffer(0).clone()
+
+    st = RequestState(protected_len=0)
+    grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
+    plan = [_ReqPlan("r", 1, L, grant, st)]
+    mover.demote(plan[0], cfg.replace(host_bytes=1 << 24, cold_bits=bits, quant_group=16))
+    n = (L + P - 1) // P
+    demoted = sorted(st.demoted)
+    assert demoted == list(range(1, n - 1))  # the sink page 0 and the window (the tail page) stay
+    copies = quantized_copies(st)
+    assert sorted(copies) == demoted and all(c.bits == bits for c in copies.values())
+    per_page = quantized_page_nbytes(P, 1, hkv, d, 4, bits, 16)
+    assert mover.accounting(st, L, L - len(demoted) * P)["quantized_cold_bytes"] == len(demoted) * per_page
+    assert sum(f.numel() for f in freed) == len(demoted) * P
+    # the reference K/V: demoted pages hold their dequantized values; then their device slots are reused
+    k_ref, v_ref = k_exact.clone(), v_exact.clone()
+    for page, qp in copies.items():
+        s = slots[page * P : (page + 1) * P]
+        rec = dequantize_page(qp)  # [1, 2, P, H, D]
+        k_ref[s], v_ref[s] = rec[0, 0], rec[0, 1]
+        kv.get_key_buffer(0)[s] = 1e3
+        kv.get_value_buffer(0)[s] = -1e3
+
+    q = torch.randn(1, hq, d, generator=torch.Generator().manual_seed(2))
+    skipped, waited = STATS.staging_skipped, STATS.staging_waited
+    pages, _ = be.select_pages(q[0], 0, r2t.req_to_token[1], plan[0])
+    assert any(int(x) in st.demoted for x in pages.tolist())  # retrieval reads demoted pages
+    got = be._routed_decode(q.reshape(1, -1), layer, plan)
+    assert (STATS.staging_skipped, STATS.staging_waited) == (skipped, waited)  # never fetched from the tiers
+    ref = ref_routed_decode(q, k_ref, v_ref, r2t.req_to_token, torch.tensor([1]), torch.tensor([L]),
+                            pages.view(1, -1), torch.tensor([pages.numel()]), P, layer.scaling)
+    assert torch.allclose(got.view(1, hq, d).double(), ref, rtol=1e-5, atol=1e-5)
+    exact = ref_routed_decode(q, k_exact, v_exact, r2t.req_to_token, torch.tensor([1]), torch.tensor([L]),
+                              pages.view(1, -1), torch.tensor([pages.numel()]), P, layer.scaling)
+    err = (got.view(1, hq, d).double() - exact).abs().max().item()
+    assert err < {8: 0.02, 4: 0.3, 2: 1.5}[bits] and (bits == 8 or err > 1e-4)

@@ -7,6 +7,10 @@ the request's *own* full pages outside its hot set; the radix tree's pages are n
     demote  (tiers)            copy the page (all layers, K and V) to host/disk, keep its summaries on the device
                                with the request, free the device slots; retrieval reads it back through the
                                request's staging area (``staged_record``)
+    quantize (--mux-cold-bits 8|4|2, with tiers)  when demoting, also keep a quantized copy of the page
+                               (``memory/quantized_pages.py``, KIVI-style) on the device with the request; retrieval
+                               then reads the dequantized copy (into the staging area) instead of fetching the exact
+                               one, which stays in the tiers for prefix reuse once the request finishes
 """
 
 from __future__ import annotations
@@ -19,11 +23,18 @@ import torch
 from mux_kernels.reference import num_pages_of
 from sglang_mux.config import MuxConfig
 from sglang_mux.leaves import LEAVES
+from sglang_mux.memory.quantized_pages import dequantize_page, quantize_page
 from sglang_mux.memory.staging import StagingArea
 from sglang_mux.memory.tiers import PageIntegrityError
 from sglang_mux.metrics import STATS
 
 logger = logging.getLogger(__name__)
+
+
+def quantized_copies(st) -> dict:
+    """The request's device-resident quantized copies of demoted pages: logical page -> QuantizedPage. Kept on the
+    request's state object, so they go when the request goes (created on first use)."""
+    return vars(st).setdefault("quantized_pages", {})
 
 
 class ColdPageMover:
@@ -110,6 +121,8 @@ class ColdPageMover:
             if self.tiers.demote(key, kv[j]) is None:
                 break  # no tier has room: the rest stay on the device
             st.demoted[page] = key
+            if cfg.cold_bits < 16:
+                quantized_copies(st)[page] = quantize_page(kv[j], cfg.cold_bits, cfg.quant_group)
             for i in range(L):
                 kmin, kmax = self.summaries.get(self.start_layer + i, first_slots[j : j + 1])
                 st.cold_kmin[i, page], st.cold_kmax[i, page] = kmin[0], kmax[0]
@@ -139,6 +152,7 @@ class ColdPageMover:
             "disk_kv_bytes": per_tier["disk"],
             "staging_bytes": st.staging.nbytes() if st.staging is not None else 0,
             "demoted_page_summary_bytes": cold_summary_bytes,
+            "quantized_cold_bytes": sum(qp.nbytes() for qp in vars(st).get("quantized_pages", {}).values()),
         }
 
     def _grow_cold_summaries(self, st, n_pages: int, device) -> None:
@@ -154,10 +168,17 @@ class ColdPageMover:
         st.cold_kmin, st.cold_kmax = new_min, new_max
 
     def staged_record(self, st, page: int, wait: bool):
-        """The exact KV record of a demoted page from the staging area, fetching it if ``wait``; None when skipped."""
+        """The KV record of a demoted page from the staging area: the exact one, fetched from the tiers if ``wait``
+        (None when skipped), or, when the page was demoted with ``--mux-cold-bits`` < 16, its quantized device copy,
+        dequantized (never skipped: it is on the device)."""
         rec = st.staging.get(page)
         if rec is not None:
             STATS.staging_hits += 1
+            return rec
+        qp = vars(st).get("quantized_pages", {}).get(page)
+        if qp is not None:
+            rec = dequantize_page(qp)
+            st.staging.put(page, rec)
             return rec
         key = st.demoted[page]
         if not wait:
