@@ -68,7 +68,7 @@ def test_bad_values_give_one_line_error_naming_the_flag(argv, flag, allowed):
 
 def test_leaf_split_worked_example():
     cfg = MuxConfig(budget=2048, leaves="sink=64,recent=512,heavy=256,retrieval=rest")
-    assert cfg.leaf_split(2048) == {"sink": 64, "recent": 512, "heavy": 256, "retrieval": 1216}
+    assert cfg.leaf_split(2048) == {"sink": 64, "recent": 512, "heavy": 256, "retrieval": 1216, "chunk": 0}
 
 
 def test_default_leaf_split_sums_to_budget():
@@ -77,7 +77,7 @@ def test_default_leaf_split_sums_to_budget():
     assert (MuxConfig().sink, MuxConfig().window) == (64, 512)
     split = cfg.leaf_split(1000)
     assert list(split) == list(LEAF_NAMES)
-    assert split == {"sink": 32, "recent": 200, "heavy": 125, "retrieval": 643}
+    assert split == {"sink": 32, "recent": 200, "heavy": 125, "retrieval": 643, "chunk": 0}
     assert sum(split.values()) == 1000
 
 
