@@ -10,7 +10,12 @@ snapkv      ``mux_budget`` + ``sink=16,heavy=rest``      SnapKV-style prefill-sc
 quest       ``mux_budget`` + ``sink=16,retrieval=rest``  Quest-style query-aware top-k pages, ranked as
             + ``mux_retrieval_score: "bound"``           Quest does (max over heads of the raw bound)
 quest_mass  as ``quest`` with ``"mass"``                 the same pages ranked by estimated attention mass
+chunk       ``mux_budget`` + ``sink=16,chunk=rest``      whole chunks (sentences) ranked by their best page
 mux         ``mux_budget`` only                          the combined mux default split (``mass`` ranking)
+mux_chunk   the mux default split, its retrieval         the default with whole chunks instead of pages
+            share spent by the chunk leaf
+mux_both    the mux default split, its retrieval         retrieval picks pages, the chunk leaf completes
+            share halved between retrieval and chunk     the chunks they belong to
 =========== ============================================ ==========================================
 
 The budget is in tokens: a fixed ``--budget`` or a fraction of each prompt (``--budget-frac``). Under a
@@ -30,8 +35,14 @@ POLICIES: dict[str, tuple[int, str, str | None] | None] = {
     "snapkv": (16, "heavy", None),
     "quest": (16, "retrieval", "bound"),
     "quest_mass": (16, "retrieval", "mass"),
+    "chunk": (16, "chunk", "mass"),
     "mux": None,
+    "mux_chunk": None,
+    "mux_both": None,
 }
+
+# policy -> share of the default split's retrieval tokens given to the chunk leaf
+_DEFAULT_SPLIT_VARIANTS = {"mux_chunk": 1.0, "mux_both": 0.5}
 
 
 class PolicyError(ValueError):
@@ -65,6 +76,15 @@ def custom_params(policy: str, budget: int) -> dict:
     if policy == "full":
         return {"mux_exact": True}
     params: dict = {"mux_budget": budget}
+    if policy in _DEFAULT_SPLIT_VARIANTS:
+        from sglang_mux.config import MuxConfig
+
+        split = MuxConfig(budget=budget).leaf_split(budget)
+        moved = round(split["retrieval"] * _DEFAULT_SPLIT_VARIANTS[policy])
+        split["retrieval"] -= moved
+        split["chunk"] += moved
+        params["mux_leaves"] = ",".join(f"{k}={v}" for k, v in split.items() if v)
+        return params
     split = POLICIES[policy]
     if split is not None:
         sink, rest, rule = split

@@ -36,6 +36,9 @@ RETRIEVAL_SCORE_RULES = ("mass", "bound")
 # --mux-cold-bits values (16: exact; see sglang_mux.memory.quantized_pages, whose BITS must agree).
 COLD_BITS = (16, 8, 4, 2)
 
+# --mux-chunk-score values (see sglang_mux.leaves.chunk).
+CHUNK_SCORE_RULES = ("heavy", "quest")
+
 # --mux-sparse-prefill-pattern values (see sglang_mux.attention.sparse_prefill).
 SPARSE_PREFILL_PATTERNS = ("topk", "vertical_slash")
 
@@ -137,6 +140,13 @@ class MuxConfig:
         "Longest chunk of the chunk leaf, in tokens: chunks end after a sentence end or a newline in the token "
         "stream, or after this many tokens; the chunk leaf reads whole chunks.",
         "TOKENS",
+    )
+    chunk_score: str = _knob(
+        "heavy",
+        "What ranks the chunk leaf's chunks (by their best page): 'heavy' (the heavy-hitter scores: the prompt's "
+        "observation window at prefill plus the attention paid since; the same chunks from step to step) or "
+        "'quest' (the retrieval leaf's query-aware page scores of this step).",
+        "heavy|quest",
     )
     observation_window: int = _knob(
         32, "Last prompt tokens whose attention scores heavy hitters at prefill (SnapKV-style).", "TOKENS"
@@ -268,6 +278,8 @@ class MuxConfig:
             raise MuxConfigError(
                 f"--mux-retrieval-temperature: must be a positive number, got {self.retrieval_temperature!r}"
             )
+        if self.chunk_score not in CHUNK_SCORE_RULES:
+            raise MuxConfigError(f"--mux-chunk-score: allowed: {', '.join(CHUNK_SCORE_RULES)}; got {self.chunk_score!r}")
         if self.chunk_tokens < 1 or self.chunk_tokens > 1 << 20:
             raise MuxConfigError(f"--mux-chunk-tokens: must be an integer in [1, {1 << 20}], got {self.chunk_tokens}")
         if self.observation_window < 1:

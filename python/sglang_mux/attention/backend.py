@@ -46,7 +46,7 @@ from sglang_mux.metrics import STATS
 from sglang_mux.platform import platform_attention_backend
 from sglang_mux.router.grant import Grant
 from sglang_mux.router.requests import REGISTRY, RequestState
-from sglang_mux.router.route_rule import scores_heavy_hitters
+from sglang_mux.router.route_rule import heavy_ranked_tokens, scores_heavy_hitters
 from sglang_mux.router.spine import StaticSpineRouter
 
 logger = logging.getLogger(__name__)
@@ -337,7 +337,7 @@ class MuxAttentionBackend(AttentionBackend):
     def _wants_heavy_scores(self, rid: str, seq_len: int) -> bool:
         st = self.registry.get(rid)
         cfg = self.router.effective_config(st.options)
-        return scores_heavy_hitters(seq_len, cfg.budget, cfg.leaf_split(cfg.budget)["heavy"], st.options.exact)
+        return scores_heavy_hitters(seq_len, cfg.budget, heavy_ranked_tokens(cfg), st.options.exact)
 
     def _score_observation_window(self, layer, q_ext, req_row, L: int, rid: str) -> None:
         cfg = self.router.effective_config(self.registry.get(rid).options)
@@ -464,14 +464,17 @@ class MuxAttentionBackend(AttentionBackend):
                 memo.append(self.page_scores(q_req, lidx, req_row, p, scale))
             return memo[0]
 
+        cfg = self.router.effective_config(p.state.options)
+
         def chunk_spans() -> tuple[torch.Tensor, torch.Tensor]:
-            cfg = self.router.effective_config(p.state.options)
             return p.state.chunk_spans(p.seq_len, P, cfg.chunk_tokens)
 
         scores = p.state.heavy_scores[lidx] if p.state.heavy_scores is not None else None
         if scores is not None and scores.numel() < n:
             scores = p.state.scores(self.num_layers, n, dev)[lidx]
-        ctx = LeafContext(num_pages=n, taken=taken, heavy_scores=scores, page_scores=page_scores, chunk_spans=chunk_spans)
+        heavy_rank = cfg.chunk_score == "heavy" and scores is not None
+        ctx = LeafContext(num_pages=n, taken=taken, heavy_scores=scores, page_scores=page_scores, chunk_spans=chunk_spans,
+                          chunk_scores=(lambda: scores) if heavy_rank else page_scores)
         chosen, by_leaf = [], {}
         for name, leaf in LEAVES.items():
             pages = leaf.select(ctx, p.grant)

@@ -26,7 +26,8 @@ class LeafContext:
     ``heavy_scores`` are the request's accumulated page importances for this layer (``[>= num_pages]`` float32)
     or None. ``page_scores`` computes query-aware scores of all pages on demand (once per request and layer,
     however many leaves ask). ``chunk_spans`` gives the request's chunks as ``(first_page, last_page)`` int64
-    tensors (``sglang_mux.memory.chunks``), or is None when its tokens are not known.
+    tensors (``sglang_mux.memory.chunks``), or is None when its tokens are not known. ``chunk_scores`` gives the
+    page scores the chunk leaf ranks chunks by (``--mux-chunk-score``: heavy scores or ``page_scores``).
     """
 
     num_pages: int
@@ -34,6 +35,7 @@ class LeafContext:
     heavy_scores: Optional[torch.Tensor] = None
     page_scores: Optional[Callable[[], torch.Tensor]] = None
     chunk_spans: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None
+    chunk_scores: Optional[Callable[[], torch.Tensor]] = None
 
 
 class Leaf:

@@ -11,9 +11,11 @@ with the question's words. This leaf ranks chunks instead of pages and reads eve
 A chunk costs the pages of it that are not yet taken; chunks are taken best first while they fit (equal scores:
 the earlier chunk first), then the pages still unspent go to the best single pages left. A chunk's score counts
 pages other leaves took: after the retrieval leaf it completes the sentences retrieval found (``retrieval=X,
-chunk=rest``); alone (``chunk=rest``) it replaces retrieval. Query-aware, like retrieval: the scores are the Quest
-page scores (``--mux-retrieval-score``); with cold pages dropped, its budget's worth of the best pages by heavy
-score stays on the device.
+chunk=rest``); alone (``chunk=rest``) it replaces retrieval. The page scores (``--mux-chunk-score``): ``heavy``,
+the heavy-hitter scores (the prompt's observation window at prefill, then the attention paid each step), so a
+chosen chunk stays chosen while the answer is written out digit by digit; or ``quest``, this step's query-aware
+page scores (``--mux-retrieval-score``), which follow each generated token's query. Its budget's worth of the best
+pages by heavy score stays on the device when cold pages are dropped.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ class ChunkLeaf(Leaf):
     def select(self, ctx: LeafContext, grant: Grant) -> torch.Tensor:
         k = grant["chunk"]
         dev = ctx.taken.device
-        if k <= 0 or ctx.page_scores is None or bool(ctx.taken.all()):
+        rank = ctx.chunk_scores or ctx.page_scores
+        if k <= 0 or rank is None or bool(ctx.taken.all()):
             return torch.empty(0, dtype=torch.long, device=dev)
-        scores = ctx.page_scores()[: ctx.num_pages].float()
+        scores = rank()[: ctx.num_pages].float()
         if ctx.chunk_spans is None:  # no chunks known: the best pages
             return top_free(scores, ctx.taken, k)
         first, last = (t.to(dev) for t in ctx.chunk_spans())

@@ -28,7 +28,7 @@ from sglang_mux.memory.prefix_tiers import namespace_of, page_hashes, tier_key
 from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
 from sglang_mux.request_options import MuxRequestOptions
 from sglang_mux.router.requests import REGISTRY
-from sglang_mux.router.route_rule import may_route, scores_heavy_hitters
+from sglang_mux.router.route_rule import heavy_ranked_tokens, may_route, scores_heavy_hitters
 from sglang_mux.router.spine import StaticSpineRouter
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class MuxRadixCache(RadixCache):
         not depend on what happened to be cached. ``None``: no cap (short prompts, exact requests, or no heavy
         leaf), decided by the request's own budget as the attention backend decides it."""
         cfg = self.router.effective_config(options)
-        if not scores_heavy_hitters(key_len, cfg.budget, cfg.leaf_split(cfg.budget)["heavy"], options.exact):
+        if not scores_heavy_hitters(key_len, cfg.budget, heavy_ranked_tokens(cfg), options.exact):
             return None
         cap = max(key_len - cfg.observation_window, 0) // self.page_size * self.page_size
         return cap if cap < key_len else None

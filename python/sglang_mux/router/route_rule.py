@@ -27,6 +27,13 @@ def may_route(seq_len: int, budget: int, exact: bool = False) -> bool:
 
 
 def scores_heavy_hitters(seq_len: int, budget: int, heavy_tokens: int, exact: bool = False) -> bool:
-    """True when prefill must score heavy hitters for this request: it may be routed and its split gives the
-    heavy leaf tokens (``heavy_tokens``)."""
+    """True when prefill must score heavy hitters for this request: it may be routed and its split gives tokens
+    to leaves that rank pages by them (``heavy_tokens``, see :func:`heavy_ranked_tokens`)."""
     return heavy_tokens > 0 and may_route(seq_len, budget, exact)
+
+
+def heavy_ranked_tokens(cfg) -> int:
+    """Tokens of a config's split whose pages are ranked by heavy-hitter scores: the heavy share, plus the chunk
+    share when ``--mux-chunk-score heavy`` (``cfg``: a ``MuxConfig``, the request's effective one)."""
+    split = cfg.leaf_split(cfg.budget)
+    return split["heavy"] + (split.get("chunk", 0) if cfg.chunk_score == "heavy" else 0)

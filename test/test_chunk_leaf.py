@@ -1,0 +1,192 @@
+"""The chunk leaf and its chunks (memory/chunks.py, leaves/chunk.py): boundaries on known texts with the real
+model's tokenizer (or a character tokenizer when it is not installed), the prefix property that makes chunks the
+same on both sides of a radix-tree node split, and the leaf's choice against a brute-force oracle."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from sglang_mux.config import MuxConfig, MuxConfigError
+from sglang_mux.leaves import LEAVES, LeafContext, leaf_names
+from sglang_mux.leaves.chunk import ChunkLeaf, pick_chunks
+from sglang_mux.memory.chunks import (
+    chunk_page_spans,
+    chunk_starts,
+    delimiter_mask,
+    delimiter_table,
+    is_delimiter_text,
+    page_spans_for,
+)
+from sglang_mux.request_options import parse_request_options
+from sglang_mux.router.grant import Grant
+from sglang_mux.router.requests import RequestRegistry
+
+
+class CharTokenizer:
+    """One token per character (ids = code points below 128): boundaries are easy to read off the text."""
+
+    def __len__(self):
+        return 128
+
+    def batch_decode(self, ids):
+        return [chr(i[0]) for i in ids]
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+def _starts_text(text: str, max_tokens: int) -> list[str]:
+    tok = CharTokenizer()
+    d = delimiter_mask(tok.encode(text), delimiter_table(tok))
+    s = chunk_starts(d, max_tokens).tolist() + [len(text)]
+    return [text[a:b] for a, b in zip(s, s[1:])]
+
+
+def test_delimiter_texts():
+    assert is_delimiter_text(".") and is_delimiter_text(" end.") and is_delimiter_text("?\"") and is_delimiter_text("\n")
+    assert is_delimiter_text("!)") and is_delimiter_text("a\nb")
+    assert not is_delimiter_text(":") and not is_delimiter_text(";") and not is_delimiter_text(" the")
+    assert not is_delimiter_text("3") and not is_delimiter_text("")
+
+
+def test_boundaries_on_known_texts():
+    assert _starts_text("The cat sat. It is 7319.\nBye", 64) == ["The cat sat.", " It is 7319.", "\n", "Bye"]
+    # ':' does not end a chunk: the key and its value stay together
+    assert _starts_text("The number is: 7319. Next", 64) == ["The number is: 7319.", " Next"]
+    # the longest chunk: cut every max_tokens after a start, natural starts reset the count
+    assert _starts_text("abcdefghij. xyz", 4) == ["abcd", "efgh", "ij.", " xyz"]
+    # worked example of chunk_starts' docstring
+    d = torch.zeros(12, dtype=torch.bool)
+    d[[3, 9]] = True
+    assert chunk_starts(d, 4).tolist() == [0, 4, 8, 10]
+
+
+def test_boundaries_with_the_real_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    from sglang_mux.models.smollm2 import check, model_dir
+
+    if check(model_dir()) is not None:
+        pytest.skip("the real model is not installed here")
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir()))
+    text = "Filler words go here. One of the special magic numbers for tidy-hat is: 482913.\nMore filler words"
+    ids = tok.encode(text)
+    d = delimiter_mask(ids, delimiter_table(tok))
+    starts = chunk_starts(d, 64).tolist() + [len(ids)]
+    chunks = [tok.decode(ids[a:b]) for a, b in zip(starts, starts[1:])]
+    assert "".join(chunks) == tok.decode(ids)
+    needle = [c for c in chunks if "482913" in c]
+    assert needle == [" One of the special magic numbers for tidy-hat is: 482913."] or needle == [
+        " One of the special magic numbers for tidy-hat is: 482913.\n"
+    ]
+
+
+def test_prefix_property_node_split_and_straddling_chunks():
+    """Chunks of a prefix are the chunks of the whole sequence cut at the prefix: a radix-tree node split at any
+    position leaves every request's chunks unchanged, and a chunk straddling two nodes is the same chunk from
+    either side."""
+    rng = random.Random(0)
+    for trial in range(200):
+        n = rng.randint(1, 300)
+        d = torch.tensor([rng.random() < 0.08 for _ in range(n)], dtype=torch.bool)
+        m = rng.randint(1, 40)
+        full = chunk_starts(d, m)
+        assert full[0] == 0 and bool((full[1:] > full[:-1]).all())
+        gaps = torch.diff(torch.cat([full, torch.tensor([n])]))
+        assert int(gaps.max()) <= m  # no chunk longer than max
+        for cut in (rng.randint(1, n), n):
+            prefix = chunk_starts(d[:cut], m)
+            assert prefix.tolist() == full[full < cut].tolist()
+        # tokens past the known ones (decoded): cut every max_tokens after the last start
+        longer = chunk_starts(d, m, n + 3 * m)
+        assert longer[: full.numel()].tolist() == full.tolist()
+        assert int(torch.diff(torch.cat([longer, torch.tensor([n + 3 * m])])).max()) <= m
+
+
+def test_page_spans():
+    starts = torch.tensor([0, 5, 20, 33])
+    first, last = chunk_page_spans(starts, 40, 16)
+    assert first.tolist() == [0, 0, 1, 2] and last.tolist() == [0, 1, 2, 2]
+    f2, l2 = page_spans_for(None, 40, 16, 16)  # nothing known: fixed-length chunks
+    assert f2.tolist() == [0, 1, 2] and l2.tolist() == [0, 1, 2]
+
+
+def _oracle_pick(scores, taken, first, last, k):
+    """Chunks best first (ties: earlier chunk), each costs its free pages, stop at the first that does not fit."""
+    chunks = []
+    for c, (a, b) in enumerate(zip(first.tolist(), last.tolist())):
+        pages = list(range(a, min(b, len(taken) - 1) + 1))
+        if a >= len(taken):
+            continue
+        free = [p for p in pages if not taken[p]]
+        if free:
+            chunks.append((-max(float(scores[p]) for p in pages), c, free))
+    chunks.sort(key=lambda t: (t[0], t[1]))
+    out, used = set(), 0
+    for _, _, free in chunks:
+        if used + len(free) > k:
+            break
+        used += len(free)
+        out.update(free)
+    return sorted(out)
+
+
+def test_pick_chunks_matches_the_oracle():
+    rng = random.Random(1)
+    for trial in range(300):
+        n = rng.randint(1, 40)
+        L = rng.randint((n - 1) * 4 + 1, n * 4)
+        d = torch.tensor([rng.random() < 0.2 for _ in range(L)], dtype=torch.bool)
+        first, last = page_spans_for(d, L, 4, rng.randint(1, 12))
+        scores = torch.tensor([rng.choice([0.0, 1.0, 2.0, rng.random()]) for _ in range(n)])
+        taken = torch.tensor([rng.random() < 0.3 for _ in range(n)], dtype=torch.bool)
+        k = rng.randint(0, n)
+        got = pick_chunks(scores, taken, first, last, k).tolist()
+        assert got == _oracle_pick(scores, taken, first, last, k), (trial, got)
+        assert len(got) <= k and not any(taken[p] for p in got)
+
+
+def test_leaf_docstring_example_and_fill():
+    # pages 0..7; chunks A=[0,1] B=[2,3] C=[3,5] D=[6,7]; scores . 1 0 9 2 . . . ; window took 5-7
+    scores = torch.tensor([0.0, 1.0, 0.0, 9.0, 2.0, 0.0, 0.0, 0.0])
+    taken = torch.zeros(8, dtype=torch.bool)
+    taken[5:] = True
+    first, last = torch.tensor([0, 2, 3, 6]), torch.tensor([1, 3, 5, 7])
+    ctx = LeafContext(num_pages=8, taken=taken, page_scores=lambda: scores, chunk_spans=lambda: (first, last))
+    assert ChunkLeaf().select(ctx, Grant(False, {"chunk": 3})).tolist() == [2, 3, 4]
+    # 2 pages: B fits (2, 3), C's free page 4 does not: nothing left to fill
+    assert ChunkLeaf().select(ctx, Grant(False, {"chunk": 2})).tolist() == [2, 3]
+    # 1 page: no chunk fits; the best single page
+    assert ChunkLeaf().select(ctx, Grant(False, {"chunk": 1})).tolist() == [3]
+    # no chunks known: the best pages, like retrieval
+    ctx.chunk_spans = None
+    assert sorted(ChunkLeaf().select(ctx, Grant(False, {"chunk": 2})).tolist()) == [3, 4]
+    assert ChunkLeaf().select(ctx, Grant(False, {"chunk": 0})).numel() == 0
+
+
+def test_registered_configurable_and_per_request():
+    assert "chunk" in LEAVES and leaf_names()[-1] == "chunk"
+    cfg = MuxConfig(budget=512, leaves="sink=16,recent=64,chunk=rest")
+    assert cfg.leaf_split(512)["chunk"] == 432
+    assert MuxConfig().leaf_split(2048)["chunk"] == 0  # not in the default split
+    opts = parse_request_options({"mux_budget": 256, "mux_leaves": "sink=16,retrieval=120,chunk=rest"})
+    assert opts.effective_config(cfg).leaf_split(256) == {"sink": 16, "recent": 0, "heavy": 0, "retrieval": 120, "chunk": 120}
+    with pytest.raises(MuxConfigError, match="--mux-chunk-tokens"):
+        MuxConfig(chunk_tokens=0)
+
+
+def test_admission_records_chunks_and_state_caches_spans():
+    reg = RequestRegistry()
+    tok = CharTokenizer()
+    reg.admit("a", None, tok.encode("Hi there. Bye now.\nok"), tok)
+    st = reg.get("a")
+    assert st.token_delims is not None and st.token_delims.nonzero().flatten().tolist() == [8, 17, 18]
+    first, last = st.chunk_spans(21, 4, 64)
+    assert first.tolist() == [0, 2, 4, 4] and last.tolist() == [2, 4, 4, 5]
+    assert st.chunk_spans(21, 4, 64) is st.chunk_spans(21, 4, 64)  # one computation per step
+    reg.admit("b", None)  # tokens unknown: fixed-length chunks
+    assert reg.get("b").token_delims is None
+    assert reg.get("b").chunk_spans(40, 16, 16)[0].tolist() == [0, 1, 2]
