@@ -188,7 +188,11 @@ def test_disk_tier_after_a_killed_server_starts_clean(tmp_path):
     d = DiskTier(str(tmp_path), 10 * NB)
     d.put(("old", 1), rec(1))
     d.put(("old", 2), rec(2))
-    # the process dies here (no evict); a new server starts on the same directory
+    # while d's owner lives, a second server on the same directory leaves its pages alone
+    assert DiskTier(str(tmp_path), 10 * NB).stale_removed == 0 and len(list(tmp_path.glob("page-*.kv"))) == 2
+    # the process dies here (no evict): the OS drops its lock (test/test_faults.py does it with kill -9)
+    os.close(d._owner_fd)
+    d._owner_fd = None
     d2 = DiskTier(str(tmp_path), 10 * NB)
     assert d2.stale_removed == 2 and not list(tmp_path.glob("page-*.kv"))
     assert d2.size_info().used_bytes == 0 and d2.put(("new", 1), rec(3))

@@ -32,6 +32,9 @@ class MuxStats:
     staging_waited: int = 0
     staging_skipped: int = 0
     checksum_failures: int = 0
+    disk_write_failures: int = 0  # disk page writes that failed (ENOSPC, EIO, ...): the page stayed above
+    disk_stale_files_removed: int = 0  # page files of dead servers removed from the disk folder at start
+    integrity_checks: int = 0  # --mux-debug-invariants: scheduler steps whose memory invariants were verified
     failed_requests: int = 0
     tier_bytes: dict = field(default_factory=dict)
     staging_bytes: int = 0

@@ -7,7 +7,8 @@ A *page record* is the exact KV of one page for every layer: a tensor ``[num_lay
       get(key) -> tensor            the exact record; raises PageIntegrityError if it cannot be trusted
       evict(key)                    forget it (idempotent)
       size_info() -> SizeInfo       used + free == capacity
-      check_integrity()             conservation: used bytes == sum of the records' bytes
+      check_integrity()             conservation: used bytes == sum of the records' bytes (raises
+                                    TierIntegrityError naming what is off)
 
 Host and disk tiers live in ``tiers.py``, the remote tier in ``remote_tier.py``; both import this module and
 nothing here imports them.
@@ -20,6 +21,10 @@ from dataclasses import dataclass
 
 class PageIntegrityError(RuntimeError):
     """A page read from a tier does not match what was written (checksum mismatch, short read, missing file)."""
+
+
+class TierIntegrityError(RuntimeError):
+    """A tier's bookkeeping disagrees with what it stores (bytes, index, files): a bug, never a client error."""
 
 
 class TierConfigError(ValueError):

@@ -8,24 +8,40 @@ check_integrity).
 ``TierManager.demote(key, record)`` puts a page in the highest tier with room (host, then disk) and returns the
 tier's name, or None when no tier can take it. Disk pages carry a CRC32 of their bytes; a mismatch on read is
 detected, counted and raised, never silently used.
+
+Disk folder layout (several servers may share one ``--mux-disk-path``)::
+
+    owner-<id>.lock         one per live DiskTier, flock()ed for its whole life (the OS drops the lock when the
+                            process dies, even on kill -9); <id> = <pid>.<random hex>
+    page-<id>-<key>.kv      that owner's pages (header: magic, CRC32, length; then the record's bytes)
+
+At start a DiskTier removes the page files (and lock files) of every owner whose lock it can take (a dead
+process), and page files that name no live owner; a live owner's files are never touched. A write that fails
+(ENOSPC, EIO, a vanished folder) is counted (``disk_write_failures``) and the page stays in the tier above or
+on the device; writes then pause for ``WRITE_RETRY_S`` so a full disk is not retried every step.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import shutil
 import struct
 import threading
+import time
+import uuid
 import zlib
 from pathlib import Path
 
 import torch
 
-from sglang_mux.memory.tier_base import PageIntegrityError, SizeInfo, TierConfigError
+from sglang_mux.memory.tier_base import PageIntegrityError, SizeInfo, TierConfigError, TierIntegrityError
+from sglang_mux.metrics import STATS
 
-__all__ = ["DiskTier", "HostTier", "PageIntegrityError", "SizeInfo", "TierConfigError", "TierManager",
-           "record_nbytes", "shared_tier_manager"]
+__all__ = ["DiskTier", "HostTier", "PageIntegrityError", "SizeInfo", "TierConfigError", "TierIntegrityError",
+           "TierManager", "record_nbytes", "shared_tier_manager"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +86,11 @@ class HostTier:
             raise PageIntegrityError(f"host tier has no page {key!r}")
         return rec
 
+    def nbytes_of(self, key) -> int:
+        with self._lock:
+            rec = self._pages.get(key)
+        return 0 if rec is None else record_nbytes(rec)
+
     def pop_oldest(self):
         """(key, record) of the page stored first, removed from this tier; None when empty."""
         with self._lock:
@@ -90,15 +111,21 @@ class HostTier:
         return SizeInfo(self.capacity, self._used, len(self._pages))
 
     def check_integrity(self) -> None:
-        total = sum(record_nbytes(r) for r in self._pages.values())
-        assert total == self._used, (total, self._used)
-        assert self._used <= self.capacity
+        with self._lock:
+            total = sum(record_nbytes(r) for r in self._pages.values())
+            used = self._used
+        if total != used:
+            raise TierIntegrityError(f"host tier: used bytes {used} != {total}, the sum of its {len(self._pages)} pages")
+        if used > self.capacity:
+            raise TierIntegrityError(f"host tier: used bytes {used} > capacity {self.capacity}")
 
 
 class DiskTier:
-    """Files under ``path`` (one per page, CRC32-checked), bounded by ``capacity_bytes``."""
+    """Files under ``path`` (one per page, CRC32-checked), bounded by ``capacity_bytes``; see the module docstring
+    for the folder layout shared by several servers."""
 
     name = "disk"
+    WRITE_RETRY_S = 1.0  # after a failed write, further writes are refused (page kept above) for this long
 
     def __init__(self, path: str, capacity_bytes: int):
         self.path = Path(path)
@@ -108,22 +135,141 @@ class DiskTier:
         self._lock = threading.Lock()
         self.write_failures = 0
         self.checksum_failures = 0
+        self._write_paused_until = 0.0
+        self.owner = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self._owner_fd = self._claim_owner()
         self.stale_removed = self._remove_stale_pages()
 
+    # ------------------------------------------------------------------ ownership of the folder's files
+    def _lock_file(self, owner: str) -> Path:
+        return self.path / f"owner-{owner}.lock"
+
+    def _claim_owner(self) -> int | None:
+        """Create and lock ``owner-<id>.lock`` (locked under a temporary name, then renamed, so no other server
+        ever sees it unlocked). None when the folder is not usable now (its writes will fail and be counted)."""
+        tmp = self.path / f".owner-{self.owner}.lock.tmp"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            logger.warning("disk tier: cannot create an owner lock in %s (%s)", self.path, e)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.rename(tmp, self._lock_file(self.owner))
+        except OSError as e:
+            os.close(fd)
+            logger.warning("disk tier: cannot lock an owner file in %s (%s)", self.path, e)
+            return None
+        return fd
+
+    @staticmethod
+    def _owner_of(page_file: Path) -> str:
+        """``page-<owner>-<key>.kv`` -> ``<owner>`` ('' for a name without one)."""
+        rest = page_file.name[len("page-"):]
+        return rest.split("-", 1)[0] if "." in rest.split("-", 1)[0] else ""
+
+    def _try_lock(self, lock_file: Path) -> int | None:
+        """An fd holding ``lock_file``'s lock if its owner is dead (lock free); None if a live process holds it
+        or the file is gone."""
+        try:
+            fd = os.open(lock_file, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _owner_alive(self, owner: str) -> bool:
+        if owner == self.owner:
+            return True
+        lock_file = self._lock_file(owner)
+        if not owner or not lock_file.exists():
+            return False
+        fd = self._try_lock(lock_file)
+        if fd is None:
+            return lock_file.exists()  # held by a live process (or removed by another cleaner meanwhile)
+        os.close(fd)
+        return False
+
     def _remove_stale_pages(self) -> int:
-        """Page files left by a process that died (killed server): their keys meant nothing outside it, and
-        counting them would make the capacity lie. Removed at start; returns how many."""
+        """Page files left by processes that died (a killed server): their keys meant nothing outside that
+        process, and counting them would make the capacity lie. Removed at start: the files of every owner whose
+        lock is free, and page files naming no owner (an older layout); files of live owners stay. Returns how
+        many page files were removed."""
+        if not self.path.is_dir():
+            return 0
         n = 0
-        if self.path.is_dir():
-            for f in self.path.glob("page-*.kv"):
+        dead_locks = []
+        for lock_file in self.path.glob("owner-*.lock"):
+            owner = lock_file.name[len("owner-"):-len(".lock")]
+            if owner == self.owner:
+                continue
+            fd = self._try_lock(lock_file)
+            if fd is not None:
+                dead_locks.append((lock_file, fd))
+        dead = {lf.name[len("owner-"):-len(".lock")] for lf, _ in dead_locks}
+        alive: dict[str, bool] = {}
+        for f in self.path.glob("page-*.kv"):
+            owner = self._owner_of(f)
+            if owner not in alive:
+                alive[owner] = owner not in dead and self._owner_alive(owner)
+            if alive[owner]:
+                continue
+            try:
+                f.unlink()
+                n += 1
+            except OSError:
+                pass
+        for lock_file, fd in dead_locks:
+            try:
+                lock_file.unlink()
+            except OSError:
+                pass
+            os.close(fd)
+        for tmp in self.path.glob(".owner-*.lock.tmp"):  # a start that died before renaming its lock
+            fd = self._try_lock(tmp)
+            if fd is not None:
                 try:
-                    f.unlink()
-                    n += 1
+                    tmp.unlink()
                 except OSError:
                     pass
+                os.close(fd)
         if n:
-            logger.info("disk tier: removed %d stale page files from %s", n, self.path)
+            logger.info("disk tier: removed %d page files of dead servers from %s", n, self.path)
+            STATS.disk_stale_files_removed += n
         return n
+
+    def close(self) -> None:
+        """Forget every page, remove this owner's files and release its lock (a clean shutdown)."""
+        with self._lock:
+            files = [m[0] for m in self._meta.values()]
+            self._meta.clear()
+            self._used = 0
+        for f in files:
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        if self._owner_fd is not None:
+            try:
+                self._lock_file(self.owner).unlink()
+            except OSError:
+                pass
+            os.close(self._owner_fd)
+            self._owner_fd = None
+
+    def __del__(self):
+        # An unreachable tier's pages mean nothing: release its lock (the next start removes its files).
+        fd = getattr(self, "_owner_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     @staticmethod
     def check_startup(path: str, capacity_bytes: int) -> None:
@@ -143,7 +289,15 @@ class DiskTier:
             )
 
     def _file(self, key) -> Path:
-        return self.path / ("page-" + "-".join(str(k) for k in (key if isinstance(key, tuple) else (key,))) + ".kv")
+        parts = key if isinstance(key, tuple) else (key,)
+        return self.path / ("page-" + "-".join([self.owner, *(str(k) for k in parts)]) + ".kv")
+
+    @staticmethod
+    def _write_file(f: Path, header: bytes, payload: bytes) -> None:
+        """The one place a page file is written (faults are injected here in tests)."""
+        with open(f, "wb") as fh:
+            fh.write(header)
+            fh.write(payload)
 
     def put(self, key, record: torch.Tensor) -> bool:
         rec = record.detach().to("cpu").contiguous()
@@ -152,23 +306,25 @@ class DiskTier:
         with self._lock:
             if key in self._meta:
                 return True
-            if self._used + n > self.capacity:
+            if self._used + n > self.capacity or time.monotonic() < self._write_paused_until:
                 return False
             self._used += n
         f = self._file(key)
         try:
-            with open(f, "wb") as fh:
-                fh.write(_HEADER.pack(_MAGIC, zlib.crc32(payload), n))
-                fh.write(payload)
+            self._write_file(f, _HEADER.pack(_MAGIC, zlib.crc32(payload), n), payload)
         except OSError as e:
             with self._lock:
                 self._used -= n
                 self.write_failures += 1
+                self._write_paused_until = time.monotonic() + self.WRITE_RETRY_S
+            STATS.disk_write_failures += 1
             try:
                 f.unlink()
             except OSError:
                 pass
-            logger.warning("disk tier: cannot write %s (%s); keeping the page in a higher tier", f, e)
+            full = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            logger.warning("disk tier: cannot write %s (%s)%s; keeping the page in a higher tier, no disk writes "
+                           "for %.0f s", f, e, full, self.WRITE_RETRY_S)
             return False
         with self._lock:
             self._meta[key] = (f, tuple(rec.shape), rec.dtype, n)
@@ -197,6 +353,11 @@ class DiskTier:
             raise PageIntegrityError(f"disk page {f.name}: checksum mismatch")
         return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).view(shape).clone()
 
+    def nbytes_of(self, key) -> int:
+        with self._lock:
+            meta = self._meta.get(key)
+        return 0 if meta is None else meta[3]
+
     def evict(self, key) -> None:
         with self._lock:
             meta = self._meta.pop(key, None)
@@ -211,10 +372,25 @@ class DiskTier:
     def size_info(self) -> SizeInfo:
         return SizeInfo(self.capacity, self._used, len(self._meta))
 
-    def check_integrity(self) -> None:
-        total = sum(m[3] for m in self._meta.values())
-        assert total == self._used, (total, self._used)
-        assert self._used <= self.capacity
+    def check_integrity(self, files: bool = False) -> None:
+        """Used bytes == the sum of the stored pages, within capacity; with ``files``, also exactly one page file
+        of this owner per stored page (none left behind, none missing)."""
+        with self._lock:
+            total = sum(m[3] for m in self._meta.values())
+            used = self._used
+            want = {m[0].name for m in self._meta.values()}
+        if total != used:
+            raise TierIntegrityError(f"disk tier: used bytes {used} != {total}, the sum of its {len(want)} pages")
+        if used > self.capacity:
+            raise TierIntegrityError(f"disk tier: used bytes {used} > capacity {self.capacity}")
+        if files:
+            have = {f.name for f in self.path.glob(f"page-{self.owner}-*.kv")} if self.path.is_dir() else set()
+            if have != want:
+                extra, missing = sorted(have - want), sorted(want - have)
+                raise TierIntegrityError(
+                    f"disk tier {self.path}: page files do not match the stored pages: "
+                    f"{len(extra)} left behind {extra[:3]}, {len(missing)} missing {missing[:3]}"
+                )
 
 
 class TierManager:
@@ -305,12 +481,34 @@ class TierManager:
     def bytes_by_tier(self) -> dict[str, int]:
         return {t.name: t.size_info().used_bytes for t in self.tiers()}
 
-    def check_integrity(self) -> None:
+    def prefix_bytes_by_tier(self) -> dict[str, int]:
+        """Bytes per tier of the reclaimable prefix-cache copies (the rest of ``bytes_by_tier`` belongs to running
+        requests' demoted pages)."""
+        out = {t.name: 0 for t in self.tiers()}
+        for key in self._reclaimable:
+            tier = self._where.get(key)
+            if tier in ("host", "disk"):
+                out[tier] += self._tier(tier).nbytes_of(key)
+        if self.remote is not None:  # it only ever holds reclaimable copies
+            out[self.remote.name] = self.remote.size_info().used_bytes
+        return out
+
+    def check_integrity(self, files: bool = False) -> None:
+        """Each tier's bytes equal the sum of its pages; the index (``tier_of``) names exactly the pages each tier
+        holds; reclaimable pages are indexed. Raises TierIntegrityError naming what is off."""
         for t in self.tiers():
-            t.check_integrity()
-        counts = {t.name: t.size_info().pages for t in self.tiers()}
-        for name, n in counts.items():
-            assert sum(1 for v in self._where.values() if v == name) == n, (name, n)
+            if isinstance(t, DiskTier):
+                t.check_integrity(files=files)
+            else:
+                t.check_integrity()
+        for t in self.tiers():
+            n = t.size_info().pages
+            indexed = sum(1 for v in self._where.values() if v == t.name)
+            if indexed != n:
+                raise TierIntegrityError(f"{t.name} tier holds {n} pages but the index places {indexed} there")
+        lost = [k for k in self._reclaimable if k not in self._where]
+        if lost:
+            raise TierIntegrityError(f"{len(lost)} reclaimable pages are not in any tier, e.g. {lost[0]!r}")
 
 
 _SHARED: dict[tuple, TierManager] = {}
