@@ -239,7 +239,7 @@ def test_demoted_pages_keep_a_quantized_device_copy_that_routed_decode_reads(bit
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
     from sglang_mux.attention.backend import MuxAttentionBackend, _ReqPlan
-    from sglang_mux.memory.cold_pages import ColdPageMover, quantized_copies
+    from sglang_mux.memory.cold_pages import ColdPageMover
     from sglang_mux.memory.tiers import TierManager
     from sglang_mux.metrics import STATS
     from sglang_mux.request_options import MuxRequestOptions
@@ -276,7 +276,7 @@ def test_demoted_pages_keep_a_quantized_device_copy_that_routed_decode_reads(bit
     n = (L + P - 1) // P
     demoted = sorted(st.demoted)
     assert demoted == list(range(1, n - 1))  # the sink page 0 and the window (the tail page) stay
-    copies = quantized_copies(st)
+    copies = st.quantized_pages
     assert sorted(copies) == demoted and all(c.bits == bits for c in copies.values())
     per_page = quantized_page_nbytes(P, 1, hkv, d, 4, bits, 16)
     assert mover.accounting(st, L, L - len(demoted) * P)["quantized_cold_bytes"] == len(demoted) * per_page

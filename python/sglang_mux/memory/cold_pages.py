@@ -31,12 +31,6 @@ from sglang_mux.metrics import STATS
 logger = logging.getLogger(__name__)
 
 
-def quantized_copies(st) -> dict:
-    """The request's device-resident quantized copies of demoted pages: logical page -> QuantizedPage. Kept on the
-    request's state object, so they go when the request goes (created on first use)."""
-    return vars(st).setdefault("quantized_pages", {})
-
-
 class ColdPageMover:
     def __init__(self, *, kv_pool, allocator, req_to_token, summaries, tiers, page_size, num_layers, start_layer):
         self.kv_pool = kv_pool
@@ -122,7 +116,7 @@ class ColdPageMover:
                 break  # no tier has room: the rest stay on the device
             st.demoted[page] = key
             if cfg.cold_bits < 16:
-                quantized_copies(st)[page] = quantize_page(kv[j], cfg.cold_bits, cfg.quant_group)
+                st.quantized_pages[page] = quantize_page(kv[j], cfg.cold_bits, cfg.quant_group)
             for i in range(L):
                 kmin, kmax = self.summaries.get(self.start_layer + i, first_slots[j : j + 1])
                 st.cold_kmin[i, page], st.cold_kmax[i, page] = kmin[0], kmax[0]
@@ -152,7 +146,7 @@ class ColdPageMover:
             "disk_kv_bytes": per_tier["disk"],
             "staging_bytes": st.staging.nbytes() if st.staging is not None else 0,
             "demoted_page_summary_bytes": cold_summary_bytes,
-            "quantized_cold_bytes": sum(qp.nbytes() for qp in vars(st).get("quantized_pages", {}).values()),
+            "quantized_cold_bytes": sum(qp.nbytes() for qp in st.quantized_pages.values()),
         }
 
     def _grow_cold_summaries(self, st, n_pages: int, device) -> None:
@@ -175,7 +169,7 @@ class ColdPageMover:
         if rec is not None:
             STATS.staging_hits += 1
             return rec
-        qp = vars(st).get("quantized_pages", {}).get(page)
+        qp = st.quantized_pages.get(page)
         if qp is not None:
             rec = dequantize_page(qp)
             st.staging.put(page, rec)

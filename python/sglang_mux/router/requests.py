@@ -45,6 +45,9 @@ class RequestState:
     cold_kmin: Optional[torch.Tensor] = None
     cold_kmax: Optional[torch.Tensor] = None
     staging: Optional[object] = None
+    # --mux-cold-bits < 16: device-resident quantized copies of demoted pages (logical page -> QuantizedPage,
+    # memory/quantized_pages.py), read instead of fetching the exact copy; freed with the request
+    quantized_pages: dict = field(default_factory=dict)
     # keep mode: the request's completed pages' summaries, contiguous (memory/page_summaries.py
     # RequestSummaryCache); dropped on a new extend
     summary_cache: Optional[object] = None
