@@ -26,9 +26,9 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_mux.disagg.heavy_scores import register_local_layout
-from sglang_mux.attention.importance import accumulate_decode_mass, snapkv_page_scores
+from sglang_mux.attention.batched_decode import DecodeStep, padded_exact_attention, routed_batch_attention
+from sglang_mux.attention.importance import snapkv_page_scores
 from sglang_mux.attention.routed_decode import (
-    attend,
     grouped_quest_head_bounds,
     grouped_quest_page_scores,
     num_pages_of,
@@ -82,6 +82,7 @@ class MuxAttentionBackend(AttentionBackend):
             tiers=self.tiers, page_size=self.page_size, num_layers=self.num_layers, start_layer=start,
         )
         self._plan: list[_ReqPlan] | None = None
+        self._step: DecodeStep | None = None
         self._all_exact = True
         STATS.page_size = self.page_size
         STATS.budget_tokens = mux_config.budget
@@ -364,61 +365,57 @@ class MuxAttentionBackend(AttentionBackend):
                 self.kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, None), k, v)
             o = self._routed_decode(q, layer, plan)
         if save_kv_cache and k is not None:
-            positions = torch.tensor([p.seq_len - 1 for p in plan], device=fb.out_cache_loc.device)
+            self._step = step = DecodeStep.of(self._step, plan, fb.out_cache_loc.device)
             self.summaries.update_decode(
-                layer.layer_id, fb.out_cache_loc, positions, k.view(-1, layer.tp_k_head_num, layer.qk_head_dim)
+                layer.layer_id, fb.out_cache_loc, step.positions, k.view(-1, layer.tp_k_head_num, layer.qk_head_dim)
             )
         return o
 
     def _routed_decode(self, q, layer, plan: list[_ReqPlan]) -> torch.Tensor:
+        """One layer of a batch holding routed requests: each routed request's pages are chosen by the leaves,
+        then all of them attend in one masked call (``batched_decode``); exact ones in one padded SDPA."""
         hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
         qv = q.reshape(-1, hq, d)
-        o = q.new_empty((qv.shape[0], hq * dv))
+        o = q.new_zeros((qv.shape[0], hq * dv))
         k_buf = self.kv_pool.get_key_buffer(layer.layer_id)
         v_buf = self.kv_pool.get_value_buffer(layer.layer_id)
         lidx = layer.layer_id - self.start_layer
-        max_pages = 0
-        for i, p in enumerate(plan):
+        self._step = step = DecodeStep.of(self._step, plan, qv.device)
+        max_pages = max((num_pages_of(plan[i].seq_len, self.page_size) for i in step.exact), default=0)
+        if step.exact:
+            idx, slots, valid = step.exact_slots(self.req_to_token)
+            o[idx] = padded_exact_attention(qv[idx], k_buf, v_buf, slots, valid, layer.scaling).flatten(1).to(o.dtype)
+        ok, pages, staged = [], [], {}
+        for i in step.routed:
+            p = plan[i]
             req_row = self.req_to_token[p.row]
-            if p.grant.exact:
-                slots = req_row[: p.seq_len].long()
-                out = scaled_dot_product_attention(
-                    qv[i].view(1, hq, 1, d),
-                    k_buf[slots].movedim(0, 1).unsqueeze(0).to(qv.dtype),
-                    v_buf[slots].movedim(0, 1).unsqueeze(0).to(qv.dtype),
-                    scale=layer.scaling,
-                    enable_gqa=hq != layer.tp_k_head_num,
-                )
-                o[i] = out.reshape(-1).to(o.dtype)
-                max_pages = max(max_pages, num_pages_of(p.seq_len, self.page_size))
-                continue
             try:
-                pages, by_leaf = self.select_pages(qv[i], lidx, req_row, p, layer.scaling)
-                k_sel, v_sel, positions = self._gather_kv(p, pages, lidx, k_buf, v_buf, req_row)
-                out, probs = attend(qv[i], k_sel, v_sel, layer.scaling)
+                sel, by_leaf = self.select_pages(qv[i], lidx, req_row, p, layer.scaling)
+                if p.state.demoted:  # some pages left the device: this request's K/V come from _gather_kv
+                    staged[len(ok)] = self._gather_kv(p, sel, lidx, k_buf, v_buf, req_row)
             except Exception as e:  # one request's failure must not take the batch (or the server) down
                 self._fail_request(p, e)
-                o[i] = 0
                 continue
-            o[i] = out.reshape(-1).to(o.dtype)
-            if p.state.heavy_scores is not None:
-                accumulate_decode_mass(p.state.heavy_scores[lidx], positions, probs, self.page_size)
-            max_pages = max(max_pages, pages.numel())
+            ok.append(i)
+            pages.append(sel)
+            max_pages = max(max_pages, sel.numel())
             if lidx == 0:
                 STATS.last_pages_by_leaf = by_leaf
+        if ok:
+            heavy = [None if plan[i].state.heavy_scores is None else plan[i].state.heavy_scores[lidx] for i in ok]
+            rows, lens, qs = step.select(ok, qv)
+            out = routed_batch_attention(qs, k_buf, v_buf, self.req_to_token, rows, lens, pages, layer.scaling,
+                                         self.page_size, heavy, staged)
+            o[ok] = out.flatten(1).to(o.dtype)
         if lidx == 0:
             STATS.last_max_pages_read = max_pages
         STATS.max_pages_read = max(STATS.max_pages_read, max_pages)
         return o
 
     def _gather_kv(self, p: _ReqPlan, pages, lidx: int, k_buf, v_buf, req_row):
-        """K, V and positions of the selected pages: device slots for resident pages, the staging area for pages
-        that left the device (fetched now in ``wait`` mode; skipped and fetched in the background in ``skip``)."""
+        """K, V and positions of the selected pages of a request with demoted pages: device slots for resident
+        pages, the staging area for pages that left the device (fetched now in ``wait`` mode; skipped and fetched in the background in ``skip``)."""
         st, P = p.state, self.page_size
-        if not st.demoted:
-            positions = page_positions(pages, p.seq_len, P)
-            slots = req_row[positions].long()
-            return torch.index_select(k_buf, 0, slots), torch.index_select(v_buf, 0, slots), positions
         off = torch.tensor([int(x) in st.demoted for x in pages.tolist()], dtype=torch.bool, device=pages.device)
         pos = page_positions(pages[~off], p.seq_len, P)
         slots = req_row[pos].long()
