@@ -211,6 +211,13 @@ class MuxConfig:
         "finished recently, under the SLOs above. Empty: no recommendation.",
         "PATH",
     )
+    debug_invariants: bool = _knob(
+        False,
+        "Verify the mux memory's invariants after every scheduler step (memory/integrity.py: demoted pages have "
+        "a tier copy and no device slot, device pages free xor owned, tier bytes == their pages, staging within "
+        "bounds, the pool whole when idle); a violation stops the scheduler with a message naming it. For tests "
+        "and soak runs: it costs a pass over the running requests' rows and the tiers every step.",
+    )
 
     def __post_init__(self) -> None:
         self.validate()

@@ -71,6 +71,10 @@ HOOKS: tuple[SGLangHook, ...] = (
     SGLangHook(f"{SCHEDULER}.process_batch_result", "AFTER", "sglang_mux.prometheus_metrics:export_after_batch",
                "router", "--enable-metrics: copy the mux stats into Prometheus metrics after each batch (/metrics)",
                "/metrics carries no sglang_mux_* metrics (or stale values); serving is unaffected"),
+    # memory/integrity.py, registered with the router group (every scheduler); does nothing unless the flag is on
+    SGLangHook(f"{SCHEDULER}.process_batch_result", "AFTER", "sglang_mux.memory.integrity:check_after_batch",
+               "router", "--mux-debug-invariants: verify the mux memory's invariants after every scheduler step",
+               "the invariants are not checked (serving is unaffected; tests and soak runs lose their tripwire)"),
     # router/http_routes.py: the launcher's main process (the HTTP server)
     SGLangHook(f"{HTTP_SERVER}.app", ROUTE, "sglang_mux.router.http_routes:mux_stats", "stats-route",
                "GET /mux/stats: the mux section of every scheduler's internal state",

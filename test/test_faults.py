@@ -1,0 +1,233 @@
+"""Faults: the mux memory under a killed server, a full disk and a corrupt page, and its invariant checker.
+
+In-process, on SGLang's real pool objects (as test/test_leaf_matrix.py builds them):
+* ``check_integrity`` accepts a consistent tiered state and names each deliberately broken invariant;
+* disk full while serving (OSError(ENOSPC) injected at the one place page files are written): demoted pages stay
+  on the host or on the device, the routed step's output is still exact, ``disk_write_failures`` counts it, and
+  demotion to disk resumes once the disk takes writes again;
+* a disk folder shared by a live process and a killed one: a new tier removes only the dead one's page files.
+
+With servers (marked ``server``; every one runs with ``--mux-debug-invariants``):
+* crash: ``kill -9`` of a server's process group while long requests stream and pages sit on disk: the client gets
+  a connection error within bounded time (no hang), and the next server on the same folder removes the dead
+  server's page files and serves;
+* a corrupt page on disk while its request needs it: that request fails with an error naming the page file,
+  never a silent wrong answer; a request running beside it and later requests are served.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+import torch
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from test_routed_decode import HKV, HQ, D, make_backend, ref_attention
+
+from sglang_mux.attention.routed_decode import page_positions
+from sglang_mux.config import MuxConfig
+from sglang_mux.memory.integrity import MuxIntegrityError, PoolCounts, RowOwner, check_integrity
+from sglang_mux.memory.staging import StagingArea
+from sglang_mux.memory.tiers import DiskTier, TierManager
+from sglang_mux.metrics import STATS
+from sglang_mux.router.requests import RequestRegistry
+
+P, L = 8, 300  # 38 pages, the last one partial
+REC = 2 * P * HKV * D * 4  # one page record: one layer, K and V, float32
+
+
+# ------------------------------------------------------------------ an in-process tiered request on real pools
+def tiered_request(tiers: TierManager, seed: int = 0) -> SimpleNamespace:
+    """One routed request (row 1, L tokens, all its own) on a real paged allocator whose other pages are free; its
+    first decode step is planned (cold pages demoted into ``tiers``)."""
+    cfg = MuxConfig(budget=64, page_size=P, leaves="sink=16,recent=16,heavy=16,retrieval=rest", host_bytes=1 << 20,
+                    missing_page="wait")
+    be, layer, kv, r2t, slots = make_backend(cfg, L, seed=seed)
+    k_all, v_all = kv.get_key_buffer(0)[slots].clone(), kv.get_value_buffer(0)[slots].clone()
+    alloc = PagedTokenToKVPoolAllocator(size=4096, page_size=P, dtype=torch.float32, device="cpu", kvcache=kv,
+                                        need_sort=False)
+    every = alloc.alloc(alloc.available_size()).long()
+    mine = set((slots // P).tolist())
+    alloc.free(every[~torch.isin(every // P, torch.tensor(sorted(mine)))])
+    be.cold.allocator = alloc
+    be.cold.tiers = be.tiers = tiers
+    be.registry = RequestRegistry()
+    st = be.registry.get("r")
+    st.protected_len, st.summarized = 0, True
+    n = (L + P - 1) // P
+    g = torch.Generator().manual_seed(100 + seed)
+    st.scores(1, n, "cpu")[0, :n] = torch.rand(n, generator=g)
+    fb = SimpleNamespace(rids=["r"], forward_mode=ForwardMode.DECODE, seq_lens_cpu=torch.tensor([L]),
+                         seq_lens=torch.tensor([L]), req_pool_indices=torch.tensor([1]))
+    ns = SimpleNamespace(be=be, layer=layer, kv=kv, r2t=r2t, slots=slots, k_all=k_all, v_all=v_all, alloc=alloc,
+                         st=st, fb=fb, g=g, tiers=tiers)
+    step(ns)
+    return ns
+
+
+def step(ns) -> None:
+    """Plan a decode step (demotes what it can), then poison the slots given back, as another request would."""
+    ns.be._plan_step(ns.fb)
+    for page in ns.st.off_device_pages():
+        ns.kv.get_key_buffer(0)[ns.slots[page * P : (page + 1) * P]] = 1e4
+        ns.kv.get_value_buffer(0)[ns.slots[page * P : (page + 1) * P]] = -1e4
+
+
+def assert_routed_step_exact(ns) -> None:
+    """The routed step's output == float64 attention over the original K/V of the pages the leaves chose."""
+    (p,) = ns.be._plan
+    q = torch.randn(1, HQ * D, generator=ns.g)
+    pages, _ = ns.be.select_pages(q.view(HQ, D), 0, ns.r2t.req_to_token[1], p, ns.layer.scaling)
+    assert set(pages.tolist()) & set(ns.st.demoted), "the step should read some demoted pages"
+    out = ns.be._routed_decode(q, ns.layer, ns.be._plan)
+    assert ns.st.error is None, ns.st.error
+    positions = page_positions(pages, L, P)
+    want = ref_attention(q.view(HQ, D), ns.k_all[positions], ns.v_all[positions], ns.layer.scaling)
+    torch.testing.assert_close(out.view(HQ, D).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def integrity(ns, **over) -> None:
+    kw = dict(registry=ns.be.registry, page_size=P, tiers=ns.tiers, allocator=ns.alloc,
+              req_to_token=ns.r2t.req_to_token, owners=[RowOwner("r", 1, L, 0)], pool=PoolCounts(total=4096),
+              record_bytes=REC)
+    kw.update(over)
+    check_integrity(**kw)
+
+
+# ------------------------------------------------------------------ the invariant checker on broken states
+def test_check_integrity_accepts_a_consistent_tiered_state(tmp_path):
+    ns = tiered_request(TierManager(host_bytes=4 * REC, disk_path=str(tmp_path), disk_bytes=1 << 20))
+    assert ns.st.demoted and ns.tiers.bytes_by_tier()["disk"] > 0
+    integrity(ns)
+    assert_routed_step_exact(ns)  # staging now holds fetched pages: still consistent
+    integrity(ns)
+
+
+def _broken(ns, what: str):
+    """Break one invariant of the consistent state ``ns``; returns extra check_integrity arguments."""
+    st, tiers = ns.st, ns.tiers
+    page, key = next(iter(st.demoted.items()))
+    if what == "demoted page without a tier copy":
+        tiers.evict(key)
+    elif what == "device page still read but free":
+        q = next(q for q in range(L // P) if q not in st.off_device_pages())
+        ns.alloc.free(ns.slots[q * P : (q + 1) * P])
+    elif what == "demoted slots not given back":
+        return {"pool": PoolCounts(total=4096 + 3 * P)}  # as if 3 pages' slots never came back to the allocator
+    elif what == "tier bytes differ from their pages":
+        tiers.host._used += 1
+    elif what == "tier page of no request":
+        tiers.demote(("gone-request", 7), torch.zeros(1, 2, P, HKV, D))
+    elif what == "page file left behind":
+        (tiers.disk.path / f"page-{tiers.disk.owner}-gone-3.kv").write_bytes(b"x")
+    elif what == "staging over capacity":
+        st.staging = StagingArea(1, "cpu")
+        st.staging._pages.update({p: tiers.get(k) for p, k in list(st.demoted.items())[:2]})
+    elif what == "tree page free":
+        q = next(q for q in range(L // P) if q in st.off_device_pages())
+        return {"tree_slots": ns.slots[q * P : (q + 1) * P]}  # a freed page claimed by the tree
+    elif what == "dropped and demoted":
+        st.dropped_pages.add(page)
+    return {}
+
+
+BROKEN = {
+    "demoted page without a tier copy": "has no copy in any tier",
+    "device page still read but free": "is still read but is free",
+    "demoted slots not given back": "leaked",
+    "tier bytes differ from their pages": "host tier: used bytes",
+    "tier page of no request": "of no running request",
+    "page file left behind": "left behind",
+    "staging over capacity": "staging holds 2 pages, capacity 1",
+    "tree page free": "radix tree pages",
+    "dropped and demoted": "both dropped and demoted",
+}
+
+
+@pytest.mark.parametrize("what", list(BROKEN))
+def test_check_integrity_names_each_broken_invariant(tmp_path, what):
+    ns = tiered_request(TierManager(host_bytes=4 * REC, disk_path=str(tmp_path), disk_bytes=1 << 20))
+    integrity(ns)
+    extra = _broken(ns, what)
+    with pytest.raises(MuxIntegrityError, match=BROKEN[what]):
+        integrity(ns, **extra)
+
+
+# ------------------------------------------------------------------ disk full while serving
+def test_disk_full_keeps_pages_above_output_exact_and_counts(tmp_path, monkeypatch):
+    def no_space(f, header, payload):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(DiskTier, "_write_file", staticmethod(no_space))
+    before = STATS.disk_write_failures
+    tiers = TierManager(host_bytes=3 * REC, disk_path=str(tmp_path), disk_bytes=1 << 20)
+    ns = tiered_request(tiers)
+    # the host took 3 pages; spilling its oldest to disk failed, so that one stayed on the host, and every other
+    # cold page stayed on the device
+    assert STATS.disk_write_failures == before + 1 and tiers.disk.write_failures == 1
+    assert tiers.bytes_by_tier() == {"host": 3 * REC, "disk": 0} and len(ns.st.demoted) == 3
+    assert all(tiers.tier_of(k) == "host" for k in ns.st.demoted.values())
+    assert not list(tmp_path.glob("page-*.kv"))
+    integrity(ns)
+    assert_routed_step_exact(ns)
+    # the next step does not hammer the full disk (writes pause for WRITE_RETRY_S)
+    step(ns)
+    assert tiers.disk.write_failures == 1 and len(ns.st.demoted) == 3
+    # the disk takes writes again: demotion goes on through it, output still exact, nothing lost
+    monkeypatch.undo()
+    tiers.disk._write_paused_until = 0.0
+    step(ns)
+    assert len(ns.st.demoted) > 3 and tiers.bytes_by_tier()["disk"] > 0
+    integrity(ns)
+    assert_routed_step_exact(ns)
+    integrity(ns)
+
+
+# ------------------------------------------------------------------ a folder shared by a live and a dead owner
+_HOLDER = textwrap.dedent("""
+    import sys, time, torch
+    from sglang_mux.memory.tiers import DiskTier
+    d = DiskTier(sys.argv[1], 1 << 20)
+    for i in range(3):
+        assert d.put(("req", i), torch.full((1, 2, 4, 2, 8), float(i)))
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+
+
+def _holder(path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_shared_disk_folder_cleanup_spares_live_owners_and_removes_killed_ones(tmp_path):
+    live, dead = _holder(tmp_path), _holder(tmp_path)
+    try:
+        assert len(list(tmp_path.glob("page-*.kv"))) == 6
+        assert DiskTier(str(tmp_path), 1 << 20).stale_removed == 0  # both owners alive: nothing touched
+        dead.send_signal(signal.SIGKILL)
+        dead.wait(timeout=30)
+        before = STATS.disk_stale_files_removed
+        d = DiskTier(str(tmp_path), 1 << 20)
+        assert d.stale_removed == 3 and STATS.disk_stale_files_removed == before + 3
+        left = list(tmp_path.glob("page-*.kv"))
+        assert len(left) == 3 and all(f.name.startswith(f"page-{live.pid}.") for f in left)
+        assert not list(tmp_path.glob(f"owner-{dead.pid}.*.lock"))
+        d.check_integrity(files=True)
+    finally:
+        for proc in (live, dead):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
