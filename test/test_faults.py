@@ -109,6 +109,7 @@ def integrity(ns, **over) -> None:
 def test_check_integrity_accepts_a_consistent_tiered_state(tmp_path):
     ns = tiered_request(TierManager(host_bytes=4 * REC, disk_path=str(tmp_path), disk_bytes=1 << 20))
     assert ns.st.demoted and ns.tiers.bytes_by_tier()["disk"] > 0
+    assert ns.tiers.request_bytes == ns.tiers.bytes_by_tier()  # all of it belongs to the running request
     integrity(ns)
     assert_routed_step_exact(ns)  # staging now holds fetched pages: still consistent
     integrity(ns)
@@ -139,6 +140,8 @@ def _broken(ns, what: str):
         return {"tree_slots": ns.slots[q * P : (q + 1) * P]}  # a freed page claimed by the tree
     elif what == "dropped and demoted":
         st.dropped_pages.add(page)
+    elif what == "request bytes miscounted":
+        tiers.request_bytes["host"] += REC
     return {}
 
 
@@ -152,6 +155,7 @@ BROKEN = {
     "staging over capacity": "staging holds 2 pages, capacity 1",
     "tree page free": "radix tree pages",
     "dropped and demoted": "both dropped and demoted",
+    "request bytes miscounted": "request bytes by tier",
 }
 
 

@@ -37,6 +37,9 @@ class MuxStats:
     integrity_checks: int = 0  # --mux-debug-invariants: scheduler steps whose memory invariants were verified
     failed_requests: int = 0
     tier_bytes: dict = field(default_factory=dict)
+    # of tier_bytes, the bytes of running requests' demoted pages (the rest: reclaimable prefix-cache copies);
+    # every tier is back to 0 when no request runs
+    tier_request_bytes: dict = field(default_factory=dict)
     staging_bytes: int = 0
     last_tiered_request: dict = field(default_factory=dict)
     pool_free_tokens: int = 0

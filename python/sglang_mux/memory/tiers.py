@@ -404,6 +404,9 @@ class TierManager:
         # Pages kept only to serve future prefix hits (evicted/finished radix-tree pages), oldest first: they
         # make room for pages of running requests, whose exact copies are needed.
         self._reclaimable: dict[object, None] = {}
+        # Bytes per tier of running requests' pages (not reclaimable): 0 in every tier once no request runs.
+        # The process's shared manager publishes this dict as /mux/stats ``tier_request_bytes``.
+        self.request_bytes: dict[str, int] = {t.name: 0 for t in self.tiers() if t is not self.remote}
 
     @property
     def takes_running_pages(self) -> bool:
@@ -423,6 +426,8 @@ class TierManager:
             if where is not None:
                 if reclaimable:
                     self._reclaimable[key] = None
+                else:
+                    self.request_bytes[where] += record_nbytes(record)
                 return where
             if reclaimable or not self._reclaimable:
                 return None
@@ -443,6 +448,9 @@ class TierManager:
                     self.host.put(okey, orec)  # disk full: it stays on host
                     break
                 self._where[okey] = "disk"
+                if okey not in self._reclaimable:
+                    self.request_bytes["host"] -= record_nbytes(orec)
+                    self.request_bytes["disk"] += record_nbytes(orec)
                 if self.host.put(key, record):
                     self._where[key] = "host"
                     return "host"
@@ -473,10 +481,13 @@ class TierManager:
         return self.demote(new, rec, reclaimable=reclaimable) is not None
 
     def evict(self, key) -> None:
-        self._reclaimable.pop(key, None)
+        was_reclaimable = self._reclaimable.pop(key, 0) is None
         tier = self._where.pop(key, None)
         if tier is not None:
-            self._tier(tier).evict(key)
+            t = self._tier(tier)
+            if not was_reclaimable and tier in self.request_bytes:
+                self.request_bytes[tier] -= t.nbytes_of(key)
+            t.evict(key)
 
     def bytes_by_tier(self) -> dict[str, int]:
         return {t.name: t.size_info().used_bytes for t in self.tiers()}
@@ -509,6 +520,11 @@ class TierManager:
         lost = [k for k in self._reclaimable if k not in self._where]
         if lost:
             raise TierIntegrityError(f"{len(lost)} reclaimable pages are not in any tier, e.g. {lost[0]!r}")
+        prefix = self.prefix_bytes_by_tier()
+        want = {name: self._tier(name).size_info().used_bytes - prefix[name] for name in self.request_bytes}
+        if want != self.request_bytes:
+            raise TierIntegrityError(f"request bytes by tier {self.request_bytes} != {want}, the bytes of the "
+                                     f"running requests' pages")
 
 
 _SHARED: dict[tuple, TierManager] = {}
@@ -530,4 +546,5 @@ def shared_tier_manager(cfg) -> TierManager | None:
         _SHARED[key] = TierManager(
             cfg.host_bytes, cfg.disk_path, cfg.disk_bytes, pin=torch.cuda.is_available(), remote=remote
         )
+        STATS.tier_request_bytes = _SHARED[key].request_bytes  # the live dict: /mux/stats reads it as it is
     return _SHARED[key]
