@@ -61,6 +61,9 @@ Per request, in `/generate`'s `sampling_params.custom_params` (validated; HTTP 4
 | `mux_exact` | bool | exact full attention for this request |
 | `mux_retrieval_score` | `"mass"` or `"bound"` | how the retrieval leaf ranks pages, as `--mux-retrieval-score` |
 | `mux_sparse_prefill` | bool | `true`: block-sparse prefill for this prompt if it has at least `--mux-sparse-prefill-min-tokens` tokens (any length when that is 0); `false`: exact prefill |
+| `mux_cold_bits` | 16, 8, 4 or 2 | precision of this request's cold pages, as `--mux-cold-bits` |
+| `mux_layer_budget` | `"uniform"`, `"pyramid"` or `"adaptive"` | how its pages spread over the layers, as `--mux-layer-budget` |
+| `mux_chunk_score` | `"heavy"` or `"quest"` | what ranks the chunk leaf's chunks, as `--mux-chunk-score` |
 """
 
 

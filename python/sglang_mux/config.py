@@ -36,6 +36,9 @@ RETRIEVAL_SCORE_RULES = ("mass", "bound")
 # --mux-cold-bits values (16: exact; see sglang_mux.memory.quantized_pages, whose BITS must agree).
 COLD_BITS = (16, 8, 4, 2)
 
+# --mux-layer-budget values (see sglang_mux.router.layer_budget, whose LAYER_BUDGET_POLICIES must agree).
+LAYER_BUDGET_POLICIES = ("uniform", "pyramid", "adaptive")
+
 # --mux-chunk-score values (see sglang_mux.leaves.chunk).
 CHUNK_SCORE_RULES = ("heavy", "quest")
 
@@ -147,6 +150,14 @@ class MuxConfig:
         "observation window at prefill plus the attention paid since; the same chunks from step to step) or "
         "'quest' (the retrieval leaf's query-aware page scores of this step).",
         "heavy|quest",
+    )
+    layer_budget: str = _knob(
+        "uniform",
+        "How a routed request's pages are spread over the layers: 'uniform' (the grant at every layer), 'pyramid' "
+        "(PyramidKV-style, 1.5x at the first layer down to 0.5x at the last) or 'adaptive' (from the request's "
+        "prefill attention: layers whose attention is spread read more pages). Only the ranked shares (heavy, "
+        "retrieval, chunk) move; their totals over the layers stay the grant's. Per request: mux_layer_budget.",
+        "uniform|pyramid|adaptive",
     )
     observation_window: int = _knob(
         32, "Last prompt tokens whose attention scores heavy hitters at prefill (SnapKV-style).", "TOKENS"
@@ -284,6 +295,10 @@ class MuxConfig:
         if not (0 < self.retrieval_temperature < float("inf")):
             raise MuxConfigError(
                 f"--mux-retrieval-temperature: must be a positive number, got {self.retrieval_temperature!r}"
+            )
+        if self.layer_budget not in LAYER_BUDGET_POLICIES:
+            raise MuxConfigError(
+                f"--mux-layer-budget: allowed: {', '.join(LAYER_BUDGET_POLICIES)}; got {self.layer_budget!r}"
             )
         if self.chunk_score not in CHUNK_SCORE_RULES:
             raise MuxConfigError(f"--mux-chunk-score: allowed: {', '.join(CHUNK_SCORE_RULES)}; got {self.chunk_score!r}")

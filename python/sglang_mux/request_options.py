@@ -14,6 +14,9 @@ router reads it. Fields (all optional; absent means the server's ``--mux-*`` val
   ``--mux-sparse-prefill-min-tokens`` tokens (any length when that flag is 0, i.e. off for other requests);
   ``false`` (or absent with ``mux_exact``) prefills it exactly whatever its length.
 * ``mux_cold_bits``  16, 8, 4 or 2: precision of this request's cold pages, as ``--mux-cold-bits``.
+* ``mux_layer_budget``  ``"uniform"``, ``"pyramid"`` or ``"adaptive"``: how its pages spread over layers, as
+  ``--mux-layer-budget``.
+* ``mux_chunk_score``  ``"heavy"`` or ``"quest"``: what ranks the chunk leaf's chunks, as ``--mux-chunk-score``.
 
 Validated by :func:`parse_request_options` both at the HTTP edge (HTTP 400 naming the field) and in the
 scheduler (a second line: the request is aborted with the same message).
@@ -24,10 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sglang_mux.config import COLD_BITS, RETRIEVAL_SCORE_RULES, MuxConfig, MuxConfigError
+from sglang_mux.config import CHUNK_SCORE_RULES, LAYER_BUDGET_POLICIES, COLD_BITS, RETRIEVAL_SCORE_RULES, MuxConfig, MuxConfigError
 
 FIELD_PREFIX = "sampling_params.custom_params."
-KNOWN_FIELDS = ("mux_budget", "mux_leaves", "mux_exact", "mux_retrieval_score", "mux_sparse_prefill", "mux_cold_bits")
+KNOWN_FIELDS = ("mux_budget", "mux_leaves", "mux_exact", "mux_retrieval_score", "mux_sparse_prefill", "mux_cold_bits",
+                "mux_layer_budget", "mux_chunk_score")
 MAX_BUDGET = 1 << 24
 
 
@@ -43,6 +47,8 @@ class MuxRequestOptions:
     retrieval_score: str | None = None
     sparse_prefill: bool | None = None
     cold_bits: int | None = None
+    layer_budget: str | None = None
+    chunk_score: str | None = None
 
     def prefills_sparsely(self, server: MuxConfig, prompt_tokens: int) -> bool:
         """Whether a prompt of ``prompt_tokens`` tokens is prefilled with block-sparse attention (the rule of
@@ -64,6 +70,10 @@ class MuxRequestOptions:
             changes["retrieval_score"] = self.retrieval_score
         if self.cold_bits is not None:
             changes["cold_bits"] = self.cold_bits
+        if self.layer_budget is not None:
+            changes["layer_budget"] = self.layer_budget
+        if self.chunk_score is not None:
+            changes["chunk_score"] = self.chunk_score
         if not changes:
             return server
         # A smaller per-request budget shrinks explicitly set sink/window parts to fit rather than failing.
@@ -117,5 +127,15 @@ def parse_request_options(custom_params: Mapping[str, Any] | None) -> MuxRequest
             f"{FIELD_PREFIX}mux_cold_bits: allowed: {', '.join(map(str, COLD_BITS))}; got {cold_bits!r}"
         )
     return MuxRequestOptions(
-        budget=budget, leaves=leaves, exact=exact, retrieval_score=score, sparse_prefill=sparse, cold_bits=cold_bits
+        budget=budget, leaves=leaves, exact=exact, retrieval_score=score, sparse_prefill=sparse, cold_bits=cold_bits,
+        layer_budget=_choice(custom_params, "mux_layer_budget", LAYER_BUDGET_POLICIES),
+        chunk_score=_choice(custom_params, "mux_chunk_score", CHUNK_SCORE_RULES),
     )
+
+
+def _choice(custom_params: Mapping[str, Any], name: str, allowed: tuple[str, ...]) -> str | None:
+    """A string field that must be one of ``allowed`` (absent: None)."""
+    v = custom_params.get(name)
+    if v is not None and v not in allowed:
+        raise MuxRequestError(f"{FIELD_PREFIX}{name}: allowed: {', '.join(allowed)}; got {v!r}")
+    return v

@@ -45,6 +45,7 @@ from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
 from sglang_mux.metrics import STATS
 from sglang_mux.platform import platform_attention_backend
 from sglang_mux.router.grant import Grant
+from sglang_mux.router.layer_budget import RANKED_SHARES, adaptive_factors, pyramid_factors
 from sglang_mux.router.requests import REGISTRY, RequestState
 from sglang_mux.router.route_rule import heavy_ranked_tokens, scores_heavy_hitters
 from sglang_mux.router.spine import StaticSpineRouter
@@ -472,13 +473,32 @@ class MuxAttentionBackend(AttentionBackend):
         heavy_rank = cfg.chunk_score == "heavy" and scores is not None
         ctx = LeafContext(num_pages=n, taken=taken, heavy_scores=scores, page_scores=page_scores, chunk_spans=chunk_spans,
                           chunk_scores=(lambda: scores) if heavy_rank else page_scores)
+        grant = self.layer_grant(p, lidx)
         chosen, by_leaf = [], {}
         for name, leaf in LEAVES.items():
-            pages = leaf.select(ctx, p.grant)
+            pages = leaf.select(ctx, grant)
             by_leaf[name] = int(pages.numel())
             ctx.taken[pages] = True
             chosen.append(pages)
         return torch.sort(torch.cat(chosen)).values, by_leaf
+
+    def layer_grant(self, p: _ReqPlan, lidx: int) -> Grant:
+        """The request's grant at one layer (``--mux-layer-budget``, router/layer_budget.py): the step's grant itself
+        when uniform; otherwise its ranked shares spread over the layers, computed once per step."""
+        cfg = self.router.effective_config(p.state.options)
+        if p.grant.exact or cfg.layer_budget == "uniform":
+            return p.grant
+        return p.state.layer_grants(p.grant, lambda: self._layer_factors(p, cfg.layer_budget))[lidx]
+
+    def _layer_factors(self, p: _ReqPlan, policy: str) -> list[float]:
+        if policy == "pyramid":
+            return pyramid_factors(self.num_layers)
+        st, g = p.state, p.grant
+        if st.heavy_scores is None:  # nothing measured at prefill: uniform
+            return [1.0] * self.num_layers
+        n = num_pages_of(p.seq_len, self.page_size)
+        ranked = sum(g[s] for s in RANKED_SHARES)
+        return adaptive_factors(st.heavy_scores[:, :n], ranked, g["sink"], max(g["recent"], 1))
 
     def page_scores(self, q_req, lidx: int, req_row, p: _ReqPlan, scale: float | None = None) -> torch.Tensor:
         """Retrieval score of every page of one routed request at one layer (``[num_pages]``): the per-head Quest
@@ -489,7 +509,8 @@ class MuxAttentionBackend(AttentionBackend):
         n_full = (p.seq_len - 1) // P  # pages whose summaries are final (not the one holding this step's token)
         layer_id = self.start_layer + lidx
         st = p.state
-        keep = p.grant["retrieval"] + p.grant["chunk"]  # the query-aware leaves' pages: groups worth scoring
+        grant = self.layer_grant(p, lidx)
+        keep = grant["retrieval"] + grant["chunk"]  # the query-aware leaves' pages: groups worth scoring
         # Drop mode scores every page: its dropped pages' summaries are stale (their slots are reused), and a
         # group bound over them would pick groups with nothing left to read; what it may pick is bounded anyway.
         cfg = self.router.effective_config(st.options)

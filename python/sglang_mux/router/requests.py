@@ -58,6 +58,22 @@ class RequestState:
     token_delims: Optional[torch.Tensor] = None
     _chunk_spans: Optional[tuple] = None  # (seq_len, max_tokens, page_size, spans): one computation per step
 
+    # --mux-layer-budget: the per-layer factors (fixed at the first routed step: for 'adaptive' they come from
+    # the prefill's heavy scores) and the last step's per-layer grants
+    layer_factors: Optional[list] = None
+    _layer_grants: Optional[tuple] = None
+
+    def layer_grants(self, grant, factors) -> list:
+        """The per-layer grants of ``grant`` (``router/layer_budget.py``); ``factors()`` is called once per
+        request, the grants once per distinct grant (every layer of a step asks)."""
+        if self._layer_grants is None or self._layer_grants[0] != grant:
+            from sglang_mux.router.layer_budget import layer_grants
+
+            if self.layer_factors is None:
+                self.layer_factors = list(factors())
+            self._layer_grants = (grant, layer_grants(grant, self.layer_factors))
+        return self._layer_grants[1]
+
     def chunk_spans(self, seq_len: int, page_size: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The request's chunks as ``(first_page, last_page)`` at ``seq_len`` tokens (cached for the step: every
         layer asks)."""
