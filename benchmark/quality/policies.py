@@ -16,6 +16,8 @@ mux_chunk   the mux default split, its retrieval         the default with whole 
             share spent by the chunk leaf
 mux_both    the mux default split, its retrieval         retrieval picks pages, the chunk leaf completes
             share halved between retrieval and chunk     the chunks they belong to
+mux_pyramid ``mux`` + ``mux_layer_budget: "pyramid"``     the default split, more pages at lower layers
+mux_adaptive ``mux`` + ``"adaptive"``                    pages per layer from the prefill's attention
 =========== ============================================ ==========================================
 
 The budget is in tokens: a fixed ``--budget`` or a fraction of each prompt (``--budget-frac``). Under a
@@ -39,7 +41,12 @@ POLICIES: dict[str, tuple[int, str, str | None] | None] = {
     "mux": None,
     "mux_chunk": None,
     "mux_both": None,
+    "mux_pyramid": None,
+    "mux_adaptive": None,
 }
+
+# policy -> --mux-layer-budget of the default split
+_LAYER_BUDGET_VARIANTS = {"mux_pyramid": "pyramid", "mux_adaptive": "adaptive"}
 
 # policy -> share of the default split's retrieval tokens given to the chunk leaf
 _DEFAULT_SPLIT_VARIANTS = {"mux_chunk": 1.0, "mux_both": 0.5}
@@ -76,6 +83,9 @@ def custom_params(policy: str, budget: int) -> dict:
     if policy == "full":
         return {"mux_exact": True}
     params: dict = {"mux_budget": budget}
+    if policy in _LAYER_BUDGET_VARIANTS:
+        params["mux_layer_budget"] = _LAYER_BUDGET_VARIANTS[policy]
+        return params
     if policy in _DEFAULT_SPLIT_VARIANTS:
         from sglang_mux.config import MuxConfig
 

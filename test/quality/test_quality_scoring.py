@@ -139,7 +139,8 @@ def test_cli_bad_input_is_one_line(capsys):
     assert main(["--launch", "--dtype float32 --port 30123", "--tasks", "vt", "--samples", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "error: --policies: unknown 'nope'; allowed: full, streaming, snapkv, quest, quest_mass, mux",
+        "error: --policies: unknown 'nope'; allowed: full, streaming, snapkv, quest, quest_mass, chunk, mux, mux_chunk, "
+        "mux_both, mux_pyramid, mux_adaptive",
         "error: --lengths: expected comma-separated token counts like 1024,2048, got '1k'",
         "error: --samples: must be >= 1, got 0",
         "error: --launch: server args: --port not allowed here; the server gets a free port on 127.0.0.1 "
