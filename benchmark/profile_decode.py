@@ -84,16 +84,16 @@ def summarize(raw: Path, top: int = 15) -> dict:
     return {"busy_samples": busy, "self": share(self_c), "inclusive_mux": share(mux_incl)}
 
 
-def backend_only(a: argparse.Namespace) -> int:
-    """Time the decode attention of one step (plan + every layer) for stock's SDPA loop and mux, then profile mux."""
-    import cProfile
-    import io
-    import pstats
+def synthetic_backend(a: argparse.Namespace, cfg=None, delimiter_every: int = 10):
+    """The mux attention backend alone on synthetic KV with the model shapes of ``a``: ``--batch`` requests of
+    ``--context`` tokens, heavy scores and page summaries as a prefill leaves them, and chunk delimiters about every
+    ``delimiter_every`` tokens (short sentences). Returns a namespace: ``be``, ``layers``, ``q``, ``k``, ``v``,
+    ``batch(step)`` (a decode ForwardBatch stand-in), ``kv``, ``r2t`` and ``mux(fb)`` (one decode step: plan +
+    every layer's ``forward_decode``)."""
     from types import SimpleNamespace
 
     import torch
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-    from torch.nn.functional import scaled_dot_product_attention
 
     from sglang_mux.attention.backend import MuxAttentionBackend
     from sglang_mux.config import MuxConfig
@@ -110,7 +110,8 @@ def backend_only(a: argparse.Namespace) -> int:
     for i in range(a.layers):
         for buf in (kv.get_key_buffer(i), kv.get_value_buffer(i)):
             buf.copy_(torch.randn(buf.shape, generator=gen).to(dt))
-    cfg = MuxConfig(budget=a.mux_budget, page_size=P, drop_cold=a.mux_mode == "drop")
+    if cfg is None:
+        cfg = MuxConfig(budget=a.mux_budget, page_size=P, drop_cold=a.mux_mode == "drop")
     be = MuxAttentionBackend(SimpleNamespace(req_to_token_pool=r2t, token_to_kv_pool=kv), inner=None, mux_config=cfg)
     be.registry = RequestRegistry()
     for b in range(B):
@@ -118,6 +119,7 @@ def backend_only(a: argparse.Namespace) -> int:
         st = be.registry.get(f"r{b}")
         st.summarized, st.protected_len = True, ctx
         st.scores(a.layers, -(-ctx // P), "cpu").uniform_(generator=gen)  # heavy scores, as a prefill leaves them
+        st.token_delims = torch.rand(ctx, generator=gen) < 1.0 / delimiter_every
         for i in range(a.layers):
             be.summaries.rebuild_from_keys(i, r2t.req_to_token[b + 1], 0, ctx)
     layers = [SimpleNamespace(layer_id=i, tp_q_head_num=hq, tp_k_head_num=hkv, qk_head_dim=d, v_head_dim=d,
@@ -135,6 +137,21 @@ def backend_only(a: argparse.Namespace) -> int:
         be._plan_step(fb)
         for layer in layers:
             be.forward_decode(q, k.view(B, hkv, d), v.view(B, hkv, d), layer, fb)
+
+    return SimpleNamespace(be=be, layers=layers, q=q, k=k, v=v, batch=batch, kv=kv, r2t=r2t, mux=mux)
+
+
+def backend_only(a: argparse.Namespace) -> int:
+    """Time the decode attention of one step (plan + every layer) for stock's SDPA loop and mux, then profile mux."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.nn.functional import scaled_dot_product_attention
+
+    syn = synthetic_backend(a)
+    kv, r2t, layers, q, mux, batch = syn.kv, syn.r2t, syn.layers, syn.q, syn.mux, syn.batch
+    ctx, B, hq, d = a.context, a.batch, a.q_heads, a.head_dim
 
     def stock(fb):  # torch_native's decode: one SDPA per request over its whole context
         for layer in layers:

@@ -190,3 +190,28 @@ def test_admission_records_chunks_and_state_caches_spans():
     reg.admit("b", None)  # tokens unknown: fixed-length chunks
     assert reg.get("b").token_delims is None
     assert reg.get("b").chunk_spans(40, 16, 16)[0].tolist() == [0, 1, 2]
+
+
+def test_selection_cost_benchmark_small_run(tmp_path):
+    """benchmark/selection_cost.py on a small synthetic backend: every arm runs, reads at most its budget's pages
+    (pyramid reads more at layer 0, its share of the total), and the JSON is written; bad arms are one line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmark" / "selection_cost.py"
+    out = subprocess.run([sys.executable, str(script), "--context", "1024", "--layers", "3", "--steps", "1",
+                          "--repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "selection_cost.json").read_text())["results"]
+    assert set(res) == {"page", "chunk", "chunk_quest", "both", "pyramid", "adaptive"}
+    budget_pages = 128 // 16
+    for arm, r in res.items():
+        assert r["select_ms"] > 0 and r["step_ms"] > 0
+        if arm != "pyramid":
+            assert r["pages_read_layer0"] <= budget_pages + 1, (arm, r)
+    assert res["chunk"]["by_leaf_layer0"]["chunk"] > 0 and res["page"]["by_leaf_layer0"]["chunk"] == 0
+    assert res["pyramid"]["pages_read_layer0"] > res["page"]["pages_read_layer0"]
+    bad = subprocess.run([sys.executable, str(script), "--arms", "pages"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--arms: unknown 'pages'; allowed: page, chunk" in bad.stderr
