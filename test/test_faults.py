@@ -235,3 +235,157 @@ def test_shared_disk_folder_cleanup_spares_live_owners_and_removes_killed_ones(t
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=30)
+
+
+# ------------------------------------------------------------------ with servers
+BUDGET, PAGE = 256, 16
+
+
+def fault_server_args(disk: Path, staging_pages: int = 4) -> list[str]:
+    from mux_test_support import SERVER_COMMON
+
+    # a host tier of a few pages, so routed requests' cold pages reach the disk at once
+    return SERVER_COMMON + ["--mux-budget", str(BUDGET), "--mux-host-bytes", str(1 << 20), "--mux-disk-path", str(disk),
+                            "--mux-disk-bytes", str(1 << 30), "--mux-staging-pages", str(staging_pages),
+                            "--mux-debug-invariants"]
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 500, (n,), generator=g).tolist()
+
+
+def body(ids, n, **extra) -> dict:
+    return {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}, **extra}
+
+
+def wait_for(pred, timeout: float, what: str, every: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def request_files(disk: Path, rid: str = "") -> list[Path]:
+    return [f for f in disk.glob("page-*.kv") if "-prefix-" not in f.name and (not rid or f"-{rid}-" in f.name)]
+
+
+@pytest.mark.server
+def test_kill_9_mid_stream_gives_a_clean_client_error_and_the_next_start_cleans_the_disk(tmp_path):
+    from sglang_mux.server_process import ServerProcess
+
+    disk = tmp_path / "disk"
+    srv = ServerProcess(fault_server_args(disk)).start()
+    outcomes: dict[int, object] = {}
+
+    def stream(i: int) -> None:
+        try:
+            with requests.post(srv.url + "/generate", json=body(prompt(1500, i), 3000, stream=True), stream=True,
+                               timeout=(10, 30)) as r:
+                for _ in r.iter_lines():
+                    pass
+            outcomes[i] = "finished"
+        except requests.RequestException as e:
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(2)]
+    try:
+        for th in threads:
+            th.start()
+        wait_for(lambda: request_files(disk), 300, "request pages on disk")
+        os.killpg(srv.proc.pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        for th in threads:
+            th.join(timeout=60)
+        assert not any(th.is_alive() for th in threads), "a client hung after the server was killed"
+        assert time.monotonic() - t_kill < 60
+        assert all(isinstance(o, requests.RequestException) for o in outcomes.values()), outcomes
+        assert len(outcomes) == 2
+    finally:
+        srv.stop()
+    dead_files, dead_locks = set(disk.glob("page-*.kv")), set(disk.glob("owner-*.lock"))
+    assert request_files(disk) and dead_locks  # kill -9 cleaned nothing up
+
+    with ServerProcess(fault_server_args(disk)) as srv2:
+        assert not any(f.exists() for f in dead_files | dead_locks)
+        st = requests.get(srv2.url + "/mux/stats", timeout=30).json()["mux"]
+        assert st["disk_stale_files_removed"] == len(dead_files)
+        r = srv2.generate(body(prompt(1500, 7), 24))
+        assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 24
+        assert requests.get(srv2.url + "/mux/stats", timeout=30).json()["mux"]["demoted_pages"] > 0
+
+
+def _flip_bytes(f: Path) -> bool:
+    """Flip the last payload bytes of a complete page file, in place; False if it is not there (any more)."""
+    try:
+        with open(f, "r+b") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            if size < 64:
+                return False
+            fh.seek(size - 8)
+            data = fh.read(8)
+            fh.seek(size - 8)
+            fh.write(bytes(b ^ 0xFF for b in data))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.server
+def test_corrupt_disk_page_fails_its_request_naming_the_page_and_others_go_on(tmp_path):
+    from sglang_mux.server_process import ServerProcess
+
+    disk = tmp_path / "disk"
+    # one staging page: a request's demoted pages are read back from the tiers step after step
+    with ServerProcess(fault_server_args(disk, staging_pages=1)) as srv:
+        other_ids = prompt(1200, 2)
+        want_other = srv.generate(body(other_ids, 40)).json()["output_ids"]
+        replies: dict[str, requests.Response] = {}
+
+        def post(name, b):
+            replies[name] = srv.generate(b, timeout=300)
+
+        victim = threading.Thread(target=post, args=("victim", body(prompt(1500, 1), 1500, rid="victim-1")))
+        victim.start()
+        files = wait_for(lambda: request_files(disk, "victim-1"), 120, "the victim's pages on disk")
+        bystander = threading.Thread(target=post, args=("other", body(other_ids, 40)))
+        bystander.start()
+        flipped = [f.name for f in files if _flip_bytes(f)]
+        assert flipped
+        victim.join(timeout=300)
+        bystander.join(timeout=300)
+        assert not victim.is_alive() and not bystander.is_alive()
+
+        bad = replies["victim"]
+        text = bad.text
+        if bad.status_code == 200:  # an abort reported in the answer itself
+            fin = bad.json()["meta_info"]["finish_reason"]
+            assert fin["type"] == "abort", f"a corrupt page must never give an answer: {fin}"
+            text = str(fin)
+        else:
+            assert bad.status_code >= 400
+        assert "checksum mismatch" in text and any(name in text for name in flipped), text
+        ok = replies["other"]
+        assert ok.status_code == 200 and ok.json()["output_ids"] == want_other
+        # the server goes on: a new routed request is served, the failure is counted, nothing of the victim is left
+        r = srv.generate(body(prompt(1500, 3), 24))
+        assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 24
+        st = requests.get(srv.url + "/mux/stats", timeout=30).json()["mux"]
+        assert st["checksum_failures"] >= 1 and st["integrity_checks"] > 0
+        assert not request_files(disk, "victim-1") and st["running_requests_tracked"] == 0
+
+
+def test_adopting_a_page_whose_prefix_copy_exists_leaves_no_orphan():
+    """A finished request's demoted page is re-keyed to its prefix hash; when an earlier identical prompt already
+    left that prefix page in the tiers, the request's copy must go (the invariant checker found it orphaned)."""
+    m = TierManager(host_bytes=1 << 20)
+    page = torch.ones(1, 2, P, HKV, D)
+    assert m.demote(("prefix", 1), page, reclaimable=True) == "host"
+    assert m.demote(("req-b", 5), page) == "host"
+    assert m.rename(("req-b", 5), ("prefix", 1))
+    assert m.tier_of(("req-b", 5)) is None and m.request_bytes == {"host": 0}
+    m.check_integrity()

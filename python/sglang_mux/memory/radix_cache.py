@@ -197,7 +197,9 @@ class MuxRadixCache(RadixCache):
         lower tiers (its demoted copies are re-keyed, resident ones copied), so a later prompt with the same prefix
         loads them back instead of recomputing them."""
         P = self.page_size
-        n_full = up_to // P
+        # A request aborted during decode (e.g. a lower-tier page failed its checksum) owns KV for a token that
+        # never reached its token list: only pages whose tokens are all known can be keyed.
+        n_full = min(up_to, len(req.full_untruncated_fill_ids)) // P
         if n_full <= first_off_page:
             return
         tokens = list(req.full_untruncated_fill_ids[: n_full * P])

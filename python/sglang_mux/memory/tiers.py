@@ -472,10 +472,15 @@ class TierManager:
         return self._where.get(key)
 
     def rename(self, old, new, reclaimable: bool = True) -> bool:
-        """Re-key a stored page (a request's page adopted by the prefix cache); False if ``old`` is not stored."""
+        """Re-key a stored page (a request's page adopted by the prefix cache); False if ``old`` is not stored.
+        When ``new`` is already stored (the same prefix page, kept by an earlier request), ``old`` is dropped: it
+        would otherwise stay in its tier owned by no one."""
         tier = self._where.get(old)
-        if tier is None or new in self._where:
+        if tier is None:
             return False
+        if new in self._where:
+            self.evict(old)
+            return True
         rec = self.get(old)
         self.evict(old)
         return self.demote(new, rec, reclaimable=reclaimable) is not None
