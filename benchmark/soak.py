@@ -6,7 +6,9 @@
 
 Load (loopback only; bounded by ``--minutes`` and ``--max-requests``, whichever comes first; it stops itself):
 ``--concurrency`` workers send a seeded mix of short and long prompts (long ones past the budget, so they are
-routed and their cold pages demoted to host and disk), some sharing one of a few long prefixes, streaming or not,
+routed and their cold pages demoted to host and disk), some sharing one of a few long prefixes, some repeating one
+of a few whole long prompts (their demoted pages become prefix copies in the tiers, then are matched and loaded
+back), streaming or not,
 some streams cancelled mid-way by closing the connection, some carrying per-request mux fields
 (``sampling_params.custom_params``: mux_budget, mux_leaves, mux_exact). Every answer is checked: HTTP 200, no
 abort, exactly ``max_new_tokens`` tokens (``ignore_eos``); only the cancelled requests may end early.
@@ -33,6 +35,7 @@ import json
 import os
 import random
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -65,7 +68,7 @@ class SoakError(Exception):
 @dataclass
 class Plan:
     idx: int
-    kind: str  # short | long | shared
+    kind: str  # short | long | shared | repeat
     input_ids: list
     max_new_tokens: int
     stream: bool
@@ -85,12 +88,21 @@ def shared_prefixes(seed: int, n: int = 4, length: int = 768) -> list[list[int]]
     return [[rng.randint(*PROMPT_TOKENS) for _ in range(length)] for _ in range(n)]
 
 
-def make_plan(idx: int, seed: int, prefixes, long_tokens: tuple[int, int], cancel_share: float) -> Plan:
+def repeated_prompts(seed: int, long_tokens: tuple[int, int], n: int = 3) -> list[list[int]]:
+    rng = random.Random(seed * 104_729 + 3)
+    return [[rng.randint(*PROMPT_TOKENS) for _ in range(rng.randint(*long_tokens))] for _ in range(n)]
+
+
+def make_plan(idx: int, seed: int, prefixes, long_tokens: tuple[int, int], cancel_share: float,
+              repeats=()) -> Plan:
     rng = random.Random(seed * 1_000_003 + idx)
     r = rng.random()
-    if r < 0.35:
+    if r < 0.3:
         kind, ids = "short", [rng.randint(*PROMPT_TOKENS) for _ in range(rng.randint(20, 200))]
         new = rng.randint(4, 24)
+    elif r < 0.45 and repeats:
+        kind, ids = "repeat", list(rng.choice(repeats))
+        new = rng.randint(16, 48)
     elif r < 0.7:
         kind = "long"
         ids = [rng.randint(*PROMPT_TOKENS) for _ in range(rng.randint(*long_tokens))]
@@ -272,6 +284,7 @@ def run_load(args, url: str, pid: int | None, disk: str | None, res: Result) -> 
 
     prefixes = shared_prefixes(args.seed)
     long_tokens = tuple(args.long_tokens)
+    repeats = repeated_prompts(args.seed, long_tokens)
     t0 = time.monotonic()
     deadline = t0 + args.minutes * 60
     lock = threading.Lock()
@@ -291,7 +304,8 @@ def run_load(args, url: str, pid: int | None, disk: str | None, res: Result) -> 
             i = take()
             if i is None:
                 return
-            o = send(url, make_plan(i, args.seed, prefixes, long_tokens, args.cancel_share), args.request_timeout)
+            plan = make_plan(i, args.seed, prefixes, long_tokens, args.cancel_share, repeats)
+            o = send(url, plan, args.request_timeout)
             with lock:
                 outcomes.append(o)
 
@@ -434,8 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # kill PID stops the server it started, too
     out = Path(args.out)
     command = "python benchmark/soak.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     res = Result(command=command, url=args.url or "", launched=args.url is None, minutes=args.minutes,
@@ -481,9 +501,10 @@ def main(argv: list[str] | None = None) -> int:
                 res.leaks.append(f"the server died; log tail:\n{server.log_tail(20)}")
     except SoakError as e:
         print(f"soak: error: {e}", file=sys.stderr)
-        if server is not None:
-            server.stop()
         return 2
+    except KeyboardInterrupt:
+        print("soak: interrupted", file=sys.stderr)
+        return 130
     finally:
         if server is not None:
             server.stop()

@@ -1,7 +1,8 @@
 """The soak (benchmark/soak.py), short: a minute of mixed load on a tiered server with --mux-debug-invariants.
 
-* the server it starts (tiny model, host + disk tiers, budget 256) serves a mixed load (short / long / shared-prefix
-  prompts, streamed or not, some streams cancelled, some with per-request mux fields) with no unexpected failure;
+* the server it starts (tiny model, host + disk tiers, budget 256) serves a mixed load (short / long / shared-prefix /
+  repeated prompts, streamed or not, some streams cancelled, some with per-request mux fields) with no unexpected
+  failure;
 * pages really moved (demoted, some to disk) and the server verified its memory invariants every step;
 * after the load everything is back at its idle value: no request tracked, tier bytes of requests 0, no request
   page file on disk, staging 0, the pool whole; the JSON and the memory plot are written;
@@ -42,6 +43,7 @@ def test_soak_one_minute_is_clean(tmp_path):
     assert r["ok"] and r["leaks"] == [] and c["failed"] == 0 and c["hung_workers"] == 0
     assert c["ok"] >= 20, c
     assert c["cancelled"] >= 1 and c["streamed"] >= 5 and c["with_mux_fields"] >= 3, c
+    assert all(r["by_kind"].get(f"{k}/ok", 0) >= 1 for k in ("short", "long", "shared", "repeat")), r["by_kind"]
     samples = [s for s in r["samples"] if s and "error" not in s]
     assert max(s["tier_request_bytes"].get("disk", 0) for s in samples) > 0  # pages reached the disk
     fin, idle = r["final"], r["idle"]
