@@ -55,6 +55,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.functional import scaled_dot_product_attention
 
 from sglang_mux.config import SPARSE_PREFILL_PATTERNS as PATTERNS
 
@@ -312,3 +313,62 @@ def sparse_prefill_attention(q, k, v, prefix_len: int, scale: float, params: Spa
     pattern = estimate_pattern(q, k, prefix_len, scale, params)
     out, computed = block_sparse_attention(q, k, v, prefix_len, scale, pattern, params.block)
     return out, pattern, computed
+
+
+# ------------------------------------------------------------------ the extend path of the mux attention backend
+def sparse_prefill_rows(layer, fb, k, v, save_kv_cache: bool, registry, mux_config) -> list[bool] | None:
+    """Per request of an extend batch, whether its attention is block-sparse (the sparse_prefill leaf);
+    ``None`` when none is (the whole batch is then delegated unchanged). The rule is
+    ``MuxRequestOptions.prefills_sparsely`` on the tokens prefilled so far (matched prefix + this chunk):
+    with chunked prefill, the chunks of a prompt before it reaches the threshold are exact. Decoder
+    self-attention without a sliding window only."""
+    if (
+        fb.rids is None or not save_kv_cache or k is None or v is None or layer.is_cross_attention
+        or getattr(layer, "sliding_window_size", -1) not in (None, -1)
+        or getattr(getattr(layer, "attn_type", None), "name", "DECODER") != "DECODER"
+    ):
+        return None
+    seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+    rows = [registry.get(rid).options.prefills_sparsely(mux_config, int(L)) for rid, L in zip(fb.rids, seq_lens)]
+    return rows if any(rows) else None
+
+
+def extend_with_sparse_prefill(q, layer, fb, sparse: list[bool], k_buf, v_buf, req_to_token, config_of,
+                               blocks: list[int] | None = None) -> torch.Tensor:
+    """The extend attention of a batch holding at least one sparse-prefill request, once its new KV is in the pool
+    (``k_buf`` / ``v_buf``: the layer's buffers): each request attends over its prefix + chunk read from the pool
+    through ``req_to_token``, block-sparse (``sparse`` row True; its effective config from ``config_of(rid)``) or,
+    for the others, exact causal attention. ``blocks``: ``[computed, dense]`` key blocks (all KV heads), summed
+    over the sparse prefills into it when given."""
+    hq, hk, d, dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
+    qv = q.view(-1, hq, d)
+    o = q.new_empty((qv.shape[0], hq * dv))
+    seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+    rows = fb.req_pool_indices.tolist()
+    start = 0
+    for i, (row, L) in enumerate(zip(rows, seq_lens)):
+        n, L = int(fb.extend_seq_lens_cpu[i]), int(L)
+        prefix = L - n
+        if n == 0:
+            continue
+        slots = req_to_token[row, :L].long()
+        keys, values = k_buf[slots].to(qv.dtype), v_buf[slots].to(qv.dtype)
+        q_req = qv[start : start + n]
+        if sparse[i]:
+            params = SparsePrefillParams.from_config(config_of(fb.rids[i]))
+            out, _, computed = sparse_prefill_attention(q_req, keys, values, prefix, layer.scaling, params)
+            if blocks is not None:
+                blocks[0] += computed
+                blocks[1] += dense_block_count(prefix, n, params.block, hk)
+        else:  # exact; an explicit [n, L] mask only when a prefix offsets the queries
+            causal = None
+            if prefix:
+                causal = torch.arange(L, device=q.device).view(1, -1) <= torch.arange(prefix, L, device=q.device).view(-1, 1)
+            out = scaled_dot_product_attention(
+                q_req.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
+                values.transpose(0, 1).unsqueeze(0), attn_mask=causal, is_causal=causal is None,
+                scale=layer.scaling, enable_gqa=hq != hk,
+            )[0].transpose(0, 1)
+        o[start : start + n] = out.reshape(n, hq * dv).to(o.dtype)
+        start += n
+    return o

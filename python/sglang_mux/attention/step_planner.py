@@ -1,0 +1,351 @@
+"""The step planner: which requests of a decode step are routed, and which pages each routed one reads per layer.
+
+Per step (``plan_step``, from the backend's ``init_forward_metadata``): each request's grant from the spine router
+(exact or routed, ``router/grant.py``), the cold-page moves of routed requests (drop or demote,
+``memory/cold_pages.py``) and the step's stats. Per layer (``select``, from inside attention): the union of the
+leaves' pages under the request's grant at that layer (``layer_grant``: ``--mux-layer-budget``), with the
+query-aware page scores the retrieval and chunk leaves ask for (``page_scores``), and for a request with pages off
+the device where their K/V come from (``gather_kv``). After a prefill (``observe_extend``): the page summaries of
+what it wrote and the heavy-hitter scores of its observation window.
+
+It lives in ``attention/``, not ``router/``: the router decides per request and holds no tensors; the planner turns
+its grants into pages of this worker's KV pool, from the summaries and the layer's query, at forward time (so the
+overlap scheduler never makes the choice stale). It owns the objects that choice reads: the page summaries, the
+cold-page mover, the tiers and the request registry (the backend reaches them through it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from sglang_mux.attention.importance import snapkv_page_scores
+from sglang_mux.attention.routed_decode import (
+    grouped_quest_head_bounds,
+    grouped_quest_page_scores,
+    num_pages_of,
+    page_positions,
+    quest_head_bounds,
+    quest_page_scores_head_major,
+    scatter_page_scores,
+)
+from sglang_mux.config import MuxConfig
+from sglang_mux.leaves import LEAVES, LeafContext
+from sglang_mux.memory.cold_pages import ColdPageMover
+from sglang_mux.memory.page_summaries import PageSummaryStore, RequestSummaryCache
+from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
+from sglang_mux.metrics import STATS
+from sglang_mux.router.grant import Grant
+from sglang_mux.router.layer_budget import RANKED_SHARES, adaptive_factors, pyramid_factors
+from sglang_mux.router.requests import REGISTRY, RequestState
+from sglang_mux.router.route_rule import heavy_ranked_tokens, scores_heavy_hitters
+from sglang_mux.router.spine import StaticSpineRouter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestPlan:
+    """One request of a decode step: its row in ``req_to_token``, its length and this step's grant."""
+
+    rid: str
+    row: int
+    seq_len: int
+    grant: Grant
+    state: RequestState
+
+
+@dataclass
+class StepPlan:
+    """A decode step's requests, in batch order; ``all_exact``: none is routed (the batch goes to the wrapped backend)."""
+
+    requests: list[RequestPlan]
+    all_exact: bool
+
+
+class SelectedPages(NamedTuple):
+    """The sorted logical pages one routed request reads at one layer, and how many each leaf chose."""
+
+    pages: torch.Tensor
+    by_leaf: dict
+
+
+def _seq_lens(fb) -> list:
+    return fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+
+
+class StepPlanner:
+    def __init__(self, mux_config: MuxConfig, kv_pool, req_to_token, allocator=None):
+        self.mux_config = mux_config
+        self.router = StaticSpineRouter(mux_config)
+        self.registry = REGISTRY
+        self.req_to_token = req_to_token
+        self.kv_pool = kv_pool
+        self.page_size = mux_config.page_size
+        self.num_layers = kv_pool.layer_num
+        self.start_layer = getattr(kv_pool, "start_layer", 0) or 0
+        self.summaries = PageSummaryStore.for_pool(kv_pool, self.page_size)
+        self.tiers = shared_tier_manager(mux_config)
+        self.cold = ColdPageMover(
+            kv_pool=kv_pool, allocator=allocator, req_to_token=req_to_token, summaries=self.summaries,
+            tiers=self.tiers, page_size=self.page_size, num_layers=self.num_layers, start_layer=self.start_layer,
+        )
+
+    # ------------------------------------------------------------------ per step
+    def plan_step(self, fb) -> StepPlan | None:
+        """The decode step's plan (``None`` for anything else). An extend only records, per request, what its
+        prefill leaves behind: summaries it rebuilds, the matched prefix the radix tree owns."""
+        if fb.rids is None:
+            return None
+        if fb.forward_mode.is_extend() and fb.extend_prefix_lens_cpu is not None:
+            # A request's first extend starts after its matched prefix, which the radix tree owns.
+            for rid, prefix in zip(fb.rids, fb.extend_prefix_lens_cpu):
+                st = self.registry.get(rid)
+                st.summarized = True  # forward_extend rebuilds the summaries of what it writes
+                st.summary_cache = None  # (re)prefilled: its pages may have moved
+                if st.protected_len is None:
+                    st.protected_len = int(prefix)
+            return None
+        if not fb.forward_mode.is_decode():
+            return None
+        seq_lens = _seq_lens(fb)
+        rows = fb.req_pool_indices.tolist()
+        plan = []
+        for rid, row, L in zip(fb.rids, rows, seq_lens):
+            st = self.registry.get(rid)
+            st.row = row
+            if not st.summarized:
+                self.summarize_received_kv(row, L - 1)
+                st.summarized = True
+            p = RequestPlan(rid, row, L, self.router.grant(L, st.options), st)
+            plan.append(p)
+            if not p.grant.exact:
+                cfg = self.router.effective_config(st.options)
+                try:
+                    if cfg.drop_cold:
+                        self.cold.drop(p)
+                    elif self.tiers is not None and self.tiers.takes_running_pages:
+                        self.cold.demote(p, cfg)
+                except Exception as e:
+                    self.fail_request(p, e)
+            held = L - len(st.off_device_pages()) * self.page_size
+            STATS.device_kv_tokens_held[rid] = held
+            if st.demoted:
+                STATS.last_tiered_request = self.cold.accounting(st, L, held)
+            if not p.grant.exact:
+                STATS.max_routed_kv_tokens_held = max(STATS.max_routed_kv_tokens_held, held)
+        routed = sum(not p.grant.exact for p in plan)
+        STATS.decode_steps += 1
+        STATS.routed_request_steps += routed
+        STATS.exact_request_steps += len(plan) - routed
+        STATS.last_routed_requests = routed
+        STATS.last_exact_requests = len(plan) - routed
+        STATS.last_max_context_tokens = max(seq_lens) if seq_lens else 0
+        if routed == 0:
+            STATS.last_max_pages_read = max((num_pages_of(L, self.page_size) for L in seq_lens), default=0)
+        return StepPlan(plan, all(p.grant.exact for p in plan))
+
+    def summarize_received_kv(self, row: int, n_tokens: int) -> None:
+        """Summaries for KV that was written elsewhere (PD transfer): rebuilt from the keys, every layer.
+
+        Rebuilding costs one read of the request's keys, once; shipping summaries would cost 2/P of the KV
+        bytes on the wire for every request, so the decode side rebuilds (docs/memory.md).
+        """
+        req_row = self.req_to_token[row]
+        for i in range(self.num_layers):
+            self.summaries.rebuild_from_keys(self.start_layer + i, req_row, 0, n_tokens)
+
+    def fail_request(self, p: RequestPlan, err: Exception) -> None:
+        """Second line of defence: the request is finished with an error by the scheduler hook
+        (``router/hooks.py::abort_failed_requests``); the rest of the batch goes on. Logged once per request."""
+        if p.state.error is None:
+            logger.exception("mux: routed decode failed for request %s; aborting it", p.rid, exc_info=err)
+            p.state.error = f"mux routed decode failed for this request: {type(err).__name__}: {err}"
+        STATS.failed_requests += 1
+
+    # ------------------------------------------------------------------ after a prefill
+    def observe_extend(self, layer, fb, q) -> None:
+        """After one layer of an extend wrote its KV: rebuild the page summaries of what it wrote and, for requests
+        long enough to be routed later, take heavy-hitter scores from the observation window."""
+        prefix = fb.extend_prefix_lens_cpu
+        ext = fb.extend_seq_lens_cpu
+        rows = fb.req_pool_indices.tolist()
+        qv = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        start_q = 0
+        for i, (row, L) in enumerate(zip(rows, _seq_lens(fb))):
+            n_ext = int(ext[i])
+            req_row = self.req_to_token[row]
+            self.summaries.rebuild_from_keys(layer.layer_id, req_row, int(prefix[i]), L)
+            rid = fb.rids[i] if fb.rids is not None else None
+            if rid is not None and n_ext > 0 and self.wants_heavy_scores(rid, L):
+                self.score_observation_window(layer, qv[start_q : start_q + n_ext], req_row, L, rid)
+            start_q += n_ext
+
+    def wants_heavy_scores(self, rid: str, seq_len: int) -> bool:
+        st = self.registry.get(rid)
+        cfg = self.router.effective_config(st.options)
+        return scores_heavy_hitters(seq_len, cfg.budget, heavy_ranked_tokens(cfg), st.options.exact)
+
+    def score_observation_window(self, layer, q_ext, req_row, L: int, rid: str) -> None:
+        """SnapKV scores of the request's pages at this layer (``importance.snapkv_page_scores``) from the last
+        ``--mux-observation-window`` queries of its prefill, into its heavy-score table."""
+        cfg = self.router.effective_config(self.registry.get(rid).options)
+        w = min(cfg.observation_window, q_ext.shape[0])
+        q_win = q_ext[-w:]
+        q_pos = torch.arange(L - w, L, device=q_ext.device)
+        keys = self.kv_pool.get_key_buffer(layer.layer_id)[req_row[:L].long()]
+        page_scores = snapkv_page_scores(q_win, q_pos, keys, layer.scaling, self.page_size)
+        st = self.registry.get(rid)
+        table = st.scores(self.num_layers, page_scores.numel(), page_scores.device)
+        table[layer.layer_id - self.start_layer, : page_scores.numel()] = page_scores
+        table[layer.layer_id - self.start_layer, page_scores.numel() :] = 0
+
+    # ------------------------------------------------------------------ per layer
+    def select(self, p: RequestPlan, lidx: int, q_req, req_row, scale: float | None = None) -> SelectedPages:
+        """The sorted logical pages one routed request reads at one layer, and how many each leaf chose. ``scale``:
+        the layer's softmax scale (default ``head_dim ** -0.5``)."""
+        P = self.page_size
+        n = num_pages_of(p.seq_len, P)
+        dev = q_req.device
+        taken = torch.zeros(n, dtype=torch.bool, device=dev)
+        if p.state.dropped_pages:
+            dropped = torch.tensor(sorted(p.state.dropped_pages), dtype=torch.long, device=dev)
+            taken[dropped[dropped < n]] = True  # never read a dropped page: no leaf may choose it
+
+        memo: list[torch.Tensor] = []
+
+        def page_scores() -> torch.Tensor:  # once per request and layer, whichever leaves ask (retrieval, chunk)
+            if not memo:
+                memo.append(self.page_scores(p, lidx, q_req, req_row, scale))
+            return memo[0]
+
+        cfg = self.router.effective_config(p.state.options)
+
+        def chunk_spans() -> tuple[torch.Tensor, torch.Tensor]:
+            return p.state.chunk_spans(p.seq_len, P, cfg.chunk_tokens)
+
+        scores = p.state.heavy_scores[lidx] if p.state.heavy_scores is not None else None
+        if scores is not None and scores.numel() < n:
+            scores = p.state.scores(self.num_layers, n, dev)[lidx]
+        heavy_rank = cfg.chunk_score == "heavy" and scores is not None
+        ctx = LeafContext(num_pages=n, taken=taken, heavy_scores=scores, page_scores=page_scores, chunk_spans=chunk_spans,
+                          chunk_scores=(lambda: scores) if heavy_rank else page_scores)
+        grant = self.layer_grant(p, lidx)
+        chosen, by_leaf = [], {}
+        for name, leaf in LEAVES.items():
+            pages = leaf.select(ctx, grant)
+            by_leaf[name] = int(pages.numel())
+            ctx.taken[pages] = True
+            chosen.append(pages)
+        return SelectedPages(torch.sort(torch.cat(chosen)).values, by_leaf)
+
+    def layer_grant(self, p: RequestPlan, lidx: int) -> Grant:
+        """The request's grant at one layer (``--mux-layer-budget``, router/layer_budget.py): the step's grant itself
+        when uniform; otherwise its ranked shares spread over the layers, computed once per step."""
+        cfg = self.router.effective_config(p.state.options)
+        if p.grant.exact or cfg.layer_budget == "uniform":
+            return p.grant
+        return p.state.layer_grants(p.grant, lambda: self.layer_factors(p, cfg.layer_budget))[lidx]
+
+    def layer_factors(self, p: RequestPlan, policy: str) -> list[float]:
+        if policy == "pyramid":
+            return pyramid_factors(self.num_layers)
+        st, g = p.state, p.grant
+        if st.heavy_scores is None:  # nothing measured at prefill: uniform
+            return [1.0] * self.num_layers
+        n = num_pages_of(p.seq_len, self.page_size)
+        ranked = sum(g[s] for s in RANKED_SHARES)
+        return adaptive_factors(st.heavy_scores[:, :n], ranked, g["sink"], max(g["recent"], 1))
+
+    def page_scores(self, p: RequestPlan, lidx: int, q_req, req_row, scale: float | None = None) -> torch.Tensor:
+        """Retrieval score of every page of one routed request at one layer (``[num_pages]``): the per-head Quest
+        bounds combined by ``--mux-retrieval-score`` (``combine_head_bounds``); two-level (groups of
+        ``--mux-retrieval-group-pages`` pages first) when that is > 1."""
+        P = self.page_size
+        n = num_pages_of(p.seq_len, P)
+        n_full = (p.seq_len - 1) // P  # pages whose summaries are final (not the one holding this step's token)
+        layer_id = self.start_layer + lidx
+        st = p.state
+        grant = self.layer_grant(p, lidx)
+        keep = grant["retrieval"] + grant["chunk"]  # the query-aware leaves' pages: groups worth scoring
+        # Drop mode scores every page: its dropped pages' summaries are stale (their slots are reused), and a
+        # group bound over them would pick groups with nothing left to read; what it may pick is bounded anyway.
+        cfg = self.router.effective_config(st.options)
+        G = 1 if cfg.drop_cold else self.mux_config.retrieval_group_pages
+        rule = cfg.retrieval_score
+        scale = (q_req.shape[-1] ** -0.5 if scale is None else scale) / cfg.retrieval_temperature
+        use_cache = self.uses_summary_cache(p)
+        if st.summary_cache is None and (use_cache or G > 1):
+            st.summary_cache = RequestSummaryCache(self.num_layers, G)
+        cache = st.summary_cache
+        if use_cache:
+            # Completed pages from the request's contiguous cache; the page holding this step's token (whose
+            # summary is folded in after attention) from the store.
+            kmin, kmax = cache.full_pages(self.summaries, lidx, layer_id, req_row, n_full)
+            if G > 1 and n_full > 0:
+                bmin, bmax = cache.page_buffers(lidx)
+                gmin, gmax = cache.full_groups(lidx, n_full, lambda lo, hi: (kmin[:, lo:hi], kmax[:, lo:hi]))
+
+                def cached(idx):  # picking from the contiguous buffers, not the sliced view (which copies first)
+                    return (kmin, kmax) if idx is None else (bmin.index_select(1, idx), bmax.index_select(1, idx))
+
+                cand, full = grouped_quest_head_bounds(q_req, n_full, gmin, gmax, G, keep, cached, rule, scale)
+            else:
+                cand, full = None, quest_head_bounds(q_req, kmin, kmax)
+            tail_min, tail_max = self.summaries.get(layer_id, req_row[n_full * P : (n - 1) * P + 1 : P])
+            tail = quest_head_bounds(q_req, tail_min.transpose(0, 1), tail_max.transpose(0, 1))
+            if cand is not None:  # the tail pages are candidates too
+                cand = torch.cat([cand, torch.arange(n_full, n, device=cand.device)])
+            return scatter_page_scores(n, cand, torch.cat([full, tail], dim=1), rule, scale)
+
+        def gathered(idx):  # from the pool (a page's summary lives at its physical page) and the cold summaries
+            idx = torch.arange(n, device=q_req.device) if idx is None else idx
+            kmin, kmax = self.summaries.get(layer_id, req_row[idx * P])
+            if st.demoted:  # their device pages were reused: their summaries live with the request
+                hit = torch.isin(idx, torch.tensor(sorted(st.demoted), dtype=torch.long, device=idx.device))
+                if bool(hit.any()):
+                    kmin, kmax = kmin.clone(), kmax.clone()
+                    kmin[hit], kmax[hit] = st.cold_kmin[lidx, idx[hit]], st.cold_kmax[lidx, idx[hit]]
+            return kmin.transpose(0, 1), kmax.transpose(0, 1)
+
+        if G > 1 and n_full > 0:
+            gmin, gmax = cache.full_groups(
+                lidx, n_full, lambda lo, hi: gathered(torch.arange(lo, hi, device=q_req.device))
+            )
+            return grouped_quest_page_scores(q_req, n, gmin, gmax, G, keep, gathered, rule, scale)
+        return quest_page_scores_head_major(q_req, *gathered(None), rule, scale)
+
+    def uses_summary_cache(self, p: RequestPlan) -> bool:
+        """Keep mode only: there the request's exact KV stays on the device, so a copy of its summaries (1/P of
+        its keys) is proportionate; drop and tier modes keep device memory bounded and gather instead (tier mode
+        keeps only the group summaries, 1/G of that)."""
+        st = p.state
+        if st.demoted or st.dropped_pages or (self.tiers is not None and self.tiers.takes_running_pages):
+            return False
+        return not self.router.effective_config(st.options).drop_cold
+
+    def gather_kv(self, p: RequestPlan, pages, lidx: int, k_buf, v_buf, req_row):
+        """K, V and positions of the selected pages of a request with demoted pages: device slots for resident
+        pages, the staging area for pages that left the device (fetched now in ``wait`` mode; skipped and fetched in the background in ``skip``)."""
+        st, P = p.state, self.page_size
+        off = torch.tensor([int(x) in st.demoted for x in pages.tolist()], dtype=torch.bool, device=pages.device)
+        pos = page_positions(pages[~off], p.seq_len, P)
+        slots = req_row[pos].long()
+        ks, vs, poss = [k_buf[slots]], [v_buf[slots]], [pos]
+        wait = self.mux_config.missing_page == "wait"
+        for page in pages[off].tolist():
+            try:
+                rec = self.cold.staged_record(st, page, wait)
+            except PageIntegrityError as e:
+                st.error = f"request {p.rid}: {e}"
+                STATS.checksum_failures += 1
+                rec = None
+            if rec is None:
+                continue
+            ks.append(rec[lidx, 0].to(k_buf.dtype))
+            vs.append(rec[lidx, 1].to(v_buf.dtype))
+            poss.append(torch.arange(page * P, page * P + P, device=pages.device))
+        return torch.cat(ks), torch.cat(vs), torch.cat(poss)
