@@ -45,6 +45,7 @@ def _on_planner(name: str) -> property:
 
 
 class MuxAttentionBackend(AttentionBackend):
+    # The planner's objects, as the backend always exposed them (tests swap the registry, tiers or cold mover here).
     router, registry, summaries = _on_planner("router"), _on_planner("registry"), _on_planner("summaries")
     tiers, cold, num_layers = _on_planner("tiers"), _on_planner("cold"), _on_planner("num_layers")
     _uses_summary_cache = _on_planner("uses_summary_cache")
@@ -220,8 +221,8 @@ class MuxAttentionBackend(AttentionBackend):
         return o
 
     def _routed_decode(self, q, layer, plan: list[RequestPlan]) -> torch.Tensor:
-        """One layer of a batch holding routed requests: each routed request's pages are chosen by the leaves,
-        then all of them attend in one masked call (``batched_decode``); exact ones in one padded SDPA."""
+        """One layer of a batch holding routed requests: each routed request's pages are chosen by the planner's
+        leaves, then all of them attend in one masked call (``batched_decode``); exact ones in one padded SDPA."""
         hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
         qv = q.reshape(-1, hq, d)
         o = q.new_zeros((qv.shape[0], hq * dv))
@@ -233,22 +234,8 @@ class MuxAttentionBackend(AttentionBackend):
         if step.exact:
             idx, slots, valid = step.exact_slots(self.req_to_token)
             o[idx] = padded_exact_attention(qv[idx], k_buf, v_buf, slots, valid, layer.scaling).flatten(1).to(o.dtype)
-        ok, pages, staged = [], [], {}
-        for i in step.routed:
-            p = plan[i]
-            req_row = self.req_to_token[p.row]
-            try:
-                sel, by_leaf = self.planner.select(p, lidx, qv[i], req_row, layer.scaling)
-                if p.state.demoted:  # some pages left the device: this request's K/V come from gather_kv
-                    staged[len(ok)] = self.planner.gather_kv(p, sel, lidx, k_buf, v_buf, req_row)
-            except Exception as e:  # one request's failure must not take the batch (or the server) down
-                self.planner.fail_request(p, e)
-                continue
-            ok.append(i)
-            pages.append(sel)
-            max_pages = max(max_pages, sel.numel())
-            if lidx == 0:
-                STATS.last_pages_by_leaf = by_leaf
+        ok, pages, staged = self.planner.select_layer(plan, step.routed, lidx, qv, k_buf, v_buf, layer.scaling)
+        max_pages = max([max_pages, *(sel.numel() for sel in pages)])
         if ok:
             heavy = [None if plan[i].state.heavy_scores is None else plan[i].state.heavy_scores[lidx] for i in ok]
             rows, lens, qs = step.select(ok, qv)

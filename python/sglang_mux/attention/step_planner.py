@@ -242,6 +242,27 @@ class StepPlanner:
             chosen.append(pages)
         return SelectedPages(torch.sort(torch.cat(chosen)).values, by_leaf)
 
+    def select_layer(self, plan: list[RequestPlan], routed: list[int], lidx: int, qv, k_buf, v_buf, scale: float):
+        """``select`` for the routed requests (``routed``: their batch indices) of one layer, with the K/V of those
+        with demoted pages (``gather_kv``, keyed by position in the result). A request whose selection fails is
+        failed (``fail_request``) and left out, the others go on. Returns ``(batch indices, pages, staged)``."""
+        ok, pages, staged = [], [], {}
+        for i in routed:
+            p = plan[i]
+            req_row = self.req_to_token[p.row]
+            try:
+                sel, by_leaf = self.select(p, lidx, qv[i], req_row, scale)
+                if p.state.demoted:  # some pages left the device: this request's K/V come from gather_kv
+                    staged[len(ok)] = self.gather_kv(p, sel, lidx, k_buf, v_buf, req_row)
+            except Exception as e:  # one request's failure must not take the batch (or the server) down
+                self.fail_request(p, e)
+                continue
+            ok.append(i)
+            pages.append(sel)
+            if lidx == 0:
+                STATS.last_pages_by_leaf = by_leaf
+        return ok, pages, staged
+
     def layer_grant(self, p: RequestPlan, lidx: int) -> Grant:
         """The request's grant at one layer (``--mux-layer-budget``, router/layer_budget.py): the step's grant itself
         when uniform; otherwise its ranked shares spread over the layers, computed once per step."""
