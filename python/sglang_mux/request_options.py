@@ -61,19 +61,9 @@ class MuxRequestOptions:
 
     def effective_config(self, server: MuxConfig) -> MuxConfig:
         """The server config with this request's overrides applied (validated)."""
-        changes: dict[str, Any] = {}
-        if self.budget is not None:
-            changes["budget"] = self.budget
-        if self.leaves is not None:
-            changes["leaves"] = self.leaves
-        if self.retrieval_score is not None:
-            changes["retrieval_score"] = self.retrieval_score
-        if self.cold_bits is not None:
-            changes["cold_bits"] = self.cold_bits
-        if self.layer_budget is not None:
-            changes["layer_budget"] = self.layer_budget
-        if self.chunk_score is not None:
-            changes["chunk_score"] = self.chunk_score
+        # fields that override the server's --mux-* field of the same name
+        overridable = ("budget", "leaves", "retrieval_score", "cold_bits", "layer_budget", "chunk_score")
+        changes: dict[str, Any] = {f: getattr(self, f) for f in overridable if getattr(self, f) is not None}
         if not changes:
             return server
         # A smaller per-request budget shrinks explicitly set sink/window parts to fit rather than failing.
