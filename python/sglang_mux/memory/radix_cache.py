@@ -197,8 +197,8 @@ class MuxRadixCache(RadixCache):
         lower tiers (its demoted copies are re-keyed, resident ones copied), so a later prompt with the same prefix
         loads them back instead of recomputing them."""
         P = self.page_size
-        # A request aborted during decode (e.g. a lower-tier page failed its checksum) owns KV for a token that
-        # never reached its token list: only pages whose tokens are all known can be keyed.
+        # Only pages whose tokens are all known can be keyed: a request finished by an abort can hold more KV than
+        # its token list covers (SGLang's set_finish_with_abort replaces the prompt by one token).
         n_full = min(up_to, len(req.full_untruncated_fill_ids)) // P
         if n_full <= first_off_page:
             return

@@ -481,7 +481,11 @@ class TierManager:
         if new in self._where:
             self.evict(old)
             return True
-        rec = self.get(old)
+        try:
+            rec = self.get(old)
+        except PageIntegrityError:  # a bad copy must not become a prefix page (nor stop the request's release)
+            self.evict(old)
+            return False
         self.evict(old)
         return self.demote(new, rec, reclaimable=reclaimable) is not None
 
