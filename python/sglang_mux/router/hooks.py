@@ -35,7 +35,7 @@ def readmit_retracted_request(result, req, *args, **kwargs):
     the server's. One that is being aborted instead (``to_finish`` set) is not recorded: nothing would release it."""
     if req.to_finish is None and not req.finished():
         sp = getattr(req, "sampling_params", None)
-        tokens = list(req.origin_input_ids or ()) + list(req.output_ids or ())
+        tokens = list(getattr(req, "origin_input_ids", None) or ()) + list(getattr(req, "output_ids", None) or ())
         REGISTRY.readmit(req.rid, getattr(sp, "custom_params", None), tokens, getattr(req, "tokenizer", None))
     return None
 
