@@ -335,22 +335,7 @@ def _flip_bytes(f: Path) -> bool:
         return False
 
 
-def _abort_replaces_the_prompt() -> bool:
-    import inspect
-
-    from sglang_mux.router.hooks import abort_failed_requests
-
-    return "set_finish_with_abort(" in inspect.getsource(abort_failed_requests)
-
-
 @pytest.mark.server
-@pytest.mark.xfail(
-    _abort_replaces_the_prompt(), strict=False,
-    reason="router/hooks.py abort_failed_requests finishes a running request with set_finish_with_abort, which "
-           "replaces its prompt by one token: its release then keys its KV under the wrong tokens and frees pages "
-           "the radix tree holds (the invariant checker stops the server in most runs); fix: req.to_finish = "
-           "FINISH_ABORT(...)",
-)
 def test_corrupt_disk_page_fails_its_request_naming_the_page_and_others_go_on(tmp_path):
     from sglang_mux.server_process import ServerProcess
 

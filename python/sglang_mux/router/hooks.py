@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
 from sglang_mux.config import MuxConfig
 from sglang_mux.metrics import STATS
 from sglang_mux.router.placement_live import FINISHED
@@ -78,7 +80,10 @@ def abort_failed_requests(scheduler, batch, *args, **kwargs):
     for req in getattr(batch, "reqs", None) or ():
         st = REGISTRY.peek(req.rid)
         if st is not None and st.error and not req.finished() and req.to_finish is None:
-            req.set_finish_with_abort(st.error, status_code=500, err_type="PageIntegrityError")
+            # Not set_finish_with_abort: that is for requests not yet prefilled (it replaces the prompt by one
+            # token), and a running request's release would then key its KV under the wrong tokens.
+            logger.error("%s", st.error)
+            req.to_finish = FINISH_ABORT(st.error, status_code=500, err_type="PageIntegrityError")
     return None
 
 
