@@ -90,6 +90,7 @@ def test_samples_map_the_stats_fields():
         checksum_failures=4, dropped_tokens=64, demoted_pages=6, tier_bytes={"host": 4096, "disk": 8192},
         device_kv_tokens_held={"a": 100, "b": 20}, last_pages_by_leaf={"recent": 4, "retrieval": 2},
         last_routed_requests=1, last_exact_requests=2, max_pages_read=17, running_requests_tracked=2,
+        disk_write_failures=5, disk_stale_files_removed=7, integrity_checks=8, tier_request_bytes={"host": 512},
     )
     got = {(n, tuple(sorted(ls.items()))): v for n, ls, v in samples(st)}
     assert got[("sglang_mux_request_steps_total", (("mode", "routed"),))] == 5
@@ -107,6 +108,10 @@ def test_samples_map_the_stats_fields():
     assert got[("sglang_mux_max_pages_read", ())] == 17
     assert got[("sglang_mux_summary_bytes", ())] == 77
     assert got[("sglang_mux_running_requests_tracked", ())] == 2
+    assert got[("sglang_mux_disk_write_failures_total", ())] == 5
+    assert got[("sglang_mux_disk_stale_files_removed_total", ())] == 7
+    assert got[("sglang_mux_integrity_checks_total", ())] == 8
+    assert got[("sglang_mux_tier_request_bytes", (("tier", "host"),))] == 512
     assert {n for n, _ in got} == {m.name for m in METRICS}
 
 

@@ -22,7 +22,7 @@ from sglang_mux.router.hooks import live_stats
 
 PREFIX = "sglang_mux_"
 COUNTER, GAUGE = "counter", "gauge"
-UNITS = ("bytes", "tokens", "pages", "steps", "requests", "lookups", "failures")
+UNITS = ("bytes", "tokens", "pages", "steps", "requests", "lookups", "failures", "files")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,18 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("sglang_mux_pd_heavy_scores_total", COUNTER, "requests",
                "PD: requests whose heavy-hitter scores this server sent (prefill) or received (decode).",
                _fields(sent="pd_heavy_scores_sent", received="pd_heavy_scores_received"), "direction"),
+    MetricSpec("sglang_mux_disk_write_failures_total", COUNTER, "failures",
+               "Disk-tier page writes that failed (ENOSPC, EIO, ...); the page stayed in the tier above.",
+               _field("disk_write_failures")),
+    MetricSpec("sglang_mux_disk_stale_files_removed_total", COUNTER, "files",
+               "Page files of dead servers removed from the disk folder at start.", _field("disk_stale_files_removed")),
+    MetricSpec("sglang_mux_integrity_checks_total", COUNTER, "steps",
+               "Scheduler steps whose memory invariants were verified (--mux-debug-invariants).",
+               _field("integrity_checks")),
     # ---- gauges (now)
+    MetricSpec("sglang_mux_tier_request_bytes", GAUGE, "bytes",
+               "Bytes in each lower tier owned by running requests (0 when idle; the rest of sglang_mux_kv_bytes is "
+               "reclaimable prefix copies).", lambda s: dict(s.get("tier_request_bytes") or {}), "tier"),
     MetricSpec("sglang_mux_kv_bytes", GAUGE, "bytes",
                "KV bytes by tier: device = held by running requests; host / disk / remote = pages in that tier.",
                _tier_kv_bytes, "tier"),
