@@ -153,6 +153,15 @@ def test_evicted_tree_pages_are_matched_from_host_and_loaded_back_exactly():
     # an unrelated prefix matches nothing
     m2 = cache.match_prefix(MatchPrefixParams(key=RadixKey(list(range(500, 500 + 2 * P)))))
     assert m2.device_prefix_len == 0
+    # /flush_cache (reset): the tree and the prefix copies below it are gone; a running request's page stays
+    cache.tiers.demote(("req", 1), torch.zeros(2, 2, P, 2, 8))
+    cache.evict(EvictParams(num_tokens=6 * P))  # the loaded-back pages go down again
+    assert len(cache.tiers.prefix_bytes_by_tier()) and cache.tiers.prefix_bytes_by_tier()["host"] > 0
+    cache.reset()
+    assert cache.tiers.prefix_bytes_by_tier()["host"] == 0 and cache.tiers.tier_of(("req", 1)) == "host"
+    assert cache.prefix_pages == 0
+    m3 = cache.match_prefix(MatchPrefixParams(key=RadixKey(toks + [7, 7])))
+    assert m3.device_prefix_len == 0
 
 
 def test_remote_tier_over_sglang_hicache_file_backend(tmp_path):

@@ -46,6 +46,15 @@ class MuxRadixCache(RadixCache):
         self._lower: set[int] = set()  # prefix hashes whose page is (or was) in a lower tier
         super().__init__(params)
 
+    def reset(self):
+        """SGLang's reset (start-up, ``/flush_cache``), and the prefix pages this cache keeps in host and disk: a
+        flushed cache must not serve prefixes from below. Remote-store copies stay (other servers may share them)."""
+        super().reset()
+        if getattr(self, "tiers", None) is not None:
+            self.tiers.drop_prefix_copies()
+            self._lower = {h for h in self._lower if self.tiers.tier_of(tier_key(h)) == "remote"}
+            self.prefix_pages = len(self._lower)
+
     # ------------------------------------------------------------------ page tables
     def page_table(self, node) -> PageTable:
         pt = getattr(node, "mux_pages", None)

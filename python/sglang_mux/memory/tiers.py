@@ -498,6 +498,14 @@ class TierManager:
                 self.request_bytes[tier] -= t.nbytes_of(key)
             t.evict(key)
 
+    def drop_prefix_copies(self) -> int:
+        """Forget every reclaimable prefix-cache copy in host and disk (``/flush_cache``); running requests' pages
+        and the remote store (which other servers may share) are kept. Returns how many were dropped."""
+        keys = [k for k in self._reclaimable if self._where.get(k) in ("host", "disk")]
+        for k in keys:
+            self.evict(k)
+        return len(keys)
+
     def bytes_by_tier(self) -> dict[str, int]:
         return {t.name: t.size_info().used_bytes for t in self.tiers()}
 
