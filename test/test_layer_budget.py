@@ -12,18 +12,22 @@ from test_routed_decode import make_backend
 
 from sglang_mux.attention.backend import _ReqPlan
 from sglang_mux.config import MuxConfig, MuxConfigError
+from sglang_mux.leaves import ranked_shares
 from sglang_mux.request_options import MuxRequestError, MuxRequestOptions, parse_request_options
 from sglang_mux.router.grant import EXACT, Grant
 from sglang_mux.router.layer_budget import (
     ADAPTIVE_CLIP,
-    RANKED_SHARES,
     adaptive_factors,
     layer_grants,
     pyramid_factors,
     split_total,
 )
-from sglang_mux.router.requests import RequestState
+from sglang_mux.memory.requests import RequestMemory
 from sglang_mux.router.spine import StaticSpineRouter
+
+
+def test_ranked_shares_come_from_the_leaf_registry():
+    assert ranked_shares() == ("heavy", "retrieval", "chunk")
 
 
 def test_pyramid_worked_example():
@@ -49,7 +53,7 @@ def test_totals_kept_for_any_grant_and_factors():
         for s in pages:
             total = sum(x[s] for x in per_layer)
             assert total == pages[s] * L  # each share's total over the layers is the grant's
-            if s not in RANKED_SHARES:
+            if s not in ranked_shares():
                 assert all(x[s] == pages[s] for x in per_layer)  # positional shares at every layer
             assert all(x[s] >= 0 for x in per_layer)
         assert sum(x.total_pages for x in per_layer) == g.total_pages * L
@@ -94,7 +98,7 @@ def test_routed_step_reads_each_layers_pages(policy):
     be, layer, kv, r2t, slots = make_backend(cfg, L)
     be.num_layers = 4  # the layer data is layer 0's; the budgets are spread over 4 layers
     n = (L + 7) // 8
-    st = RequestState()
+    st = RequestMemory()
     table = st.scores(4, n, "cpu")
     table[:] = 0.01
     table[0, 40] = 5.0  # layer 0 concentrated; the others spread

@@ -33,14 +33,14 @@ from sglang_mux.attention.routed_decode import (
     scatter_page_scores,
 )
 from sglang_mux.config import MuxConfig
-from sglang_mux.leaves import LEAVES, LeafContext
+from sglang_mux.leaves import LEAVES, LeafContext, query_aware_shares, ranked_shares
 from sglang_mux.memory.cold_pages import ColdPageMover
 from sglang_mux.memory.page_summaries import PageSummaryStore, RequestSummaryCache
 from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
 from sglang_mux.metrics import STATS
 from sglang_mux.router.grant import Grant
-from sglang_mux.router.layer_budget import RANKED_SHARES, adaptive_factors, pyramid_factors
-from sglang_mux.router.requests import REGISTRY, RequestState
+from sglang_mux.router.layer_budget import adaptive_factors, pyramid_factors
+from sglang_mux.memory.requests import REGISTRY, RequestMemory
 from sglang_mux.router.route_rule import heavy_ranked_tokens, scores_heavy_hitters
 from sglang_mux.router.spine import StaticSpineRouter
 
@@ -55,7 +55,7 @@ class RequestPlan:
     row: int
     seq_len: int
     grant: Grant
-    state: RequestState
+    state: RequestMemory
 
 
 @dataclass
@@ -278,7 +278,7 @@ class StepPlanner:
         if st.heavy_scores is None:  # nothing measured at prefill: uniform
             return [1.0] * self.num_layers
         n = num_pages_of(p.seq_len, self.page_size)
-        ranked = sum(g[s] for s in RANKED_SHARES)
+        ranked = sum(g[s] for s in ranked_shares())
         return adaptive_factors(st.heavy_scores[:, :n], ranked, g["sink"], max(g["recent"], 1))
 
     def page_scores(self, p: RequestPlan, lidx: int, q_req, req_row, scale: float | None = None) -> torch.Tensor:
@@ -291,7 +291,7 @@ class StepPlanner:
         layer_id = self.start_layer + lidx
         st = p.state
         grant = self.layer_grant(p, lidx)
-        keep = grant["retrieval"] + grant["chunk"]  # the query-aware leaves' pages: groups worth scoring
+        keep = sum(grant[s] for s in query_aware_shares())  # the query-aware leaves' pages: groups worth scoring
         # Drop mode scores every page: its dropped pages' summaries are stale (their slots are reused), and a
         # group bound over them would pick groups with nothing left to read; what it may pick is bounded anyway.
         cfg = self.router.effective_config(st.options)

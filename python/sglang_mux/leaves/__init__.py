@@ -59,10 +59,21 @@ def leaf_names() -> tuple[str, ...]:
     return tuple(sorted(places, key=places.__getitem__))  # stable: equal places keep registration order
 
 
+def ranked_shares() -> tuple[str, ...]:
+    """The shares registered leaves choose by score (``Leaf.ranked_shares``), in split order."""
+    ranked = {s for leaf in LEAVES.values() for s in leaf.ranked_shares}
+    return tuple(s for s in leaf_names() if s in ranked)
+
+
+def query_aware_shares() -> tuple[str, ...]:
+    """The shares of leaves that read this step's query (``Leaf.query_aware``): the pages worth scoring."""
+    return tuple(s for leaf in LEAVES.values() if leaf.query_aware for s in leaf.share_places())
+
+
 register_leaf(RecentLeaf)
 register_leaf(SinkHeavyLeaf)
 register_leaf(RetrievalLeaf)
 register_leaf(ChunkLeaf)
 
-__all__ = ["LEAVES", "Leaf", "LeafContext", "LeafRegistryError", "get_leaf", "leaf_names", "register_leaf",
-           "unregister_leaf"]
+__all__ = ["LEAVES", "Leaf", "LeafContext", "LeafRegistryError", "get_leaf", "leaf_names", "query_aware_shares",
+           "ranked_shares", "register_leaf", "unregister_leaf"]

@@ -48,6 +48,12 @@ class Leaf:
 
     name: ClassVar[str] = "leaf"
     shares: ClassVar[dict[str, float]] = {}
+    # the shares whose pages this leaf chooses by score (not by position): layer budgets and the adaptive router
+    # move pages between these shares; positional shares (sink, recent) stay as granted
+    ranked_shares: ClassVar[tuple[str, ...]] = ()
+    # True when ``select`` may read this step's query (``ctx.page_scores``): the expensive leaves, which the adaptive
+    # router runs only on steps its trigger fires (``router/adaptive.py``); other steps reuse their last pages
+    query_aware: ClassVar[bool] = False
 
     @classmethod
     def share_places(cls) -> dict[str, float]:

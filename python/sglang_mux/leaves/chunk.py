@@ -29,6 +29,8 @@ from sglang_mux.router.grant import Grant
 class ChunkLeaf(Leaf):
     name = "chunk"
     shares = {"chunk": 5}
+    ranked_shares = ("chunk",)
+    query_aware = True
 
     def select(self, ctx: LeafContext, grant: Grant) -> torch.Tensor:
         k = grant["chunk"]

@@ -18,6 +18,8 @@ from sglang_mux.router.grant import Grant
 class RetrievalLeaf(Leaf):
     name = "retrieval"
     shares = {"retrieval": 4}
+    ranked_shares = ("retrieval",)
+    query_aware = True
 
     def select(self, ctx: LeafContext, grant: Grant) -> torch.Tensor:
         if grant["retrieval"] <= 0 or ctx.page_scores is None or bool(ctx.taken.all()):

@@ -23,6 +23,7 @@ from sglang_mux.router.grant import Grant
 class SinkHeavyLeaf(Leaf):
     name = "sink_heavy"
     shares = {"sink": 1, "heavy": 3}
+    ranked_shares = ("heavy",)
 
     def select(self, ctx: LeafContext, grant: Grant) -> torch.Tensor:
         dev = ctx.taken.device

@@ -39,6 +39,10 @@ class Grant:
         try:
             return self.pages[share]
         except KeyError:
+            from sglang_mux.leaves import leaf_names
+
+            if share in leaf_names():  # a hand-written split need not list every registered leaf: 0 pages
+                return 0
             raise KeyError(f"grant has no share {share!r}; it has: {', '.join(self.pages) or 'none (exact)'}") from None
 
     @property
@@ -55,12 +59,10 @@ EXACT = Grant(exact=True)
 def grant_for(seq_len: int, budget: int, page_size: int, split: dict[str, int], force_exact: bool = False) -> Grant:
     if not routes_now(seq_len, budget, exact=force_exact):
         return EXACT
-    from sglang_mux.leaves import leaf_names
-
     P = page_size
-    # Shares the split does not name get no pages (a hand-written split need not list every registered leaf).
-    pages = {name: 0 for name in leaf_names()} | {name: tokens // P for name, tokens in split.items()}
+    # Shares the split does not name read no pages (Grant.__getitem__ answers 0 for them).
+    pages = {name: tokens // P for name, tokens in split.items()}
     lost = sum(split.values()) // P - sum(pages.values())
     if lost > 0:
-        pages[max(pages, key=lambda name: split.get(name, 0))] += lost
+        pages[max(pages, key=split.__getitem__)] += lost
     return Grant(exact=False, pages=pages)

@@ -1,7 +1,7 @@
 """Layer budgets: how a request's grant is spread over the model's layers (``--mux-layer-budget``).
 
 The grant says how many pages each share reads per step. ``uniform`` reads that at every layer. The others move
-pages of the *ranked* shares (``heavy``, ``retrieval``, ``chunk``: the shares that choose pages by score) between
+pages of the *ranked* shares (``Leaf.ranked_shares``: heavy, retrieval, chunk, the shares that choose pages by score) between
 layers, keeping each share's total over the layers; the positional shares (``sink``, ``recent``) stay as granted,
 so every layer still reads its sinks, its window and the tail page.
 
@@ -26,9 +26,9 @@ from typing import Sequence
 import torch
 
 from sglang_mux.config import LAYER_BUDGET_POLICIES  # noqa: F401  (re-exported: the --mux-layer-budget values)
+from sglang_mux.leaves import ranked_shares
 from sglang_mux.router.grant import Grant
 
-RANKED_SHARES = ("heavy", "retrieval", "chunk")
 PYRAMID_SPREAD = 0.5  # first layer 1 + spread, last layer 1 - spread
 ADAPTIVE_CLIP = (0.25, 3.0)
 
@@ -73,5 +73,5 @@ def layer_grants(grant: Grant, factors: Sequence[float]) -> list[Grant]:
     L = len(factors)
     if grant.exact or all(abs(f - 1.0) < 1e-9 for f in factors):
         return [grant] * L
-    per_share = {s: split_total(grant.pages[s] * L, factors) for s in RANKED_SHARES if s in grant.pages}
+    per_share = {s: split_total(grant.pages[s] * L, factors) for s in ranked_shares() if s in grant.pages}
     return [Grant(exact=False, pages={**grant.pages, **{s: v[i] for s, v in per_share.items()}}) for i in range(L)]
