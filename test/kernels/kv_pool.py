@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+HQ, HKV, D = 8, 2, 16  # the small head shapes the CPU kernel tests share
+SCALE = 1.0 / math.sqrt(D)
 
 
 @dataclass
@@ -15,6 +19,24 @@ class KVPool:
     req_pool_indices: torch.Tensor  # int64 [B]
     seq_lens: torch.Tensor  # int32 [B]
     page_size: int
+
+    def reference(self, q, page_list, page_counts, scale, *, k=None, v=None) -> torch.Tensor:
+        """The float64 routed decode (``mux_kernels.reference.routed_decode``) over this pool, or over ``k`` /
+        ``v`` given instead of its buffers."""
+        from mux_kernels import reference as ref
+
+        return ref.routed_decode(q, self.k_buffer if k is None else k, self.v_buffer if v is None else v,
+                                 self.req_to_token, self.req_pool_indices, self.seq_lens, page_list, page_counts,
+                                 self.page_size, scale)
+
+    def triton(self, q, page_list, page_counts, scale, *, k=None, v=None, **kw) -> torch.Tensor:
+        """The Triton routed decode (``mux_kernels.routed_paged_decode``) over this pool; ``kw`` goes to it."""
+        import mux_kernels
+
+        return mux_kernels.routed_paged_decode(q, self.k_buffer if k is None else k,
+                                               self.v_buffer if v is None else v, self.req_to_token,
+                                               self.req_pool_indices, self.seq_lens, page_list, page_counts,
+                                               self.page_size, scale, **kw)
 
 
 def make_pool(seq_lens, page_size, num_kv_heads, head_dim, *, aligned=True, dtype=torch.float32, seed=0,

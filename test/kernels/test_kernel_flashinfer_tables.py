@@ -12,7 +12,7 @@ import math
 import flashinfer_semantics as fi
 import pytest
 import torch
-from kv_pool import as_page_list, make_pool, random_selection
+from kv_pool import D, HKV, HQ, SCALE, as_page_list, make_pool, random_selection
 from mux_kernels import reference as ref
 
 from sglang_mux.attention.flashinfer_tables import (
@@ -27,15 +27,12 @@ from sglang_mux.attention.flashinfer_tables import (
     write_token_slots_on_device,
 )
 
-HQ, HKV, D = 8, 2, 16
-SCALE = 1.0 / math.sqrt(D)
 ATOL = 1e-10
 
 
 def _routed(pool, q, selections):
     page_list, counts = as_page_list(selections, max(s.numel() for s in selections))
-    return ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
-                             pool.seq_lens, page_list, counts, pool.page_size, SCALE)
+    return pool.reference(q, page_list, counts, SCALE)
 
 
 def _selections(seq_lens, page_size, max_pages, seed=0):
@@ -248,8 +245,7 @@ def test_gpu_flashinfer_routed_decode_bf16(form, per_layer):
         path.plan_selections(pool.req_to_token, pool.req_pool_indices.tolist(), seq_lens, sel, scale)
         page_list, page_counts = as_page_list(sel, budget + 1)
         out = path.run_layer(q, pool.k_buffer, pool.v_buffer)
-    want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
-                             pool.seq_lens, page_list.cuda(), page_counts.cuda(), page_size, scale)
+    want = pool.reference(q, page_list.cuda(), page_counts.cuda(), scale)
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
 
 
@@ -272,8 +268,7 @@ def test_gpu_flashinfer_block_sparse_bf16():
     q = torch.randn(len(seq_lens), hq, d, device="cuda").to(torch.bfloat16)
     out = wrapper.run(q, pool.k_buffer, pool.v_buffer)
     page_list, counts = as_page_list(sel, 6)
-    want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
-                             pool.seq_lens, page_list.cuda(), counts.cuda(), page_size, scale)
+    want = pool.reference(q, page_list.cuda(), counts.cuda(), scale)
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
 
 
@@ -282,7 +277,6 @@ def test_gpu_flashinfer_block_sparse_bf16():
 def test_gpu_cuda_graph_replays_new_per_layer_page_choices():
     """One captured graph (page choice -> table fill -> FlashInfer run, and the Triton routed decode) replays
     correctly for new scores: the fixed-capacity storage is what the graph reads."""
-    import mux_kernels
     from sglang_mux.attention.flashinfer_path import FlashInferRoutedDecode
 
     hq, hkv, d, page_size, budget = 32, 8, 128, 16, 8
@@ -301,9 +295,7 @@ def test_gpu_cuda_graph_replays_new_per_layer_page_choices():
         page_list, page_counts = ref.select_pages(scores, num_pages, budget, sink_pages=1, recent_pages=2)
         fi_out = path.run_layer(q, pool.k_buffer, pool.v_buffer, page_list=page_list,
                                 req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices)
-        tri_out = mux_kernels.routed_paged_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
-                                                  pool.req_pool_indices, pool.seq_lens, page_list, page_counts,
-                                                  page_size, scale)
+        tri_out = pool.triton(q, page_list, page_counts, scale)
         return page_list, page_counts, fi_out, tri_out
 
     side = torch.cuda.Stream()
@@ -320,7 +312,6 @@ def test_gpu_cuda_graph_replays_new_per_layer_page_choices():
         torch.cuda.synchronize()
         want_list, want_counts = ref.select_pages(scores, num_pages, budget, sink_pages=1, recent_pages=2)
         assert torch.equal(page_list, want_list) and want_counts.tolist() == counts
-        want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
-                                 pool.seq_lens, want_list, want_counts, page_size, scale)
+        want = pool.reference(q, want_list, want_counts, scale)
         torch.testing.assert_close(fi_out.double(), want, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(tri_out.double(), want, atol=2e-2, rtol=2e-2)

@@ -9,12 +9,10 @@
 
 from __future__ import annotations
 
-import math
-
 import flashinfer_semantics as fi
 import pytest
 import torch
-from kv_pool import make_pool, random_selection
+from kv_pool import D, HKV, HQ, SCALE, make_pool, random_selection
 from mux_kernels import reference as ref
 
 from sglang_mux.attention.flashinfer_tables import build_page_table, build_token_table
@@ -25,9 +23,6 @@ from sglang_mux.attention.routed_decode import (
     quest_page_scores_head_major,
 )
 from sglang_mux.leaves.base import top_free
-
-HQ, HKV, D = 8, 2, 16
-SCALE = 1.0 / math.sqrt(D)
 
 
 @pytest.mark.parametrize("form", ["token", "page"])

@@ -102,14 +102,11 @@ def test_per_group_routed_decode_equals_one_list_per_kv_head():
     for h in range(hkv):
         one, one_counts = ref.select_pages(group_scores[:, h], num_pages, 4, sink_pages=1, recent_pages=1)
         assert torch.equal(lists[:, h], one) and torch.equal(counts, one_counts)
-    got = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
-                            pool.seq_lens, lists, counts, page_size, 0.3)
+    got = pool.reference(q, lists, counts, 0.3)
     for h in range(hkv):
         heads = slice(h * 2, h * 2 + 2)
-        want = ref.routed_decode(q[:, heads], pool.k_buffer[:, h : h + 1], pool.v_buffer[:, h : h + 1],
-                                 pool.req_to_token, pool.req_pool_indices, pool.seq_lens, lists[:, h], counts,
-                                 page_size, 0.3)
+        want = pool.reference(q[:, heads], lists[:, h], counts, 0.3, k=pool.k_buffer[:, h : h + 1],
+                              v=pool.v_buffer[:, h : h + 1])
         torch.testing.assert_close(got[:, heads], want, atol=1e-12, rtol=0)
-    assert not torch.allclose(got[:, 0:2], ref.routed_decode(
-        q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, lists[:, 1],
-        counts, page_size, 0.3)[:, 0:2]), "different lists per group must change the output"
+    assert not torch.allclose(got[:, 0:2], pool.reference(q, lists[:, 1], counts, 0.3)[:, 0:2]), \
+        "different lists per group must change the output"

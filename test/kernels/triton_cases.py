@@ -44,6 +44,17 @@ def _routed_case(dtype, device, hq, hkv, d, page_size, seq_lens, max_pages, seed
     return pool, page_list.to(torch.int32).to(device), counts.to(device), q.to(device)
 
 
+def _triton_matches_reference(pool, q, page_list, counts, scale, tol, *, upcast=False, **kw):
+    """The Triton routed decode over ``pool`` (with ``upcast``: on fp32 copies of q, K and V) equals the float64
+    reference within ``tol``."""
+    if upcast:
+        out = pool.triton(q.float(), page_list, counts, scale, k=pool.k_buffer.float(), v=pool.v_buffer.float(), **kw)
+    else:
+        out = pool.triton(q, page_list, counts, scale, **kw)
+    torch.testing.assert_close(out.double(), pool.reference(q, page_list, counts, scale), atol=tol, rtol=tol)
+    return out
+
+
 @cpu_only
 @pytest.mark.parametrize(
     "dtype, page_size, num_splits, tol",
@@ -54,13 +65,8 @@ def test_routed_decode_interpreter(dtype, page_size, num_splits, tol):
     seq_lens = [5 * page_size + 3, 2 * page_size, 1]
     pool, page_list, counts, q = _routed_case(dtype, "cpu", 4, 2, 16, page_size, seq_lens, 4, seed=page_size)
     scale = 1.0 / math.sqrt(16)
-    out = mux_kernels.routed_paged_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
-                                          pool.req_pool_indices, pool.seq_lens, page_list, counts, page_size,
-                                          scale, num_splits=num_splits)
-    want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
-                             pool.seq_lens, page_list, counts, page_size, scale)
+    out = _triton_matches_reference(pool, q, page_list, counts, scale, tol, num_splits=num_splits)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
 
 
 @cpu_only
@@ -70,23 +76,13 @@ def test_routed_decode_interpreter_per_group_lists():
     scores = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(2))
     lists, counts = ref.select_pages_per_group(scores, torch.tensor([8, 3]), 3, sink_pages=0, recent_pages=1)
     assert not torch.equal(lists[:, 0], lists[:, 1])
-    out = mux_kernels.routed_paged_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
-                                          pool.req_pool_indices, pool.seq_lens, lists, counts, page_size, 0.25,
-                                          num_splits=2)
-    want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
-                             pool.seq_lens, lists, counts, page_size, 0.25)
-    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    _triton_matches_reference(pool, q, lists, counts, 0.25, 1e-5, num_splits=2)
 
 
 @cpu_only
 def test_routed_decode_interpreter_bf16_data_upcast():
     pool, page_list, counts, q = _routed_case(torch.bfloat16, "cpu", 4, 2, 16, 4, [19, 8], 3, seed=4)
-    up = [t.float() for t in (q, pool.k_buffer, pool.v_buffer)]
-    out = mux_kernels.routed_paged_decode(up[0], up[1], up[2], pool.req_to_token, pool.req_pool_indices,
-                                          pool.seq_lens, page_list, counts, 4, 0.25, num_splits=2)
-    want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
-                             pool.seq_lens, page_list, counts, 4, 0.25)
-    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    _triton_matches_reference(pool, q, page_list, counts, 0.25, 1e-5, upcast=True, num_splits=2)
 
 
 def _summary_case(dtype, device, hq, hkv, d, rows, max_pages, seed):
@@ -213,12 +209,7 @@ def test_gather_scatter_pages_interpreter(dtype):
 def test_gpu_routed_decode_bf16(page_size):
     seq_lens = [4096, 1000, 17, 2 * page_size]
     pool, page_list, counts, q = _routed_case(torch.bfloat16, "cuda", 32, 8, 128, page_size, seq_lens, 24, seed=3)
-    scale = 1.0 / math.sqrt(128)
-    out = mux_kernels.routed_paged_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
-                                          pool.req_pool_indices, pool.seq_lens, page_list, counts, page_size, scale)
-    want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
-                             pool.seq_lens, page_list, counts, page_size, scale)
-    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    _triton_matches_reference(pool, q, page_list, counts, 1.0 / math.sqrt(128), 2e-2)
 
 
 @pytest.mark.gpu
@@ -229,12 +220,7 @@ def test_gpu_routed_decode_per_group_lists_bf16():
     num_pages = torch.tensor([(n + page_size - 1) // page_size for n in seq_lens], device="cuda")
     scores = torch.randn(3, 8, int(num_pages.max()), device="cuda")
     lists, counts = ref.select_pages_per_group(scores, num_pages, 16, sink_pages=1, recent_pages=2)
-    scale = 1.0 / math.sqrt(128)
-    out = mux_kernels.routed_paged_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token,
-                                          pool.req_pool_indices, pool.seq_lens, lists, counts, page_size, scale)
-    want = ref.routed_decode(q, pool.k_buffer, pool.v_buffer, pool.req_to_token, pool.req_pool_indices,
-                             pool.seq_lens, lists, counts, page_size, scale)
-    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    _triton_matches_reference(pool, q, lists, counts, 1.0 / math.sqrt(128), 2e-2)
 
 
 @pytest.mark.gpu
