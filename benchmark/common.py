@@ -64,14 +64,32 @@ def positive_ints(text: str) -> list[int]:
     return out
 
 
-def positive_int(text: str) -> int:
-    try:
-        val = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if val <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return val
+def _positive(convert, what: str):
+    """argparse type: ``convert(text)``, which must be > 0."""
+    def parse(text: str):
+        try:
+            val = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not val > 0:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return val
+
+    parse.__name__ = f"positive_{convert.__name__}"
+    return parse
+
+
+positive_int = _positive(int, "a positive integer")
+positive_float = _positive(float, "a positive number")
+
+
+def add_run_args(p: argparse.ArgumentParser, name: str, *, default_mode: str) -> None:
+    """The flags every server benchmark shares: ``--seed``, ``--out`` (default ``benchmark/out/NAME``),
+    ``--no-plot``, and the servers' (``add_server_args``)."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("benchmark/out") / name)
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    add_server_args(p, default_mode=default_mode)
 
 
 def add_server_args(p: argparse.ArgumentParser, *, default_mode: str, default_budget: int = 1024) -> None:
@@ -356,6 +374,34 @@ def write_result(out_dir: Path, name: str, payload: dict) -> Path:
     return path
 
 
+def figure(*args, **kw):
+    """``plt.subplots`` on matplotlib's Agg backend (no display needed): the first step of every plot here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kw)
+
+
+def finish_axes(ax, xlabel: str, ylabel: str, *, title: str | None = None, y_from_zero: bool = True,
+                legend_size=None) -> None:
+    """Axis labels, the title, y from 0, a light grid and the legend: how the line plots here end."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if y_from_zero:
+        ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def k_label(n: int) -> str:
+    """A token count as a tick label: ``4K`` for multiples of 1024, else the number."""
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def save_figure(fig, path: Path) -> None:
     """Lay out, write (PNG, 110 dpi), close, and say so: the last step of every plot here."""
     import matplotlib.pyplot as plt
@@ -372,6 +418,19 @@ def median(vals: list[float]) -> float:
 
 def fmt_ratio(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{x:.2f}x"
+
+
+def print_table(columns: list, rows) -> None:
+    """A right-aligned text table on stdout: ``columns`` is a list of ``(header, width, cell)``, ``cell(row)`` the
+    text (or number) of one row's entry."""
+    print(" ".join(f"{head:>{width}}" for head, width, _ in columns))
+    for row in rows:
+        print(" ".join(f"{cell(row):>{width}}" for _, width, cell in columns))
+
+
+def mux_over_stock_column(systems) -> list:
+    """The ``mux/stock`` column of a table whose rows carry ``mux_over_stock``, when both systems ran."""
+    return [("mux/stock", 10, lambda r: f"{r['mux_over_stock']:.2f}x")] if len(systems) == 2 else []
 
 
 # ----------------------------------------------------------------------------------------------- datasets

@@ -35,10 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=C.positive_ints, default=[1, 4], help="batch sizes (default 1,4)")
     p.add_argument("--output-tokens", type=C.positive_int, default=64, help="decode steps timed per request")
     p.add_argument("--repeats", type=C.positive_int, default=3, help="repeats per point (median reported)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmark/out/decode_latency"))
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    C.add_server_args(p, default_mode="keep")
+    C.add_run_args(p, "decode_latency", default_mode="keep")
     a = p.parse_args(argv)
     if min(a.contexts) <= SUFFIX_TOKENS:
         p.error(f"--contexts: every context must be > {SUFFIX_TOKENS} tokens, got {min(a.contexts)}")
@@ -127,17 +124,11 @@ def analyse(a: argparse.Namespace, systems: dict) -> dict:
 
 
 def print_table(a, analysis: dict, systems: dict) -> None:
-    names = list(systems)
-    head = f"{'batch':>5} {'ctx':>7} " + " ".join(f"{n + ' ms/step':>15} {n + ' growth':>13}" for n in names)
-    if len(names) == 2:
-        head += f" {'mux/stock':>10}"
-    print(head)
-    for row in analysis["table"]:
-        line = f"{row['batch']:>5} {row['context']:>7} " + " ".join(
-            f"{row[n + '_tpot_ms']:>15.2f} {row[n + '_growth']:>12.2f}x" for n in names)
-        if "mux_over_stock" in row:
-            line += f" {row['mux_over_stock']:>9.2f}x"
-        print(line)
+    cols = [("batch", 5, lambda r: r["batch"]), ("ctx", 7, lambda r: r["context"])]
+    for n in systems:
+        cols += [(n + " ms/step", 15, lambda r, n=n: f"{r[n + '_tpot_ms']:.2f}"),
+                 (n + " growth", 13, lambda r, n=n: f"{r[n + '_growth']:.2f}x")]
+    C.print_table(cols + C.mux_over_stock_column(systems), analysis["table"])
 
 
 def summary_line(a, analysis: dict, systems: dict) -> str:
@@ -147,34 +138,20 @@ def summary_line(a, analysis: dict, systems: dict) -> str:
         row = next(r for r in analysis["table"] if r["batch"] == batch and r["context"] == top)
         g = " ".join(f"{n} {row[n + '_growth']:.2f}x" for n in systems)
         ratio = f", mux/stock {row['mux_over_stock']:.2f}x" if "mux_over_stock" in row else ""
-        parts.append(f"batch {batch}: TPOT {_k(top)}/{_k(base)} {g}{ratio}")
+        parts.append(f"batch {batch}: TPOT {C.k_label(top)}/{C.k_label(base)} {g}{ratio}")
     return "SUMMARY decode_latency | " + " | ".join(parts)
 
 
-def _k(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
 def plot(a, systems: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(a.batches), figsize=(5.5 * len(a.batches), 4), squeeze=False)
+    fig, axes = C.figure(1, len(a.batches), figsize=(5.5 * len(a.batches), 4), squeeze=False)
     for ax, batch in zip(axes[0], a.batches):
         for name, res in systems.items():
             ys = [res["points"][f"{batch}:{c}"]["tpot_s"] * 1e3 for c in a.contexts]
             label = "stock SGLang (torch_native)" if name == "stock" else f"mux (budget {a.mux_budget}, {a.mux_mode})"
             ax.plot(a.contexts, ys, marker="o", label=label)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(a.contexts, [_k(c) for c in a.contexts])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("time per decode step (ms)")
-        ax.set_title(f"batch {batch}")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        ax.set_xticks(a.contexts, [C.k_label(c) for c in a.contexts])
+        C.finish_axes(ax, "context length (tokens)", "time per decode step (ms)", title=f"batch {batch}")
     fig.suptitle("Decode latency vs context (median of repeats)")
     C.save_figure(fig, path)
 

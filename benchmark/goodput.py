@@ -39,30 +39,17 @@ def parse_mix(text: str) -> list[tuple[int, float]]:
     return out
 
 
-def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-requests", type=C.positive_int, default=24)
-    p.add_argument("--rate", type=positive_float, default=0.25, help="mean arrivals per second (Poisson)")
+    p.add_argument("--rate", type=C.positive_float, default=0.25, help="mean arrivals per second (Poisson)")
     p.add_argument("--mix", type=parse_mix, default=parse_mix("1K:0.5,4K:0.3,16K:0.2"),
                    help="prompt lengths and weights, LENGTH:WEIGHT,... (default 1K:0.5,4K:0.3,16K:0.2)")
     p.add_argument("--output-tokens", type=C.positive_int, default=64)
-    p.add_argument("--slo-ttft", type=positive_float, default=10.0, help="TTFT SLO in seconds")
-    p.add_argument("--slo-tpot", type=positive_float, default=0.1, help="TPOT SLO in seconds")
+    p.add_argument("--slo-ttft", type=C.positive_float, default=10.0, help="TTFT SLO in seconds")
+    p.add_argument("--slo-tpot", type=C.positive_float, default=0.1, help="TPOT SLO in seconds")
     p.add_argument("--max-running-requests", type=C.positive_int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmark/out/goodput"))
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    C.add_server_args(p, default_mode="keep")
+    C.add_run_args(p, "goodput", default_mode="keep")
     a = p.parse_args(argv)
     if a.output_tokens < 2:
         p.error(f"--output-tokens: TPOT needs >= 2 tokens, got {a.output_tokens}")
@@ -133,25 +120,16 @@ def score(rows: list[dict], a: argparse.Namespace) -> dict:
 
 
 def plot(a, systems: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = C.figure(1, 2, figsize=(10, 4))
     for name, res in systems.items():
         ok = [r for r in res["requests"] if not r["error"]]
         axes[0].scatter([r["prompt_tokens"] for r in ok], [r["ttft_s"] for r in ok], label=name, alpha=0.7)
         axes[1].scatter([r["prompt_tokens"] for r in ok], [r["tpot_s"] * 1e3 for r in ok], label=name, alpha=0.7)
     axes[0].axhline(a.slo_ttft, color="gray", linestyle="--", label="SLO")
     axes[1].axhline(a.slo_tpot * 1e3, color="gray", linestyle="--", label="SLO")
-    axes[0].set_ylabel("TTFT (s)")
-    axes[1].set_ylabel("TPOT (ms)")
-    for ax in axes:
+    for ax, ylabel in zip(axes, ("TTFT (s)", "TPOT (ms)")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("prompt tokens")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        C.finish_axes(ax, "prompt tokens", ylabel, y_from_zero=False)
     fig.suptitle(f"Goodput trace: {a.num_requests} requests at {a.rate}/s")
     C.save_figure(fig, path)
 
@@ -181,10 +159,16 @@ def main(argv=None) -> int:
     C.write_result(a.out, "goodput", payload)
     if not a.no_plot:
         plot(a, systems, a.out / "goodput.png")
-    print(f"{'system':>6} {'TTFT p50':>9} {'TTFT p95':>9} {'TPOT p50':>9} {'TPOT p95':>9} {'SLO met':>8} {'errors':>6}")
-    for n, s in systems.items():
-        print(f"{n:>6} {s['ttft_p50_s']:>8.2f}s {s['ttft_p95_s']:>8.2f}s {s['tpot_p50_s'] * 1e3:>7.1f}ms "
-              f"{s['tpot_p95_s'] * 1e3:>7.1f}ms {s['slo_fraction']:>8.0%} {s['errors']:>6}")
+    def secs(key):
+        return lambda r: f"{r[key]:.2f}s"
+
+    def ms(key):
+        return lambda r: f"{r[key] * 1e3:.1f}ms"
+
+    C.print_table([("system", 6, lambda r: r["system"]), ("TTFT p50", 9, secs("ttft_p50_s")),
+                   ("TTFT p95", 9, secs("ttft_p95_s")), ("TPOT p50", 9, ms("tpot_p50_s")), ("TPOT p95", 9, ms("tpot_p95_s")),
+                   ("SLO met", 8, lambda r: f"{r['slo_fraction']:.0%}"), ("errors", 6, lambda r: r["errors"])],
+                  [dict(s, system=n) for n, s in systems.items()])
     print(payload["summary"])
     return 0
 

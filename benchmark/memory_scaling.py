@@ -42,10 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--poll-interval", type=float, default=0.05, help="seconds between allocator samples")
     p.add_argument("--ratio-base", type=C.positive_int, default=4096,
                    help="context the growth target is measured against (default 4K; must be one of --contexts)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmark/out/memory_scaling"))
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    C.add_server_args(p, default_mode="drop")
+    C.add_run_args(p, "memory_scaling", default_mode="drop")
     a = p.parse_args(argv)
     if not 0 < a.poll_interval <= 5:
         p.error(f"--poll-interval: must be in (0, 5] seconds, got {a.poll_interval}")
@@ -165,18 +162,14 @@ def analyse(a, systems: dict) -> list[dict]:
     return rows
 
 
-def _k(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
 def print_table(rows: list[dict], systems: dict, base: int) -> None:
     names = list(systems)
-    print(f"{'ctx':>7} " + " ".join(f"{n + ' MiB/req':>14} {n + ' peak':>11} {n + ' vs ' + _k(base):>13}" for n in names)
+    print(f"{'ctx':>7} " + " ".join(f"{n + ' MiB/req':>14} {n + ' peak':>11} {n + ' vs ' + C.k_label(base):>13}" for n in names)
           + (f" {'mux/stock':>10}" if len(names) == 2 else ""))
     tiered = [n for n in names if any(r[n + "_host_mib"] or r[n + "_disk_mib"] for r in rows)]
     for r in rows:
         for n in tiered:
-            print(f"{'':>7} {n} lower tiers at {_k(r['context'])}: host {r[n + '_host_mib']:.3f} MiB, "
+            print(f"{'':>7} {n} lower tiers at {C.k_label(r['context'])}: host {r[n + '_host_mib']:.3f} MiB, "
                   f"disk {r[n + '_disk_mib']:.3f} MiB")
         print(f"{r['context']:>7} " + " ".join(
             f"{r[n + '_decode_mib']:>14.3f} {r[n + '_peak_mib']:>11.3f} {_x(r[n + '_growth'], '>12.2f')}" for n in names)
@@ -185,19 +178,14 @@ def print_table(rows: list[dict], systems: dict, base: int) -> None:
 
 def summary_line(a, rows: list[dict], systems: dict) -> str:
     top = rows[-1]
-    parts = [f"{n} {top[n + '_decode_mib']:.2f} MiB/req at {_k(top['context'])} "
-             f"({_x(top[n + '_growth'], '.2f')} its {_k(a.ratio_base)} value)" for n in systems]
+    parts = [f"{n} {top[n + '_decode_mib']:.2f} MiB/req at {C.k_label(top['context'])} "
+             f"({_x(top[n + '_growth'], '.2f')} its {C.k_label(a.ratio_base)} value)" for n in systems]
     tail = f", mux/stock {_x(top['mux_over_stock'], '.3f')}" if "mux_over_stock" in top else ""
     return "SUMMARY memory_scaling | device bytes per request while decoding: " + "; ".join(parts) + tail
 
 
 def plot(a, systems: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = C.figure(figsize=(6, 4))
     for name, res in systems.items():
         label = "stock SGLang" if name == "stock" else f"mux (budget {a.mux_budget}, {a.mux_mode})"
         ys = [res["points"][c]["decode_bytes"]["device"] / 2**20 for c in a.contexts]
@@ -209,12 +197,9 @@ def plot(a, systems: dict, path: Path) -> None:
             ax.plot(a.contexts, [max(h, 1e-3) for h in host], marker="s", linestyle=":", label=label + ", host tier")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
-    ax.set_xticks(a.contexts, [_k(c) for c in a.contexts])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("device KV bytes per request (MiB)")
-    ax.set_title("Non-weight device memory per request (allocator accounting)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_xticks(a.contexts, [C.k_label(c) for c in a.contexts])
+    C.finish_axes(ax, "context length (tokens)", "device KV bytes per request (MiB)", y_from_zero=False,
+                  title="Non-weight device memory per request (allocator accounting)", legend_size=8)
     C.save_figure(fig, path)
 
 

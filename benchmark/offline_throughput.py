@@ -47,11 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunked-prefill-size", type=C.positive_int, default=None,
                    help="for both systems (default: the longest prompt + 256, one chunk per prompt: torch_native's "
                         "extend attends from every position, so each extra chunk costs another full prefill on CPU)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=C.positive_int, default=3600, help="seconds allowed per system")
-    p.add_argument("--out", type=Path, default=Path("benchmark/out/offline_throughput"))
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    C.add_server_args(p, default_mode="drop")
+    C.add_run_args(p, "offline_throughput", default_mode="drop")
     a = p.parse_args(argv)
     a.min_prompt_tokens, a.max_prompt_tokens = a.min_prompt_tokens[0], a.max_prompt_tokens[0]
     if a.min_prompt_tokens > a.max_prompt_tokens:
@@ -142,13 +139,8 @@ def _ratio(systems: dict) -> float:
 
 
 def plot(a, systems: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(systems)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, axes = C.figure(1, 2, figsize=(9, 3.8))
     vals = [systems[n]["result"]["output_throughput"] for n in names]
     axes[0].bar(names, vals, color=["tab:blue", "tab:orange"][: len(names)])
     axes[0].set_ylabel("output tokens / s")
@@ -183,11 +175,12 @@ def main(argv=None) -> int:
     C.write_result(a.out, "offline_throughput", payload)
     if not a.no_plot:
         plot(a, systems, a.out / "offline_throughput.png")
-    print(f"{'system':>6} {'out tok/s':>10} {'total tok/s':>12} {'latency s':>10} {'max running':>12}")
-    for n, r in systems.items():
-        res = r["result"]
-        print(f"{n:>6} {res['output_throughput']:>10.2f} {res['total_throughput']:>12.1f} "
-              f"{res['total_latency']:>10.1f} {str(r['max_running_requests_logged']):>12}")
+    C.print_table([("system", 6, lambda r: r["system"]),
+                   ("out tok/s", 10, lambda r: f"{r['result']['output_throughput']:.2f}"),
+                   ("total tok/s", 12, lambda r: f"{r['result']['total_throughput']:.1f}"),
+                   ("latency s", 10, lambda r: f"{r['result']['total_latency']:.1f}"),
+                   ("max running", 12, lambda r: str(r["max_running_requests_logged"]))],
+                  [dict(r, system=n) for n, r in systems.items()])
     print(payload["summary"])
     return 0
 

@@ -55,10 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--mux-sparse-prefill-block for the mux server (default: the server's)")
     p.add_argument("--chunked-prefill-size", type=C.positive_int, default=16384,
                    help="SGLang --chunked-prefill-size for both servers (default 16384)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmark/out/prefill_latency"))
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    C.add_server_args(p, default_mode="keep")
+    C.add_run_args(p, "prefill_latency", default_mode="keep")
     a = p.parse_args(argv)
     if min(a.lengths) < 16:
         p.error(f"--lengths: every prompt must have at least 16 tokens, got {min(a.lengths)}")
@@ -118,17 +115,9 @@ def analyse(a: argparse.Namespace, systems: dict) -> dict:
 
 
 def print_table(analysis: dict, systems: dict) -> None:
-    names = list(systems)
-    head = f"{'length':>7} {'sparse':>6} " + " ".join(f"{n + ' TTFT s':>13}" for n in names)
-    if len(names) == 2:
-        head += f" {'mux/stock':>10}"
-    print(head)
-    for row in analysis["table"]:
-        line = f"{row['length']:>7} {'yes' if row['sparse'] else 'no':>6} " + " ".join(
-            f"{row[n + '_ttft_s']:>13.3f}" for n in names)
-        if "mux_over_stock" in row:
-            line += f" {row['mux_over_stock']:>9.2f}x"
-        print(line)
+    cols = [("length", 7, lambda r: r["length"]), ("sparse", 6, lambda r: "yes" if r["sparse"] else "no")]
+    cols += [(n + " TTFT s", 13, lambda r, n=n: f"{r[n + '_ttft_s']:.3f}") for n in systems]
+    C.print_table(cols + C.mux_over_stock_column(systems), analysis["table"])
 
 
 def summary_line(a, analysis: dict, systems: dict) -> str:
@@ -139,22 +128,12 @@ def summary_line(a, analysis: dict, systems: dict) -> str:
 
 
 def plot(a, systems: dict, analysis: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = C.figure(figsize=(6, 4))
     for name, res in systems.items():
         ys = [res["points"][str(n)]["ttft_s"] for n in a.lengths]
         label = "stock SGLang" if name == "stock" else f"mux, sparse prefill from {a.sparse_min_tokens} tokens"
         ax.plot(a.lengths, ys, marker="o", label=label)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("TTFT (s)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Prefill latency vs prompt length (median of repeats)")
+    C.finish_axes(ax, "prompt length (tokens)", "TTFT (s)", title="Prefill latency vs prompt length (median of repeats)")
     C.save_figure(fig, path)
 
 
