@@ -5,7 +5,7 @@
 Drives the mux attention backend alone (``profile_decode.py --backend-only``'s synthetic set-up: the real model's
 attention shapes, synthetic KV, heavy scores and page summaries as a prefill leaves them, a chunk delimiter about
 every 10 tokens) at a budget of ``--budget-frac`` of the context, and times, per arm, (a) page selection alone
-(every layer's ``select_pages`` for every request: the leaves, the retrieval scores) and (b) the whole decode
+(every layer's ``StepPlanner.select`` for every request: the leaves, the retrieval scores) and (b) the whole decode
 attention step (plan + selection + gather + attention). Arms:
 
     page            the default split (sink, recent, heavy, retrieval=rest): pages ranked one by one
@@ -94,7 +94,7 @@ def time_arm(a: argparse.Namespace, arm: str) -> dict:
         for layer in layers:
             lidx = layer.layer_id
             for i, p in enumerate(be._plan):
-                be.select_pages(qv[i], lidx, syn.r2t.req_to_token[p.row], p, layer.scaling)
+                be.planner.select(p, lidx, qv[i], syn.r2t.req_to_token[p.row], layer.scaling)
 
     out = {}
     for name, fn in (("select_ms", select_only), ("step_ms", lambda step: syn.mux(syn.batch(step)))):
@@ -107,7 +107,7 @@ def time_arm(a: argparse.Namespace, arm: str) -> dict:
             runs.append((time.perf_counter() - t0) / a.steps * 1e3)
         out[name] = statistics.median(runs)
     p = be._plan[0]
-    pages, by_leaf = be.select_pages(qv[0], 0, syn.r2t.req_to_token[p.row], p, layers[0].scaling)
+    pages, by_leaf, *_ = be.planner.select(p, 0, qv[0], syn.r2t.req_to_token[p.row], layers[0].scaling)
     out["pages_read_layer0"] = int(pages.numel())
     out["by_leaf_layer0"] = by_leaf
     return out

@@ -6,7 +6,7 @@
   ``accumulate_decode_mass`` (output and heavy scores), for ragged page lists and a request reading only its
   tail page.
 * The backend's routed step on a mixed batch: routed rows == the per-request reference over the pages
-  ``select_pages`` chooses, exact rows == per-request SDPA over the whole context.
+  the planner's ``select`` chooses, exact rows == per-request SDPA over the whole context.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from torch.nn.functional import scaled_dot_product_attention
 
-from sglang_mux.attention.backend import MuxAttentionBackend, _ReqPlan
+from sglang_mux.attention.backend import MuxAttentionBackend
+from sglang_mux.attention.step_planner import RequestPlan
 from sglang_mux.attention.batched_decode import (
     batched_attend,
     exact_slots,
@@ -29,7 +30,7 @@ from sglang_mux.attention.importance import accumulate_decode_mass
 from sglang_mux.attention.routed_decode import attend, page_positions
 from sglang_mux.config import MuxConfig
 from sglang_mux.request_options import MuxRequestOptions
-from sglang_mux.router.requests import RequestState
+from sglang_mux.memory.requests import RequestMemory
 from sglang_mux.router.spine import StaticSpineRouter
 
 HQ, HKV, D, P = 6, 2, 16, 8
@@ -141,9 +142,9 @@ def test_mixed_batch_routed_step_equals_the_per_request_reference():
     layer = SimpleNamespace(layer_id=0, tp_q_head_num=HQ, tp_k_head_num=HKV, qk_head_dim=D, v_head_dim=D,
                             scaling=D**-0.5, is_cross_attention=False)
     router = StaticSpineRouter(cfg)
-    states = [RequestState() for _ in lens]
+    states = [RequestMemory() for _ in lens]
     states[0].scores(1, 64, "cpu")[0, 9] = 3.0  # heavy scores for the first routed request
-    plan = [_ReqPlan(f"r{i}", i + 1, L, router.grant(L, MuxRequestOptions()), st) for i, (L, st) in enumerate(zip(lens, states))]
+    plan = [RequestPlan(f"r{i}", i + 1, L, router.grant(L, MuxRequestOptions()), st) for i, (L, st) in enumerate(zip(lens, states))]
     assert [p.grant.exact for p in plan] == [False, True, False, True]
     q = torch.randn(len(lens), HQ * D, generator=torch.Generator().manual_seed(6))
     qv = q.view(-1, HQ, D)
@@ -157,7 +158,7 @@ def test_mixed_batch_routed_step_equals_the_per_request_reference():
             s = row[: p.seq_len].long()
             want.append(ref64(qv[i], k_buf[s], v_buf[s], layer.scaling))
             continue
-        pages, _ = be.select_pages(qv[i], 0, row, p, layer.scaling)
+        pages, *_ = be.planner.select(p, 0, qv[i], row, layer.scaling)
         pos = page_positions(pages, p.seq_len, P)
         s = row[pos].long()
         want.append(ref64(qv[i], k_buf[s], v_buf[s], layer.scaling))

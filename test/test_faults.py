@@ -41,7 +41,7 @@ from sglang_mux.memory.integrity import MuxIntegrityError, PoolCounts, RowOwner,
 from sglang_mux.memory.staging import StagingArea
 from sglang_mux.memory.tiers import DiskTier, TierManager
 from sglang_mux.metrics import STATS
-from sglang_mux.router.requests import RequestRegistry
+from sglang_mux.memory.requests import RequestRegistry
 
 P, L = 8, 300  # 38 pages, the last one partial
 REC = 2 * P * HKV * D * 4  # one page record: one layer, K and V, float32
@@ -88,7 +88,7 @@ def assert_routed_step_exact(ns) -> None:
     """The routed step's output == float64 attention over the original K/V of the pages the leaves chose."""
     (p,) = ns.be._plan
     q = torch.randn(1, HQ * D, generator=ns.g)
-    pages, _ = ns.be.select_pages(q.view(HQ, D), 0, ns.r2t.req_to_token[1], p, ns.layer.scaling)
+    pages, *_ = ns.be.planner.select(p, 0, q.view(HQ, D), ns.r2t.req_to_token[1], ns.layer.scaling)
     assert set(pages.tolist()) & set(ns.st.demoted), "the step should read some demoted pages"
     out = ns.be._routed_decode(q, ns.layer, ns.be._plan)
     assert ns.st.error is None, ns.st.error

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_routed_decode import make_backend
 
-from sglang_mux.attention.backend import _ReqPlan
+from sglang_mux.attention.step_planner import RequestPlan
 from sglang_mux.config import MuxConfig, MuxConfigError
 from sglang_mux.leaves import ranked_shares
 from sglang_mux.request_options import MuxRequestError, MuxRequestOptions, parse_request_options
@@ -104,12 +104,12 @@ def test_routed_step_reads_each_layers_pages(policy):
     table[0, 40] = 5.0  # layer 0 concentrated; the others spread
     table[1:] += torch.rand(3, table.shape[1], generator=torch.Generator().manual_seed(1))
     grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
-    p = _ReqPlan("r", 1, L, grant, st)
-    per_layer = [be.layer_grant(p, i) for i in range(4)]
+    p = RequestPlan("r", 1, L, grant, st)
+    per_layer = [be.planner.layer_grant(p, i) for i in range(4)]
     for s in grant.pages:
         assert sum(g[s] for g in per_layer) == 4 * grant[s]
     q = torch.randn(HQ_D := (layer.tp_q_head_num, layer.qk_head_dim), generator=torch.Generator().manual_seed(2))
-    pages, by_leaf = be.select_pages(q, 0, r2t.req_to_token[1], p, layer.scaling)
+    pages, by_leaf, *_ = be.planner.select(p, 0, q, r2t.req_to_token[1], layer.scaling)
     assert by_leaf["sink_heavy"] + by_leaf["retrieval"] + by_leaf["recent"] <= per_layer[0].total_pages
     assert by_leaf["retrieval"] == per_layer[0]["retrieval"]
     if policy == "uniform":
@@ -119,4 +119,4 @@ def test_routed_step_reads_each_layers_pages(policy):
     else:
         assert per_layer[0]["retrieval"] < grant["retrieval"]  # the concentrated layer gives pages away
         assert st.layer_factors is not None and st.layer_factors[0] == min(st.layer_factors)
-    assert be.layer_grant(p, 0) is per_layer[0]  # computed once per step
+    assert be.planner.layer_grant(p, 0) is per_layer[0]  # computed once per step

@@ -29,7 +29,7 @@ from sglang_mux.attention.routed_decode import page_positions
 from sglang_mux.config import MuxConfig
 from sglang_mux.leaves import LEAVES, get_leaf
 from sglang_mux.memory.tiers import TierManager, record_nbytes
-from sglang_mux.router.requests import RequestRegistry
+from sglang_mux.memory.requests import RequestRegistry
 
 P, L = 8, 300  # 38 pages, the last one partial
 ROUTED_BUDGET, EXACT_BUDGET = 64, 512
@@ -78,7 +78,7 @@ def run_case(leaf_name: str, mode: str, routed: bool, seed: int = 0) -> dict:
 
     q = torch.randn(1, HQ * D, generator=g)
     if routed:
-        pages, by_leaf = be.select_pages(q.view(HQ, D), 0, r2t.req_to_token[1], p, layer.scaling)
+        pages, by_leaf, *_ = be.planner.select(p, 0, q.view(HQ, D), r2t.req_to_token[1], layer.scaling)
         positions = page_positions(pages, L, P)
     else:
         pages, by_leaf, positions = torch.arange(n), {}, torch.arange(L)

@@ -236,32 +236,21 @@ def test_demoted_pages_keep_a_quantized_device_copy_that_routed_decode_reads(bit
     from types import SimpleNamespace
 
     from mux_kernels.reference import routed_decode as ref_routed_decode
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+    from test_routed_decode import make_backend
 
-    from sglang_mux.attention.backend import MuxAttentionBackend, _ReqPlan
+    from sglang_mux.attention.step_planner import RequestPlan
     from sglang_mux.memory.cold_pages import ColdPageMover
     from sglang_mux.memory.tiers import TierManager
     from sglang_mux.metrics import STATS
     from sglang_mux.request_options import MuxRequestOptions
-    from sglang_mux.router.requests import RequestState
+    from sglang_mux.memory.requests import RequestMemory
     from sglang_mux.router.spine import StaticSpineRouter
 
     hq, hkv, d, P, L = 4, 2, 32, 8, 400
     cfg = MuxConfig(budget=64, page_size=P, leaves="sink=8,recent=8,retrieval=rest", missing_page=mode)
-    g = torch.Generator().manual_seed(11)
-    kv = MHATokenToKVPool(size=4096, page_size=P, dtype=torch.float32, head_num=hkv, head_dim=d, layer_num=1,
-                          device="cpu", enable_memory_saver=False)
-    r2t = ReqToTokenPool(size=4, max_context_len=4096, device="cpu", enable_memory_saver=False)
-    phys = torch.randperm(4096 // P - 1, generator=g)[: (L + P - 1) // P] + 1
-    slots = (phys.view(-1, 1) * P + torch.arange(P)).flatten()[:L]
-    r2t.req_to_token[1, :L] = slots.to(torch.int32)
-    kv.get_key_buffer(0)[slots] = torch.randn(L, hkv, d, generator=g)
+    be, layer, kv, r2t, slots = make_backend(cfg, L, seed=11, hq=hq, hkv=hkv, d=d)
     kv.get_key_buffer(0)[slots, :, 3] *= 20  # an outlier key channel
-    kv.get_value_buffer(0)[slots] = torch.randn(L, hkv, d, generator=g)
-    be = MuxAttentionBackend(SimpleNamespace(req_to_token_pool=r2t, token_to_kv_pool=kv), inner=None, mux_config=cfg)
     be.summaries.rebuild_from_keys(0, r2t.req_to_token[1], 0, L)
-    layer = SimpleNamespace(layer_id=0, tp_q_head_num=hq, tp_k_head_num=hkv, qk_head_dim=d, v_head_dim=d,
-                            scaling=d**-0.5, is_cross_attention=False)
     freed = []
     mover = ColdPageMover(kv_pool=kv, allocator=SimpleNamespace(free=freed.append), req_to_token=r2t.req_to_token,
                           summaries=be.summaries, tiers=TierManager(host_bytes=1 << 24), page_size=P, num_layers=1,
@@ -269,9 +258,9 @@ def test_demoted_pages_keep_a_quantized_device_copy_that_routed_decode_reads(bit
     be.cold = mover
     k_exact, v_exact = kv.get_key_buffer(0).clone(), kv.get_value_buffer(0).clone()
 
-    st = RequestState(protected_len=0)
+    st = RequestMemory(protected_len=0)
     grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
-    plan = [_ReqPlan("r", 1, L, grant, st)]
+    plan = [RequestPlan("r", 1, L, grant, st)]
     mover.demote(plan[0], cfg.replace(host_bytes=1 << 24, cold_bits=bits, quant_group=16))
     n = (L + P - 1) // P
     demoted = sorted(st.demoted)
@@ -292,7 +281,7 @@ def test_demoted_pages_keep_a_quantized_device_copy_that_routed_decode_reads(bit
 
     q = torch.randn(1, hq, d, generator=torch.Generator().manual_seed(2))
     skipped, waited = STATS.staging_skipped, STATS.staging_waited
-    pages, _ = be.select_pages(q[0], 0, r2t.req_to_token[1], plan[0])
+    pages, *_ = be.planner.select(plan[0], 0, q[0], r2t.req_to_token[1])
     assert any(int(x) in st.demoted for x in pages.tolist())  # retrieval reads demoted pages
     got = be._routed_decode(q.reshape(1, -1), layer, plan)
     assert (STATS.staging_skipped, STATS.staging_waited) == (skipped, waited)  # never fetched from the tiers

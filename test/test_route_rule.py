@@ -22,7 +22,7 @@ from sglang_mux.attention.backend import MuxAttentionBackend
 from sglang_mux.config import MuxConfig
 from sglang_mux.memory.radix_cache import MuxRadixCache
 from sglang_mux.router.grant import grant_for
-from sglang_mux.router.requests import REGISTRY
+from sglang_mux.memory.requests import REGISTRY
 from sglang_mux.router.route_rule import may_route, routes_now, scores_heavy_hitters
 
 P = 4
@@ -99,7 +99,7 @@ def test_cache_and_backend_decide_with_the_requests_budget(admitted, custom_para
     matched = cache_holding(tokens).match_prefix(MatchPrefixParams(key=RadixKey(tokens), req=req)).device_prefix_len
     # a routable prompt recomputes its observation window (its last 16 tokens), whatever the cache holds
     assert matched == (PROMPT - 16 if routable else PROMPT)
-    assert backend()._wants_heavy_scores(req.rid, PROMPT) is routable
+    assert backend().planner.wants_heavy_scores(req.rid, PROMPT) is routable
 
 
 def test_without_a_request_the_cache_uses_the_servers_budget():

@@ -16,7 +16,8 @@ import torch
 from mux_kernels.reference import routed_decode as ref_routed_decode
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
-from sglang_mux.attention.backend import MuxAttentionBackend, _ReqPlan
+from sglang_mux.attention.backend import MuxAttentionBackend
+from sglang_mux.attention.step_planner import RequestPlan
 from sglang_mux.attention.routed_decode import (
     attend,
     combine_head_bounds,
@@ -27,7 +28,7 @@ from sglang_mux.attention.routed_decode import (
 )
 from sglang_mux.config import MuxConfig
 from sglang_mux.request_options import MuxRequestOptions
-from sglang_mux.router.requests import RequestState
+from sglang_mux.memory.requests import RequestMemory
 from sglang_mux.router.spine import StaticSpineRouter
 
 HQ, HKV, D = 4, 2, 16
@@ -67,23 +68,26 @@ def test_quest_score_bounds_every_key_in_the_page():
     assert torch.all(scores >= exact - 1e-5)
 
 
-def make_backend(cfg: MuxConfig, L: int, seed: int = 0):
+def make_backend(cfg: MuxConfig, L: int, seed: int = 0, *, hq: int = HQ, hkv: int = HKV, d: int = D):
+    """A mux backend (no wrapped backend) over a one-layer float32 SGLang pool holding one request of ``L``
+    random tokens in req_to_token row 1, its page summaries built; ``hq`` / ``hkv`` / ``d`` are the head shapes.
+    Returns (backend, layer, kv pool, req_to_token pool, the request's slots)."""
     P = cfg.page_size
     g = torch.Generator().manual_seed(seed)
-    kv = MHATokenToKVPool(size=4096, page_size=P, dtype=torch.float32, head_num=HKV, head_dim=D, layer_num=1,
+    kv = MHATokenToKVPool(size=4096, page_size=P, dtype=torch.float32, head_num=hkv, head_dim=d, layer_num=1,
                           device="cpu", enable_memory_saver=False)
     r2t = ReqToTokenPool(size=4, max_context_len=4096, device="cpu", enable_memory_saver=False)
     # page-aligned slots, scattered pages (as a paged allocator hands them out)
     pages = torch.randperm(4096 // P - 1, generator=g)[: (L + P - 1) // P] + 1
     slots = (pages.view(-1, 1) * P + torch.arange(P)).flatten()[:L]
     r2t.req_to_token[1, :L] = slots.to(torch.int32)
-    kv.get_key_buffer(0)[slots] = torch.randn(L, HKV, D, generator=g)
-    kv.get_value_buffer(0)[slots] = torch.randn(L, HKV, D, generator=g)
+    kv.get_key_buffer(0)[slots] = torch.randn(L, hkv, d, generator=g)
+    kv.get_value_buffer(0)[slots] = torch.randn(L, hkv, d, generator=g)
     runner = SimpleNamespace(req_to_token_pool=r2t, token_to_kv_pool=kv)
     be = MuxAttentionBackend(runner, inner=None, mux_config=cfg)
     be.summaries.rebuild_from_keys(0, r2t.req_to_token[1], 0, L)
-    layer = SimpleNamespace(layer_id=0, tp_q_head_num=HQ, tp_k_head_num=HKV, qk_head_dim=D, v_head_dim=D,
-                            scaling=D**-0.5, is_cross_attention=False)
+    layer = SimpleNamespace(layer_id=0, tp_q_head_num=hq, tp_k_head_num=hkv, qk_head_dim=d, v_head_dim=d,
+                            scaling=d**-0.5, is_cross_attention=False)
     return be, layer, kv, r2t, slots
 
 
@@ -96,10 +100,10 @@ def test_routed_step_matches_reference_and_obeys_grant():
     needle = slots[40 * 8 : 41 * 8]
     kv.get_key_buffer(0)[needle] = 3.0 * q[0].view(HKV, HQ // HKV, D).mean(1)
     be.summaries.rebuild_from_keys(0, r2t.req_to_token[1], 40 * 8, 41 * 8)
-    st = RequestState()
+    st = RequestMemory()
     grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
-    plan = [_ReqPlan("r", 1, L, grant, st)]
-    pages, by_leaf = be.select_pages(q[0], 0, r2t.req_to_token[1], plan[0])
+    plan = [RequestPlan("r", 1, L, grant, st)]
+    pages, by_leaf, *_ = be.planner.select(plan[0], 0, q[0], r2t.req_to_token[1])
     n_pages = (L + 7) // 8
     assert pages.tolist() == sorted(set(pages.tolist()))
     assert pages.numel() <= cfg.budget // 8 + 1
@@ -120,7 +124,7 @@ def test_request_that_fits_its_budget_is_exact():
     grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
     assert grant.exact
     q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(9))
-    out = be._routed_decode(q.reshape(1, -1), layer, [_ReqPlan("r", 1, L, grant, RequestState())])
+    out = be._routed_decode(q.reshape(1, -1), layer, [RequestPlan("r", 1, L, grant, RequestMemory())])
     ref = ref_attention(q[0], kv.get_key_buffer(0)[slots], kv.get_value_buffer(0)[slots], layer.scaling)
     assert torch.allclose(out.view(HQ, D).double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -129,11 +133,12 @@ def test_heavy_hitters_come_from_scores():
     cfg = MuxConfig(budget=64, page_size=8, leaves="sink=8,recent=8,heavy=16,retrieval=rest")
     L = 400
     be, layer, kv, r2t, slots = make_backend(cfg, L, seed=4)
-    st = RequestState()
+    st = RequestMemory()
     table = st.scores(1, (L + 7) // 8, "cpu")
     table[0, 17], table[0, 23] = 5.0, 4.0
     grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
-    pages, by_leaf = be.select_pages(torch.zeros(HQ, D), 0, r2t.req_to_token[1], _ReqPlan("r", 1, L, grant, st))
+    pages, by_leaf, *_ = be.planner.select(RequestPlan("r", 1, L, grant, st), 0, torch.zeros(HQ, D),
+                                           r2t.req_to_token[1])
     assert by_leaf["sink_heavy"] == 1 + 2 and {0, 17, 23} <= set(pages.tolist())
 
 
@@ -146,10 +151,10 @@ def test_a_failing_request_is_marked_and_the_batch_goes_on():
     L = 300
     be, layer, kv, r2t, slots = make_backend(cfg, L, seed=6)
     grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
-    good, bad = RequestState(), RequestState()
+    good, bad = RequestMemory(), RequestMemory()
     bad.demoted = {5: ("gone", 5)}  # a page said to be off the device, with no tier behind it
     q = torch.randn(2, HQ * D, generator=torch.Generator().manual_seed(1))
-    plan = [_ReqPlan("bad", 1, L, grant, bad), _ReqPlan("good", 1, L, grant, good)]
+    plan = [RequestPlan("bad", 1, L, grant, bad), RequestPlan("good", 1, L, grant, good)]
     out = be._routed_decode(q, layer, plan)
     assert bad.error is not None and "bad" not in (good.error or "")
     assert torch.all(out[0] == 0) and torch.isfinite(out[1]).all() and out[1].abs().sum() > 0
@@ -171,13 +176,13 @@ def test_demoted_pages_are_read_through_staging(mode):
     be, layer, kv, r2t, slots = make_backend(cfg, L, seed=7)
     q = torch.randn(1, HQ, D, generator=torch.Generator().manual_seed(2))
     grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
-    ref_state = RequestState()
-    pages, _ = be.select_pages(q[0], 0, r2t.req_to_token[1], _ReqPlan("r", 1, L, grant, ref_state))
-    want = be._routed_decode(q.reshape(1, -1), layer, [_ReqPlan("r", 1, L, grant, ref_state)])
+    ref_state = RequestMemory()
+    pages, *_ = be.planner.select(RequestPlan("r", 1, L, grant, ref_state), 0, q[0], r2t.req_to_token[1])
+    want = be._routed_decode(q.reshape(1, -1), layer, [RequestPlan("r", 1, L, grant, ref_state)])
 
     # demote every chosen retrieval page by hand (what ColdPageMover.demote does), then poison its device slots
     be.cold.tiers = be.tiers = TierManager(host_bytes=1 << 20)
-    st = RequestState()
+    st = RequestMemory()
     st.staging = StagingArea(8, "cpu")
     retrieved = [int(x) for x in pages.tolist() if 1 <= x < (L // 8) - 1]
     be.cold._grow_cold_summaries(st, (L + 7) // 8, "cpu")
@@ -189,7 +194,7 @@ def test_demoted_pages_are_read_through_staging(mode):
         kmin, kmax = be.summaries.get(0, s[:1])
         st.cold_kmin[0, page], st.cold_kmax[0, page] = kmin[0], kmax[0]
         kv.get_key_buffer(0)[s] = 1e3  # the device page is reused by someone else
-    plan = [_ReqPlan("r", 1, L, grant, st)]
+    plan = [RequestPlan("r", 1, L, grant, st)]
     before = (STATS.staging_waited, STATS.staging_skipped)
     got = be._routed_decode(q.reshape(1, -1), layer, plan)
     if mode == "wait":
@@ -215,7 +220,7 @@ def test_summary_cache_chooses_what_the_pool_gather_chooses_step_after_step(grou
     L0 = 500
     be, layer, kv, r2t, slots = make_backend(cfg, L0 + 40, seed=11)
     row = r2t.req_to_token[1]
-    cached, gathered = RequestState(), RequestState()
+    cached, gathered = RequestMemory(), RequestMemory()
     g = torch.Generator().manual_seed(12)
     be.summaries.rebuild_from_keys(0, row, 0, L0)
     for L in range(L0 + 1, L0 + 41):
@@ -223,12 +228,12 @@ def test_summary_cache_chooses_what_the_pool_gather_chooses_step_after_step(grou
         kv.get_key_buffer(0)[slots[L - 1]] = 5 * torch.randn(HKV, D, generator=g)
         grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
         q = torch.randn(HQ, D, generator=g)
-        a = be.select_pages(q, 0, row, _ReqPlan("a", 1, L, grant, cached))
-        scores_a = be.page_scores(q, 0, row, _ReqPlan("a", 1, L, grant, cached))
-        be._uses_summary_cache = lambda p: False
-        b = be.select_pages(q, 0, row, _ReqPlan("b", 1, L, grant, gathered))
-        scores_b = be.page_scores(q, 0, row, _ReqPlan("b", 1, L, grant, gathered))
-        del be._uses_summary_cache
+        a = be.planner.select(RequestPlan("a", 1, L, grant, cached), 0, q, row)
+        scores_a = be.planner.page_scores(RequestPlan("a", 1, L, grant, cached), 0, q, row)
+        be.planner.uses_summary_cache = lambda p: False
+        b = be.planner.select(RequestPlan("b", 1, L, grant, gathered), 0, q, row)
+        scores_b = be.planner.page_scores(RequestPlan("b", 1, L, grant, gathered), 0, q, row)
+        del be.planner.uses_summary_cache
         assert torch.equal(a[0], b[0]) and a[1] == b[1], L
         # the page holding this step's token is stale in both (folded in after attention) and always read
         # by the recent leaf; every completed page must score the same
@@ -299,11 +304,11 @@ def test_two_level_retrieval_finds_a_needle_and_keeps_group_summaries_current():
     needle = slots[200 * 8 : 201 * 8]
     kv.get_key_buffer(0)[needle] = 3.0 * q.view(HKV, HQ // HKV, D).mean(1)
     be.summaries.rebuild_from_keys(0, row, 0, L0)
-    st = RequestState()
+    st = RequestMemory()
     for L in range(L0 + 1, L0 + 71):
         kv.get_key_buffer(0)[slots[L - 1]] = torch.randn(HKV, D, generator=g)
         grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
-        pages, by_leaf = be.select_pages(q, 0, row, _ReqPlan("r", 1, L, grant, st))
+        pages, by_leaf, *_ = be.planner.select(RequestPlan("r", 1, L, grant, st), 0, q, row)
         assert 200 in pages.tolist(), L
         assert by_leaf["retrieval"] == grant["retrieval"]
         be.summaries.update_decode(0, slots[L - 1 : L], torch.tensor([L - 1]), kv.get_key_buffer(0)[slots[L - 1 : L]])
@@ -326,9 +331,9 @@ def test_drop_mode_scores_every_page_and_keeps_nothing_per_request():
     be, layer, kv, r2t, slots = make_backend(cfg, L, seed=7)
     row = r2t.req_to_token[1]
     q = torch.randn(HQ, D, generator=torch.Generator().manual_seed(8))
-    st = RequestState()
+    st = RequestMemory()
     grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
-    got = be.page_scores(q, 0, row, _ReqPlan("d", 1, L, grant, st))
+    got = be.planner.page_scores(RequestPlan("d", 1, L, grant, st), 0, q, row)
     n = (L + 7) // 8
     keys = kv.get_key_buffer(0)[slots]
     pad = torch.cat([keys, keys[-1:].expand(n * 8 - L, HKV, D)]).view(n, 8, HKV, D)
@@ -391,6 +396,7 @@ def test_mass_rule_finds_a_needle_that_a_flat_loud_head_hides_from_the_bound_rul
         q[0:2, 0] = 10.0
         q[2:4, 1] = 3.0
         grant = StaticSpineRouter(cfg).grant(L, MuxRequestOptions())
-        pages, by_leaf = be.select_pages(q, 0, r2t.req_to_token[1], _ReqPlan("n", 1, L, grant, RequestState()))
+        pages, by_leaf, *_ = be.planner.select(RequestPlan("n", 1, L, grant, RequestMemory()), 0, q,
+                                               r2t.req_to_token[1])
         assert by_leaf["retrieval"] == grant["retrieval"] > 0
         assert (needle in pages.tolist()) is found, rule

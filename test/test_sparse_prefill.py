@@ -20,6 +20,7 @@ from sglang_mux.attention.sparse_prefill import (
     estimate_pattern,
     fixed_blocks,
     sparse_prefill_attention,
+    sparse_prefill_rows,
 )
 
 F64 = torch.float64
@@ -219,14 +220,14 @@ def _backend_setup(cfg, lens, prefixes, seed=0, hq=4, hk=2, d=16):
 
 
 def _admit(fb, *params):
-    from sglang_mux.router.requests import REGISTRY
+    from sglang_mux.memory.requests import REGISTRY
 
     for rid, p in zip(fb.rids, params):
         REGISTRY.admit(rid, p)
 
 
 def _release(fb):
-    from sglang_mux.router.requests import REGISTRY
+    from sglang_mux.memory.requests import REGISTRY
 
     for rid in fb.rids:
         REGISTRY.release(rid)
@@ -281,7 +282,7 @@ def test_backend_request_field_turns_it_on_and_off_and_full_keep_is_exact():
     be, layer, fb, q, k, v, *_ = _backend_setup(cfg, lens, prefixes, seed=5)
     _admit(fb, {"mux_sparse_prefill": True}, {"mux_sparse_prefill": False})
     try:
-        assert be._sparse_prefill_rows(layer, fb, k, v, True) == [True, False]
+        assert sparse_prefill_rows(layer, fb, k, v, True, be.registry, be.mux_config) == [True, False]
         out = be.forward_extend(q, k, v, layer, fb)
     finally:
         _release(fb)

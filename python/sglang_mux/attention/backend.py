@@ -35,8 +35,6 @@ from sglang_mux.platform import platform_attention_backend
 
 logger = logging.getLogger(__name__)
 
-_ReqPlan = RequestPlan  # the former private name
-
 
 def _on_planner(name: str) -> property:
     """An attribute the step planner owns, read, set and deleted through the backend."""
@@ -48,7 +46,6 @@ class MuxAttentionBackend(AttentionBackend):
     # The planner's objects, as the backend always exposed them (tests swap the registry, tiers or cold mover here).
     router, registry, summaries = _on_planner("router"), _on_planner("registry"), _on_planner("summaries")
     tiers, cold, num_layers = _on_planner("tiers"), _on_planner("cold"), _on_planner("num_layers")
-    _uses_summary_cache = _on_planner("uses_summary_cache")
 
     def __init__(self, model_runner, inner: AttentionBackend, mux_config: MuxConfig):
         super().__init__()
@@ -159,32 +156,17 @@ class MuxAttentionBackend(AttentionBackend):
     def glue_draft_metadata(self) -> str:
         return "mux plans each step on the host (the request's grant and pages), which a graph cannot replay"
 
-    # ------------------------------------------------------------------ the step planner's answers
+    # ------------------------------------------------------------------ the step planner's plan
+    # Page choice (``select``, ``page_scores``, ``layer_grant``) is the planner's: callers ask ``self.planner``.
     def _plan_step(self, fb) -> None:
         step = self.planner.plan_step(fb)
         self._plan = None if step is None else step.requests
         self._all_exact = True if step is None else step.all_exact
 
-    def select_pages(self, q_req, lidx: int, req_row, p: RequestPlan, scale: float | None = None):
-        """``StepPlanner.select``: the sorted pages one routed request reads at one layer, and how many each leaf chose."""
-        return self.planner.select(p, lidx, q_req, req_row, scale)
-
-    def page_scores(self, q_req, lidx: int, req_row, p: RequestPlan, scale: float | None = None) -> torch.Tensor:
-        return self.planner.page_scores(p, lidx, q_req, req_row, scale)
-
-    def layer_grant(self, p: RequestPlan, lidx: int):
-        return self.planner.layer_grant(p, lidx)
-
-    def _wants_heavy_scores(self, rid: str, seq_len: int) -> bool:
-        return self.planner.wants_heavy_scores(rid, seq_len)
-
     # ------------------------------------------------------------------ extend (exact, or block-sparse)
-    def _sparse_prefill_rows(self, layer, fb, k, v, save_kv_cache: bool) -> list[bool] | None:
-        return sparse_prefill_rows(layer, fb, k, v, save_kv_cache, self.registry, self.mux_config)
-
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         fb = forward_batch
-        sparse = self._sparse_prefill_rows(layer, fb, k, v, save_kv_cache)
+        sparse = sparse_prefill_rows(layer, fb, k, v, save_kv_cache, self.registry, self.mux_config)
         if sparse is None:
             o = self.inner.forward_extend(q, k, v, layer, fb, save_kv_cache=save_kv_cache, **kwargs)
         else:
@@ -239,8 +221,11 @@ class MuxAttentionBackend(AttentionBackend):
         if ok:
             heavy = [None if plan[i].state.heavy_scores is None else plan[i].state.heavy_scores[lidx] for i in ok]
             rows, lens, qs = step.select(ok, qv)
+            mass = [] if self.planner.measuring else None  # the router's signals
             out = routed_batch_attention(qs, k_buf, v_buf, self.req_to_token, rows, lens, pages, layer.scaling,
-                                         self.page_size, heavy, staged)
+                                         self.page_size, heavy, staged, mass)
+            if mass:
+                self.planner.observe_attention(lidx, ok, plan, mass[0])
             o[ok] = out.flatten(1).to(o.dtype)
         if lidx == 0:
             STATS.last_max_pages_read = max_pages
