@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from cpu_pools import kv_pool, req_to_token_pool
 from torch.nn.functional import scaled_dot_product_attention
 
 from sglang_mux.attention.backend import MuxAttentionBackend
@@ -71,9 +71,8 @@ def test_a_row_with_nothing_to_read_gives_zeros():
 
 def make_pool(lens, seed=0, layers=1):
     g = torch.Generator().manual_seed(seed)
-    kv = MHATokenToKVPool(size=8192, page_size=P, dtype=torch.float32, head_num=HKV, head_dim=D, layer_num=layers,
-                          device="cpu", enable_memory_saver=False)
-    r2t = ReqToTokenPool(size=len(lens) + 2, max_context_len=2048, device="cpu", enable_memory_saver=False)
+    kv = kv_pool(8192, P, HKV, D, layers)
+    r2t = req_to_token_pool(len(lens) + 2, 2048)
     phys = torch.randperm(8192 // P - 1, generator=g) + 1  # scattered pages, as a paged allocator hands them out
     used = 0
     for i, L in enumerate(lens):

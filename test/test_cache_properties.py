@@ -10,28 +10,21 @@ Random sequences of request admit (match + allocate + write keys + insert) / loc
 from __future__ import annotations
 
 import torch
+from cpu_pools import mux_radix_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
-from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from sglang_mux.memory.page_summaries import PageSummaryStore
-from sglang_mux.memory.radix_cache import MuxRadixCache, _subtract_ranges
+from sglang_mux.memory.radix_cache import _subtract_ranges
 
 P = 4
 POOL = 512
 
 
 def make():
-    kv = MHATokenToKVPool(size=POOL, page_size=P, dtype=torch.float32, head_num=2, head_dim=4, layer_num=1,
-                          device="cpu", enable_memory_saver=False)
-    alloc = PagedTokenToKVPoolAllocator(size=POOL, page_size=P, dtype=torch.float32, device="cpu", kvcache=kv,
-                                        need_sort=False)
-    cache = MuxRadixCache(CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=alloc,
-                                          page_size=P))
+    kv, alloc, cache = mux_radix_cache(POOL, P)
     store = PageSummaryStore([kv.get_key_buffer(0)], P)
     return kv, alloc, cache, store
 

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 import torch
-from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from cpu_pools import paged_allocator
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from test_routed_decode import HKV, HQ, D, make_backend, ref_attention
 
@@ -55,8 +55,7 @@ def tiered_request(tiers: TierManager, seed: int = 0) -> SimpleNamespace:
                     missing_page="wait")
     be, layer, kv, r2t, slots = make_backend(cfg, L, seed=seed)
     k_all, v_all = kv.get_key_buffer(0)[slots].clone(), kv.get_value_buffer(0)[slots].clone()
-    alloc = PagedTokenToKVPoolAllocator(size=4096, page_size=P, dtype=torch.float32, device="cpu", kvcache=kv,
-                                        need_sort=False)
+    alloc = paged_allocator(kv, 4096, P)
     every = alloc.alloc(alloc.available_size()).long()
     mine = set((slots // P).tolist())
     alloc.free(every[~torch.isin(every // P, torch.tensor(sorted(mine)))])

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from cpu_pools import paged_allocator
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from test_routed_decode import HKV, HQ, D, make_backend, ref_attention
 
@@ -54,8 +54,7 @@ def run_case(leaf_name: str, mode: str, routed: bool, seed: int = 0) -> dict:
     k_all, v_all = kv.get_key_buffer(0)[slots].clone(), kv.get_value_buffer(0)[slots].clone()
     n = (L + P - 1) // P
     # every slot of the pool is in use, so what the cold-page policy frees is exactly what the allocator gets back
-    alloc = PagedTokenToKVPoolAllocator(size=4096, page_size=P, dtype=torch.float32, device="cpu", kvcache=kv,
-                                        need_sort=False)
+    alloc = paged_allocator(kv, 4096, P)
     alloc.alloc(alloc.available_size())
     be.cold.allocator = alloc
     if mode == "tier":

@@ -12,10 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from cpu_pools import kv_pool, mux_radix_cache, req_to_token_pool
 from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
-from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from sglang_mux.attention.backend import MuxAttentionBackend
@@ -58,20 +56,14 @@ def test_grant_routes_exactly_when_the_rule_says(exact):
 
 # ------------------------------------------------------------------ the cache and the backend agree
 def cache_holding(tokens: list[int]) -> MuxRadixCache:
-    kv = MHATokenToKVPool(size=1024, page_size=P, dtype=torch.float32, head_num=2, head_dim=4, layer_num=1,
-                          device="cpu", enable_memory_saver=False)
-    alloc = PagedTokenToKVPoolAllocator(size=1024, page_size=P, dtype=torch.float32, device="cpu", kvcache=kv,
-                                        need_sort=False)
-    cache = MuxRadixCache(CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=alloc,
-                                          page_size=P), SERVER)
+    _, alloc, cache = mux_radix_cache(1024, P, mux_config=SERVER)
     cache.insert(InsertParams(key=RadixKey(tokens), value=alloc.alloc(len(tokens)).long()))
     return cache
 
 
 def backend() -> MuxAttentionBackend:
-    kv = MHATokenToKVPool(size=256, page_size=P, dtype=torch.float32, head_num=2, head_dim=4, layer_num=1,
-                          device="cpu", enable_memory_saver=False)
-    r2t = ReqToTokenPool(size=2, max_context_len=256, device="cpu", enable_memory_saver=False)
+    kv = kv_pool(256, P, 2, 4)
+    r2t = req_to_token_pool(2, 256)
     return MuxAttentionBackend(SimpleNamespace(req_to_token_pool=r2t, token_to_kv_pool=kv), None, SERVER)
 
 

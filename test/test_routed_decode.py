@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cpu_pools import kv_pool, req_to_token_pool
 from mux_kernels.reference import routed_decode as ref_routed_decode
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
 from sglang_mux.attention.backend import MuxAttentionBackend
 from sglang_mux.attention.step_planner import RequestPlan
@@ -74,9 +74,8 @@ def make_backend(cfg: MuxConfig, L: int, seed: int = 0, *, hq: int = HQ, hkv: in
     Returns (backend, layer, kv pool, req_to_token pool, the request's slots)."""
     P = cfg.page_size
     g = torch.Generator().manual_seed(seed)
-    kv = MHATokenToKVPool(size=4096, page_size=P, dtype=torch.float32, head_num=hkv, head_dim=d, layer_num=1,
-                          device="cpu", enable_memory_saver=False)
-    r2t = ReqToTokenPool(size=4, max_context_len=4096, device="cpu", enable_memory_saver=False)
+    kv = kv_pool(4096, P, hkv, d)
+    r2t = req_to_token_pool(4, 4096)
     # page-aligned slots, scattered pages (as a paged allocator hands them out)
     pages = torch.randperm(4096 // P - 1, generator=g)[: (L + P - 1) // P] + 1
     slots = (pages.view(-1, 1) * P + torch.arange(P)).flatten()[:L]

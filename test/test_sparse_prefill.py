@@ -177,15 +177,14 @@ def _backend_setup(cfg, lens, prefixes, seed=0, hq=4, hk=2, d=16):
 
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
     from sglang.srt.layers.radix_attention import AttentionType
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+    from cpu_pools import kv_pool, req_to_token_pool
 
     from sglang_mux.attention.backend import MuxAttentionBackend
 
     g = torch.Generator().manual_seed(seed)
     P = cfg.page_size
-    kv = MHATokenToKVPool(size=8192, page_size=P, dtype=torch.float32, head_num=hk, head_dim=d, layer_num=1,
-                          device="cpu", enable_memory_saver=False)
-    r2t = ReqToTokenPool(size=8, max_context_len=4096, device="cpu", enable_memory_saver=False)
+    kv = kv_pool(8192, P, hk, d)
+    r2t = req_to_token_pool(8, 4096)
     runner = SimpleNamespace(req_to_token_pool=r2t, token_to_kv_pool=kv, device="cpu")
     be = MuxAttentionBackend(runner, inner=TorchNativeAttnBackend(runner), mux_config=cfg)
     layer = SimpleNamespace(layer_id=0, tp_q_head_num=hq, tp_k_head_num=hk, qk_head_dim=d, v_head_dim=d,

@@ -109,22 +109,14 @@ def test_tiered_property():
 
 
 def test_evicted_tree_pages_are_matched_from_host_and_loaded_back_exactly():
-    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+    from cpu_pools import mux_radix_cache
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
-    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
     from sglang_mux.memory.page_summaries import PageSummaryStore
-    from sglang_mux.memory.radix_cache import MuxRadixCache
 
     P, size = 4, 256
-    kv = MHATokenToKVPool(size=size, page_size=P, dtype=torch.float32, head_num=2, head_dim=8, layer_num=2,
-                          device="cpu", enable_memory_saver=False)
-    alloc = PagedTokenToKVPoolAllocator(size=size, page_size=P, dtype=torch.float32, device="cpu", kvcache=kv,
-                                        need_sort=False)
-    cache = MuxRadixCache(CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=alloc,
-                                          page_size=P))
+    kv, alloc, cache = mux_radix_cache(size, P, head_dim=8, layer_num=2)
     cache.tiers = TierManager(host_bytes=1 << 20)
     toks = list(range(100, 100 + 6 * P))
     slots = alloc.alloc(6 * P).long()
