@@ -51,11 +51,16 @@ def test_split_mux_args_separates_our_flags():
         (["--mux-sparse-prefill-window-tokens", "-8"], "--mux-sparse-prefill-window-tokens", ">= 0"),
         (["--mux-sparse-prefill-pattern", "dense"], "--mux-sparse-prefill-pattern", "allowed: topk, vertical_slash"),
         (["--mux-cold-bits", "3"], "--mux-cold-bits", "allowed: 16, 8, 4, 2"),
+        (["--mux-cold-bits", "5"], "--mux-cold-bits", "allowed: 16, 8, 4, 2"),
+        (["--mux-cold-bits", "0"], "--mux-cold-bits", "allowed: 16, 8, 4, 2"),
         (["--mux-cold-bits", "32"], "--mux-cold-bits", "allowed: 16, 8, 4, 2"),
         (["--mux-cold-bits", "int4"], "--mux-cold-bits", "integer"),
         (["--mux-quant-group", "48"], "--mux-quant-group", "power of two in [4, 1024]"),
         (["--mux-quant-group", "2"], "--mux-quant-group", "power of two in [4, 1024]"),
         (["--mux-quant-group", "2048"], "--mux-quant-group", "power of two in [4, 1024]"),
+        (["--mux-quant-group", "24"], "--mux-quant-group", "power of two in [4, 1024]"),
+        (["--mux-quant-group", "1"], "--mux-quant-group", "power of two in [4, 1024]"),
+        (["--mux-quant-group", "4096"], "--mux-quant-group", "power of two in [4, 1024]"),
     ],
 )
 def test_bad_values_give_one_line_error_naming_the_flag(argv, flag, allowed):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sglang_mux.attention.routed_decode import attend, page_positions
-from sglang_mux.config import MuxConfig, MuxConfigError, split_mux_args
+from sglang_mux.config import MuxConfig
 from sglang_mux.memory.quantized_pages import (
     QuantizedPage,
     dequantize_page,
@@ -192,20 +192,8 @@ def test_routed_attention_over_exact_and_quantized_pages_matches_float64_referen
     assert dev[8] * 10 < dev[2], dev
 
 
-@pytest.mark.parametrize(
-    "argv, flag, allowed",
-    [
-        (["--mux-cold-bits", "5"], "--mux-cold-bits", "allowed: 16, 8, 4, 2"),
-        (["--mux-cold-bits", "0"], "--mux-cold-bits", "allowed: 16, 8, 4, 2"),
-        (["--mux-quant-group", "24"], "--mux-quant-group", "power of two in [4, 1024]"),
-        (["--mux-quant-group", "1"], "--mux-quant-group", "power of two in [4, 1024]"),
-        (["--mux-quant-group", "4096"], "--mux-quant-group", "power of two in [4, 1024]"),
-    ],
-)
-def test_bad_flags_name_the_flag_and_allowed_values(argv, flag, allowed):
-    with pytest.raises(MuxConfigError) as e:
-        split_mux_args(argv)
-    assert flag in str(e.value) and allowed in str(e.value) and "\n" not in str(e.value)
+def test_flags_accept_their_bounds():
+    # bad --mux-cold-bits / --mux-quant-group values: test_config.py's table of one-line flag errors
     assert (MuxConfig(cold_bits=2, quant_group=4).cold_bits, MuxConfig(quant_group=1024).quant_group) == (2, 1024)
 
 
