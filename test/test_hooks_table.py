@@ -39,7 +39,7 @@ INSTALLER_GROUPS = {"router", "stats-route", "validation-edge", "validation-toke
 
 def test_table_covers_every_target_once_per_hook():
     targets = {h.target for h in HOOKS}
-    assert len(HOOKS) == 22 and len(targets) == 18  # 20 HookRegistry hooks on 16 targets, a route, a setattr
+    assert len(HOOKS) == 24 and len(targets) == 19  # 22 HookRegistry hooks on 17 targets, a route, a setattr
     assert len({(h.target, h.hook) for h in HOOKS}) == len(HOOKS)
     assert {h.group for h in HOOKS} == INSTALLER_GROUPS
     assert all(h.kind in (*REGISTRY_KINDS, ROUTE, SETATTR) for h in HOOKS)

@@ -115,11 +115,30 @@ def test_samples_map_the_stats_fields():
     assert {n for n, _ in got} == {m.name for m in METRICS}
 
 
+def test_control_plane_samples():
+    st = stats_section(requests_with_mux_options=3, slo_deferred_requests=4, slo_deferred_steps=9, slo_shrunk_requests=2,
+                       slo_waiting_held=1, slo_step_samples=40, slo_last_predicted_tpot_ms=25.0,
+                       slo_tpot_model={"fixed_ms": 10.0, "per_request_ms": 2.0, "per_1k_kv_tokens_ms": 0.5, "samples": 40})
+    got = {(n, tuple(sorted(ls.items()))): v for n, ls, v in samples(st)}
+    assert got[("sglang_mux_requests_with_options_total", ())] == 3
+    assert got[("sglang_mux_slo_deferred_requests_total", ())] == 4
+    assert got[("sglang_mux_slo_deferred_steps_total", ())] == 9
+    assert got[("sglang_mux_slo_shrunk_requests_total", ())] == 2
+    assert got[("sglang_mux_slo_waiting_held_requests", ())] == 1
+    assert got[("sglang_mux_slo_step_samples_total", ())] == 40
+    assert got[("sglang_mux_slo_predicted_tpot_seconds", ())] == 0.025
+    assert got[("sglang_mux_slo_step_model_seconds", (("term", "fixed"),))] == 0.010
+    assert got[("sglang_mux_slo_step_model_seconds", (("term", "per_request"),))] == 0.002
+    assert got[("sglang_mux_slo_step_model_seconds", (("term", "per_1k_kv_tokens"),))] == 0.0005
+    empty = {(n, tuple(sorted(ls.items()))): v for n, ls, v in samples(stats_section())}
+    assert empty[("sglang_mux_slo_step_model_seconds", (("term", "fixed"),))] == 0.0  # not fitted yet
+
+
 def test_current_stats_reads_what_mux_stats_shows(monkeypatch):
     """The exporter's per-batch section (built shallowly) gives the same samples as ``MuxStats.as_dict``, the
     ``/mux/stats`` section, with the tier bytes refreshed from the cache's tiers as router/hooks.py does."""
     from sglang_mux.prometheus_metrics import current_stats
-    from sglang_mux.router.requests import REGISTRY
+    from sglang_mux.memory.requests import REGISTRY
 
     fields = dict(page_size=16, kv_bytes_per_token=1000, decode_steps=9, routed_request_steps=5, staging_hits=3,
                   device_kv_tokens_held={"a": 100, "b": 20}, last_pages_by_leaf={"recent": 4}, tier_bytes={"host": 1})

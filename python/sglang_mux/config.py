@@ -230,6 +230,23 @@ class MuxConfig:
         "and soak runs: it costs a pass over the running requests' rows and the tiers every step.",
     )
 
+    # control plane: SLO-aware admission (serving/admission.py)
+    slo_policy: str = _knob(
+        "off",
+        "SLO-aware admission on an aggregated server: a waiting request whose admission would make the running "
+        "batch's predicted decode step (TPOT) exceed --mux-slo-tpot is 'queue'd (held in the waiting queue until "
+        "the batch has room) or, with 'shrink', admitted with a smaller device-KV budget that fits (at least 1/8 "
+        "of its own, else held as with 'queue'). The step time is predicted from decode steps measured online. "
+        "'off': SGLang admits as usual.",
+        "off|queue|shrink",
+    )
+    slo_prior_steps: int = _knob(
+        64,
+        "Weight of the --mux-placement-costs decode-step costs as a prior of the online TPOT model, in measured "
+        "decode steps (0: measured steps only; large: the recorded costs dominate).",
+        "STEPS",
+    )
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -341,6 +358,13 @@ class MuxConfig:
                 raise MuxConfigError(f"--mux-placement-costs: {e}") from None
         # Parsing the leaf spec validates it (names, numbers, total within the budget).
         self.leaf_split(self.budget)
+        # control plane
+        if self.slo_policy not in ("off", "queue", "shrink"):
+            raise MuxConfigError(f"--mux-slo-policy: allowed: off, queue, shrink; got {self.slo_policy!r}")
+        if self.slo_policy == "shrink" and self.disable:
+            raise MuxConfigError("--mux-slo-policy: 'shrink' needs mux on (--mux-disable has no budget to shrink); use queue")
+        if self.slo_prior_steps < 0:
+            raise MuxConfigError(f"--mux-slo-prior-steps: must be >= 0, got {self.slo_prior_steps}")
 
     @property
     def tiered(self) -> bool:

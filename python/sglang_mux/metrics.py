@@ -48,6 +48,21 @@ class MuxStats:
     pd_heavy_scores_sent: int = 0
     pd_heavy_scores_received: int = 0
     device_kv_tokens_held: dict = field(default_factory=dict)
+    # control plane
+    # requests admitted with per-request mux fields (custom_params, or custom_labels through sglang-router), and
+    # those fields of the last one (serving/label_options.py)
+    requests_with_mux_options: int = 0
+    last_request_mux_options: dict = field(default_factory=dict)
+    # --mux-slo-policy (serving/admission.py): requests held in the waiting queue because admitting them would
+    # break --mux-slo-tpot, scheduler steps that held at least one, requests admitted with a smaller budget
+    # instead, requests held right now; decode steps timed for the online TPOT model, its fit and last prediction
+    slo_deferred_requests: int = 0
+    slo_deferred_steps: int = 0
+    slo_shrunk_requests: int = 0
+    slo_waiting_held: int = 0
+    slo_step_samples: int = 0
+    slo_tpot_model: dict = field(default_factory=dict)
+    slo_last_predicted_tpot_ms: float = 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)

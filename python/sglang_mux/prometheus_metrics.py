@@ -22,7 +22,7 @@ from sglang_mux.router.hooks import live_stats
 
 PREFIX = "sglang_mux_"
 COUNTER, GAUGE = "counter", "gauge"
-UNITS = ("bytes", "tokens", "pages", "steps", "requests", "lookups", "failures", "files")
+UNITS = ("bytes", "tokens", "pages", "steps", "requests", "lookups", "failures", "files", "seconds")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,32 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("sglang_mux_integrity_checks_total", COUNTER, "steps",
                "Scheduler steps whose memory invariants were verified (--mux-debug-invariants).",
                _field("integrity_checks")),
+    # control plane: per-request fields, SLO admission (serving/label_options.py, serving/admission.py)
+    MetricSpec("sglang_mux_requests_with_options_total", COUNTER, "requests",
+               "Requests admitted with per-request mux fields (custom_params, or custom_labels through sglang-router).",
+               _field("requests_with_mux_options")),
+    MetricSpec("sglang_mux_slo_deferred_requests_total", COUNTER, "requests",
+               "Requests held in the waiting queue because admitting them would break --mux-slo-tpot (each once).",
+               _field("slo_deferred_requests")),
+    MetricSpec("sglang_mux_slo_deferred_steps_total", COUNTER, "steps",
+               "Scheduler steps that held at least one waiting request for the TPOT objective.",
+               _field("slo_deferred_steps")),
+    MetricSpec("sglang_mux_slo_shrunk_requests_total", COUNTER, "requests",
+               "Requests admitted with a smaller device-KV budget so the predicted TPOT fits (--mux-slo-policy shrink).",
+               _field("slo_shrunk_requests")),
+    MetricSpec("sglang_mux_slo_step_samples_total", COUNTER, "steps",
+               "Decode steps timed for the online TPOT model.", _field("slo_step_samples")),
     # ---- gauges (now)
+    MetricSpec("sglang_mux_slo_waiting_held_requests", GAUGE, "requests",
+               "Waiting requests held for the TPOT objective at the last scheduling step.", _field("slo_waiting_held")),
+    MetricSpec("sglang_mux_slo_predicted_tpot_seconds", GAUGE, "seconds",
+               "Predicted decode step (TPOT) of the batch after the last admission decision.",
+               lambda s: {"": s["slo_last_predicted_tpot_ms"] / 1000.0}),
+    MetricSpec("sglang_mux_slo_step_model_seconds", GAUGE, "seconds",
+               "The online TPOT model's terms: fixed (a step of one request), per_request (each extra request), "
+               "per_1k_kv_tokens (each 1,024 KV tokens read); 0 until fitted.",
+               lambda s: {term: (s["slo_tpot_model"] or {}).get(f"{term}_ms", 0.0) / 1000.0
+                          for term in ("fixed", "per_request", "per_1k_kv_tokens")}, "term"),
     MetricSpec("sglang_mux_tier_request_bytes", GAUGE, "bytes",
                "Bytes in each lower tier owned by running requests (0 when idle; the rest of sglang_mux_kv_bytes is "
                "reclaimable prefix copies).", lambda s: dict(s.get("tier_request_bytes") or {}), "tier"),

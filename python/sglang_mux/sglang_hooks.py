@@ -75,6 +75,14 @@ HOOKS: tuple[SGLangHook, ...] = (
     SGLangHook(f"{SCHEDULER}.process_batch_result", "AFTER", "sglang_mux.memory.integrity:check_after_batch",
                "router", "--mux-debug-invariants: verify the mux memory's invariants after every scheduler step",
                "the invariants are not checked (serving is unaffected; tests and soak runs lose their tripwire)"),
+    # serving/admission.py, registered with the router group (every scheduler); does nothing with --mux-slo-policy off
+    SGLangHook(f"{SCHEDULER}.get_new_batch_prefill", "AROUND", "sglang_mux.serving.admission:admit_by_slo", "router",
+               "--mux-slo-policy: show SGLang only the waiting requests whose admission keeps the predicted TPOT "
+               "within --mux-slo-tpot (shrinking budgets first with 'shrink'); hold the rest",
+               "requests are admitted as SGLang alone decides: the running batch's TPOT may break the SLO"),
+    SGLangHook(f"{SCHEDULER}.process_batch_result", "AFTER", "sglang_mux.serving.admission:observe_step", "router",
+               "time each decode step (batch size, KV read) for the online TPOT model of the SLO admission",
+               "the TPOT model stays at its prior (or predicts nothing): admission decisions on stale costs"),
     # router/http_routes.py: the launcher's main process (the HTTP server)
     SGLangHook(f"{HTTP_SERVER}.app", ROUTE, "sglang_mux.router.http_routes:mux_stats", "stats-route",
                "GET /mux/stats: the mux section of every scheduler's internal state",

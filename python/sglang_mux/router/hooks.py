@@ -14,7 +14,7 @@ from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang_mux.config import MuxConfig
 from sglang_mux.metrics import STATS
 from sglang_mux.router.placement_live import FINISHED
-from sglang_mux.router.requests import REGISTRY
+from sglang_mux.memory.requests import REGISTRY
 from sglang_mux.sglang_hooks import SGLangHook, hooks_in, register_hooks
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,10 @@ def admit_request(scheduler, recv_req, *args, **kwargs):
     if rid is not None:
         tokens = getattr(recv_req, "input_ids", None)
         REGISTRY.admit(rid, custom, tokens, getattr(scheduler, "tokenizer", None))
+        mux = {k: v for k, v in custom.items() if isinstance(k, str) and k.startswith("mux_")} if isinstance(custom, dict) else {}
+        if mux:  # per-request mux fields reached this scheduler (directly, or via custom_labels through the router)
+            STATS.requests_with_mux_options += 1
+            STATS.last_request_mux_options = mux
     return None  # arguments unchanged
 
 

@@ -25,6 +25,7 @@ import sys
 from http import HTTPStatus
 from typing import Any, Mapping
 
+from sglang_mux.serving.label_options import carry_label_options
 from sglang_mux.serving.validation import (
     OPENAI_CHAT_NAMES,
     OPENAI_COMPLETION_NAMES,
@@ -109,12 +110,13 @@ async def reject_invalid_generate(original, obj, request, *args, **kwargs):
 
     state = http_server.get_global_state()
     limits = _limits(getattr(getattr(state, "tokenizer_manager", None), "model_config", None))
-    if limits is not None:
-        try:
+    try:
+        carry_label_options(obj)  # mux fields sent through sglang-router (label_options.py)
+        if limits is not None:
             validate_generate_request(_request_fields(obj), limits)
-        except RequestValidationError as e:
-            logger.info("rejected /generate request: %s", e)
-            return ORJSONResponse(status_code=e.status_code, content=e.to_error_body())
+    except RequestValidationError as e:
+        logger.info("rejected /generate request: %s", e)
+        return ORJSONResponse(status_code=e.status_code, content=e.to_error_body())
     return await original(obj, request, *args, **kwargs)
 
 
@@ -152,11 +154,12 @@ def validate_at_tokenizer_entry(original, self, obj, *args, **kwargs):
     """
     if _is_generate_input(obj):
         limits = _limits(getattr(self, "model_config", None))
-        if limits is not None:
-            try:
+        try:
+            carry_label_options(obj)  # mux fields sent through sglang-router (label_options.py)
+            if limits is not None:
                 validate_generate_request(_request_fields(obj), limits)
-            except RequestValidationError as e:
-                return _fail_on_first_item(e)
+        except RequestValidationError as e:
+            return _fail_on_first_item(e)
     return original(self, obj, *args, **kwargs)
 
 
