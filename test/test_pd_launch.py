@@ -84,3 +84,10 @@ def test_cluster_stop_stops_every_part_when_one_fails_to_stop():
             cluster.stop()
         assert all(p.poll() is not None for p in procs)  # both real processes are gone
         assert cluster.decode.proc is None and cluster.prefill.proc is None
+
+
+@pytest.mark.parametrize("argv", [["--mux-slo-policy", "queue"], ["--decode-args", "--mux-slo-policy shrink"]])
+def test_slo_admission_is_refused_for_pd_in_one_line(argv, capsys):
+    assert launch_pd.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mux-slo-policy: PD servers admit through SGLang's transfer queues" in err[0], err

@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     from sglang_mux.disagg.cluster import PDCluster, mooncake_unavailable_reason
 
     try:
-        split_mux_args(common)  # validate --mux-* flags once, before anything starts
+        # validate --mux-* flags once, before anything starts (role-only flags too)
+        for role_args in ([], shlex.split(args.prefill_args), shlex.split(args.decode_args)):
+            cfg, _ = split_mux_args(common + role_args)
+            if cfg.slo_policy != "off":  # admission acts where prefill and decode share a batch (docs/pd.md)
+                raise MuxConfigError(f"--mux-slo-policy: PD servers admit through SGLang's transfer queues, only "
+                                     f"'off' is allowed here (SLO admission is for aggregated servers); got {cfg.slo_policy!r}")
     except MuxConfigError as e:
         print(f"sglang-mux: error: {e}", file=sys.stderr)
         return 2
