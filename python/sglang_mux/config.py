@@ -39,6 +39,9 @@ COLD_BITS = (16, 8, 4, 2)
 # --mux-layer-budget values (see sglang_mux.router.layer_budget, whose LAYER_BUDGET_POLICIES must agree).
 LAYER_BUDGET_POLICIES = ("uniform", "pyramid", "adaptive")
 
+# --mux-router values (see sglang_mux.router.spine, whose registry must agree).
+ROUTER_POLICY_NAMES = ("static", "adaptive", "learned")
+
 # --mux-chunk-score values (see sglang_mux.leaves.chunk).
 CHUNK_SCORE_RULES = ("heavy", "quest")
 
@@ -162,6 +165,59 @@ class MuxConfig:
     observation_window: int = _knob(
         32, "Last prompt tokens whose attention scores heavy hitters at prefill (SnapKV-style).", "TOKENS"
     )
+    router: str = _knob(
+        "static",
+        "The router policy (router/spine.py): 'static' (the fixed --mux-leaves split, every leaf every step), "
+        "'adaptive' (the split and the layer spread follow the attention each leaf's pages got, with hysteresis; "
+        "retrieval and chunk scoring run only when a trigger fires) or 'learned' (adaptive with the split chosen "
+        "by a small gate trained offline, --mux-router-gate). Per request: mux_router. See docs/router.md.",
+        "static|adaptive|learned",
+    )
+    router_interval: int = _knob(
+        4, "Adaptive/learned router: decode steps between split decisions (the trigger is decided every step).", "STEPS"
+    )
+    router_ema: float = _knob(
+        0.3, "Adaptive/learned router: weight of the newest step in the moving averages of the signals, in (0, 1].",
+        "ALPHA",
+    )
+    router_hysteresis: float = _knob(
+        0.1,
+        "Adaptive/learned router: a new split is applied only when it moves at least this share of the movable pages "
+        "(and at least one page) and the previous proposal pointed the same way; in [0, 1].",
+        "FRACTION",
+    )
+    router_trigger_mass: float = _knob(
+        0.2,
+        "Adaptive/learned router: the query-aware leaves (retrieval, chunk) score the step's query only when the "
+        "attention mass outside the sink and window pages (moving average) is at least this; other steps reuse "
+        "their last pages. 0: every step (no saving); above 1: only when --mux-router-max-stale forces it.",
+        "MASS",
+    )
+    router_max_stale: int = _knob(
+        8,
+        "Adaptive/learned router: the query-aware leaves score the query at least once every this many steps, "
+        "whatever the trigger says; 0: only when the trigger fires.",
+        "STEPS",
+    )
+    router_fail_mass: float = _knob(
+        0.7,
+        "Adaptive/learned router: a request whose out-of-window mass stays above this for --mux-router-fail-steps "
+        "steps is flagged (/mux/stats router_flagged_requests) and, while the KV pool is at least a quarter free, "
+        "reads --mux-router-boost x its ranked pages; in (0, 1], 1: never.",
+        "MASS",
+    )
+    router_fail_steps: int = _knob(16, "Adaptive/learned router: steps above --mux-router-fail-mass before a request "
+                                   "is flagged.", "STEPS")
+    router_boost: float = _knob(
+        1.5, "Adaptive/learned router: multiple of the ranked pages a flagged request reads while the pool has room "
+        "(>= 1; 1: flag only).", "X"
+    )
+    router_gate: str = _knob(
+        "",
+        "Learned router: the gate file (JSON written by scripts/train_router_gate.py). Empty: the gate shipped with "
+        "sglang-mux. A missing or corrupt file is an error at launch.",
+        "PATH",
+    )
     cold_bits: int = _knob(
         16,
         "Precision of a request's cold KV pages (those outside its hot leaves), KIVI-style: 16 keeps them exact; "
@@ -229,7 +285,6 @@ class MuxConfig:
         "bounds, the pool whole when idle); a violation stops the scheduler with a message naming it. For tests "
         "and soak runs: it costs a pass over the running requests' rows and the tiers every step.",
     )
-
     # control plane: SLO-aware admission (serving/admission.py)
     slo_policy: str = _knob(
         "off",
@@ -321,6 +376,27 @@ class MuxConfig:
             raise MuxConfigError(f"--mux-chunk-score: allowed: {', '.join(CHUNK_SCORE_RULES)}; got {self.chunk_score!r}")
         if self.chunk_tokens < 1 or self.chunk_tokens > 1 << 20:
             raise MuxConfigError(f"--mux-chunk-tokens: must be an integer in [1, {1 << 20}], got {self.chunk_tokens}")
+        if self.router not in ROUTER_POLICY_NAMES:
+            raise MuxConfigError(f"--mux-router: allowed: {', '.join(ROUTER_POLICY_NAMES)}; got {self.router!r}")
+        for name, lo, hi, lo_open in (("router_ema", 0.0, 1.0, True), ("router_hysteresis", 0.0, 1.0, False),
+                                      ("router_fail_mass", 0.0, 1.0, True)):
+            v = getattr(self, name)
+            if not ((lo < v if lo_open else lo <= v) and v <= hi):
+                raise MuxConfigError(f"{_flag(name)}: must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v!r}")
+        if not (0 <= self.router_trigger_mass < float("inf")):
+            raise MuxConfigError(f"--mux-router-trigger-mass: must be >= 0, got {self.router_trigger_mass!r}")
+        if not (1.0 <= self.router_boost <= 16.0):
+            raise MuxConfigError(f"--mux-router-boost: must be in [1, 16], got {self.router_boost!r}")
+        for name, lo in (("router_interval", 1), ("router_max_stale", 0), ("router_fail_steps", 1)):
+            if not (lo <= getattr(self, name) <= 1 << 20):
+                raise MuxConfigError(f"{_flag(name)}: must be an integer in [{lo}, {1 << 20}], got {getattr(self, name)}")
+        if self.router_gate or self.router == "learned":
+            from sglang_mux.router.gate import GateError, load_gate
+
+            try:
+                load_gate(self.router_gate or None)
+            except GateError as e:
+                raise MuxConfigError(f"--mux-router-gate: {e}") from None
         if self.observation_window < 1:
             raise MuxConfigError(f"--mux-observation-window: must be >= 1, got {self.observation_window}")
         if self.cold_bits not in COLD_BITS:

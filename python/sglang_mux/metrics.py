@@ -48,6 +48,17 @@ class MuxStats:
     pd_heavy_scores_sent: int = 0
     pd_heavy_scores_received: int = 0
     device_kv_tokens_held: dict = field(default_factory=dict)
+    # router policies (router/spine.py, router/adaptive.py): request-steps whose query-aware leaves scored the query
+    # (refresh) or reused their last pages; steps whose signals were read; split and layer-spread changes; requests
+    # flagged by the fallback and their boosted steps; page scorings (one per routed request and layer)
+    router_refresh_request_steps: int = 0
+    router_reuse_request_steps: int = 0
+    router_observed_request_steps: int = 0
+    router_split_changes: int = 0
+    router_layer_changes: int = 0
+    router_flagged_requests: int = 0
+    router_boosted_request_steps: int = 0
+    page_scorings: int = 0
     # control plane
     # requests admitted with per-request mux fields (custom_params, or custom_labels through sglang-router), and
     # those fields of the last one (serving/label_options.py)

@@ -17,6 +17,7 @@ router reads it. Fields (all optional; absent means the server's ``--mux-*`` val
 * ``mux_layer_budget``  ``"uniform"``, ``"pyramid"`` or ``"adaptive"``: how its pages spread over layers, as
   ``--mux-layer-budget``.
 * ``mux_chunk_score``  ``"heavy"`` or ``"quest"``: what ranks the chunk leaf's chunks, as ``--mux-chunk-score``.
+* ``mux_router``  ``"static"``, ``"adaptive"`` or ``"learned"``: the router policy of this request, as ``--mux-router``.
 
 Validated by :func:`parse_request_options` both at the HTTP edge (HTTP 400 naming the field) and in the
 scheduler (a second line: the request is aborted with the same message).
@@ -27,11 +28,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sglang_mux.config import CHUNK_SCORE_RULES, LAYER_BUDGET_POLICIES, COLD_BITS, RETRIEVAL_SCORE_RULES, MuxConfig, MuxConfigError
+from sglang_mux.config import (
+    CHUNK_SCORE_RULES,
+    COLD_BITS,
+    LAYER_BUDGET_POLICIES,
+    RETRIEVAL_SCORE_RULES,
+    ROUTER_POLICY_NAMES,
+    MuxConfig,
+    MuxConfigError,
+)
 
 FIELD_PREFIX = "sampling_params.custom_params."
 KNOWN_FIELDS = ("mux_budget", "mux_leaves", "mux_exact", "mux_retrieval_score", "mux_sparse_prefill", "mux_cold_bits",
-                "mux_layer_budget", "mux_chunk_score")
+                "mux_layer_budget", "mux_chunk_score", "mux_router")
 MAX_BUDGET = 1 << 24
 
 
@@ -49,6 +58,7 @@ class MuxRequestOptions:
     cold_bits: int | None = None
     layer_budget: str | None = None
     chunk_score: str | None = None
+    router: str | None = None
 
     def prefills_sparsely(self, server: MuxConfig, prompt_tokens: int) -> bool:
         """Whether a prompt of ``prompt_tokens`` tokens is prefilled with block-sparse attention (the rule of
@@ -62,7 +72,7 @@ class MuxRequestOptions:
     def effective_config(self, server: MuxConfig) -> MuxConfig:
         """The server config with this request's overrides applied (validated)."""
         # fields that override the server's --mux-* field of the same name
-        overridable = ("budget", "leaves", "retrieval_score", "cold_bits", "layer_budget", "chunk_score")
+        overridable = ("budget", "leaves", "retrieval_score", "cold_bits", "layer_budget", "chunk_score", "router")
         changes: dict[str, Any] = {f: getattr(self, f) for f in overridable if getattr(self, f) is not None}
         if not changes:
             return server
@@ -120,6 +130,7 @@ def parse_request_options(custom_params: Mapping[str, Any] | None) -> MuxRequest
         budget=budget, leaves=leaves, exact=exact, retrieval_score=score, sparse_prefill=sparse, cold_bits=cold_bits,
         layer_budget=_choice(custom_params, "mux_layer_budget", LAYER_BUDGET_POLICIES),
         chunk_score=_choice(custom_params, "mux_chunk_score", CHUNK_SCORE_RULES),
+        router=_choice(custom_params, "mux_router", ROUTER_POLICY_NAMES),
     )
 
 

@@ -110,6 +110,14 @@ def page_block_mass(probs: torch.Tensor, page_size: int) -> torch.Tensor:
     return probs.mean(dim=1).view(b, n // page_size, page_size).sum(dim=-1)
 
 
+def _mass_by_page(pages: torch.Tensor, positions: torch.Tensor, probs: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Per page of ``pages`` (sorted), the attention mass (mean over heads) of the tokens at ``positions``
+    (``probs: [Hq, len(positions)]``, every position on one of ``pages``)."""
+    idx = torch.searchsorted(pages, positions // page_size)
+    return torch.zeros(pages.numel(), dtype=torch.float32, device=probs.device).index_add_(
+        0, idx, probs.float().mean(dim=0))
+
+
 def padded_exact_attention(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -176,13 +184,15 @@ class DecodeStep:
 def routed_batch_attention(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, req_to_token: torch.Tensor, rows: torch.Tensor,
     seq_lens: torch.Tensor, pages: list[torch.Tensor], scale: float, page_size: int,
-    heavy: list[torch.Tensor | None] | None = None, staged: dict | None = None,
+    heavy: list[torch.Tensor | None] | None = None, staged: dict | None = None, mass_out: list | None = None,
 ) -> torch.Tensor:
     """One layer of routed decode for a batch: ``[B, Hq, Dv]`` float32, each request attending to its ``pages``.
 
     ``q: [B, Hq, D]``; ``rows, seq_lens: [B]``. ``heavy[b]``: request b's heavy-score row for this layer (or
     None), fed with the attention mass each read page got. ``staged[b] = (k, v, positions)``: request b's K/V
-    already gathered (pages that left the device), used instead of its page blocks.
+    already gathered (pages that left the device), used instead of its page blocks. ``mass_out``: when a list,
+    gets the attention mass of each read page, averaged over heads (``[B, K]`` float32, row b aligned with
+    ``pages[b]``, 0 past its pages): the router's signals.
     """
     P = page_size
     if len(pages) == 1 and not staged:  # one request: no padding or mask to build (routed_decode.attend)
@@ -191,6 +201,8 @@ def routed_batch_attention(
         out, probs = attend(q[0], gather_rows(k_buf, slots), gather_rows(v_buf, slots), scale)
         if heavy is not None and heavy[0] is not None:
             heavy[0].index_add_(0, pos // P, probs.mean(dim=0).to(heavy[0].dtype))
+        if mass_out is not None:
+            mass_out.append(_mass_by_page(pages[0], pos, probs, P).unsqueeze(0))
         return out.unsqueeze(0)
     pad, counts = pad_pages(pages, q.device)
     slots, valid = page_block_slots(req_to_token, rows, seq_lens, pad, counts, P)
@@ -200,6 +212,12 @@ def routed_batch_attention(
         k[b, :n], v[b, :n] = k_sel, v_sel
         valid[b] = torch.arange(valid.shape[1], device=valid.device) < n
     out, probs = batched_attend(q, k, v, valid, scale)
+    if mass_out is not None:
+        mass = page_block_mass(probs, P)
+        for b, (_, _, pos) in (staged or {}).items():  # staged rows are laid out by position, not page blocks
+            mass[b] = 0
+            mass[b, : pages[b].numel()] = _mass_by_page(pages[b], pos, probs[b, :, : pos.numel()], P)
+        mass_out.append(mass)
     if heavy is not None and any(h is not None for h in heavy):
         mass = page_block_mass(probs, P)
         for b, row in enumerate(heavy):

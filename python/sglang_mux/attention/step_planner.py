@@ -16,9 +16,10 @@ cold-page mover, the tiers and the request registry (the backend reaches them th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -42,20 +43,27 @@ from sglang_mux.router.grant import Grant
 from sglang_mux.router.layer_budget import adaptive_factors, pyramid_factors
 from sglang_mux.memory.requests import REGISTRY, RequestMemory
 from sglang_mux.router.route_rule import heavy_ranked_tokens, scores_heavy_hitters
-from sglang_mux.router.spine import StaticSpineRouter
+from sglang_mux.router.adaptive import ROOM_FRACTION, buckets
+from sglang_mux.router.layer_budget import layer_grants
+from sglang_mux.router.spine import MuxRouter, RouterPolicy
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RequestPlan:
-    """One request of a decode step: its row in ``req_to_token``, its length and this step's grant."""
+    """One request of a decode step: its row in ``req_to_token``, its length and this step's route (the router
+    policy's ``RouteDecision``: grant, whether the query-aware leaves score the query, per-layer spread)."""
 
     rid: str
     row: int
     seq_len: int
     grant: Grant
     state: RequestMemory
+    refresh: bool = True
+    layer_factors: Optional[tuple] = None
+    policy: Optional[RouterPolicy] = None  # set when the policy reads the step's signals (``observe``)
+    _layer_grants: Optional[list] = None
 
 
 @dataclass
@@ -67,10 +75,13 @@ class StepPlan:
 
 
 class SelectedPages(NamedTuple):
-    """The sorted logical pages one routed request reads at one layer, and how many each leaf chose."""
+    """The sorted logical pages one routed request reads at one layer, and how many each leaf chose; ``buckets``:
+    when the request's router policy reads signals, each page's bucket (``router/adaptive.py::buckets``: sink and
+    recent by position, else the ranked share of the leaf that chose it), aligned with ``pages``."""
 
     pages: torch.Tensor
     by_leaf: dict
+    buckets: Optional[torch.Tensor] = None
 
 
 def _seq_lens(fb) -> list:
@@ -80,7 +91,20 @@ def _seq_lens(fb) -> list:
 class StepPlanner:
     def __init__(self, mux_config: MuxConfig, kv_pool, req_to_token, allocator=None):
         self.mux_config = mux_config
-        self.router = StaticSpineRouter(mux_config)
+        self.router = MuxRouter(mux_config)
+        self.allocator = allocator
+        # the router's signals: per step, the attention mass per bucket of each request whose policy reads them
+        # ([requests, layers, buckets], filled layer by layer, handed to the policies at the next plan)
+        self.buckets = buckets()
+        self._leaf_bucket = {name: self.buckets.index(leaf.ranked_shares[0]) if leaf.ranked_shares else
+                             len(self.buckets) - 1 for name, leaf in LEAVES.items()}
+        self._signal_rows: dict[str, int] = {}
+        self._signal_plans: list[RequestPlan] = []
+        self._signal_buf: Optional[torch.Tensor] = None
+        self._layer_buckets: list = []
+        # the query-aware leaves' last pages per request, (layer, leaf) -> (pages granted, pages), for the steps
+        # the router does not refresh them; requests that leave the batch drop theirs
+        self._reused: dict[str, dict] = {}
         self.registry = REGISTRY
         self.req_to_token = req_to_token
         self.kv_pool = kv_pool
@@ -111,24 +135,33 @@ class StepPlanner:
             return None
         if not fb.forward_mode.is_decode():
             return None
+        self.hand_signals_to_router()
         seq_lens = _seq_lens(fb)
         rows = fb.req_pool_indices.tolist()
         plan = []
+        room = self.device_room()
         for rid, row, L in zip(fb.rids, rows, seq_lens):
             st = self.registry.get(rid)
             st.row = row
             if not st.summarized:
                 self.summarize_received_kv(row, L - 1)
                 st.summarized = True
-            p = RequestPlan(rid, row, L, self.router.grant(L, st.options), st)
+            policy = self.router.policy(st.options)
+            static = self.router.grant(L, st.options)
+            d = policy.decide(st, L, room, lambda: self.prefill_signal(st, L, static))
+            p = RequestPlan(rid, row, L, d.grant, st, d.refresh, d.layer_factors,
+                            policy if policy.wants_signals and not d.grant.exact else None)
             plan.append(p)
             if not p.grant.exact:
                 cfg = self.router.effective_config(st.options)
+                # the cold-page policies keep what the static split reads: a router that moves pages between
+                # shares changes what is read, not what stays on the device
+                cold_plan = p if static == p.grant else dataclasses.replace(p, grant=static)
                 try:
                     if cfg.drop_cold:
-                        self.cold.drop(p)
+                        self.cold.drop(cold_plan)
                     elif self.tiers is not None and self.tiers.takes_running_pages:
-                        self.cold.demote(p, cfg)
+                        self.cold.demote(cold_plan, cfg)
                 except Exception as e:
                     self.fail_request(p, e)
             held = L - len(st.off_device_pages()) * self.page_size
@@ -137,6 +170,10 @@ class StepPlanner:
                 STATS.last_tiered_request = self.cold.accounting(st, L, held)
             if not p.grant.exact:
                 STATS.max_routed_kv_tokens_held = max(STATS.max_routed_kv_tokens_held, held)
+        self.start_signals(plan)
+        if self._reused:
+            live = {p.rid for p in plan}
+            self._reused = {rid: v for rid, v in self._reused.items() if rid in live}
         routed = sum(not p.grant.exact for p in plan)
         STATS.decode_steps += 1
         STATS.routed_request_steps += routed
@@ -147,6 +184,69 @@ class StepPlanner:
         if routed == 0:
             STATS.last_max_pages_read = max((num_pages_of(L, self.page_size) for L in seq_lens), default=0)
         return StepPlan(plan, all(p.grant.exact for p in plan))
+
+    # ------------------------------------------------------------------ the router's signals
+    def device_room(self) -> bool:
+        """The KV pool has room to grant more pages (at least ``ROOM_FRACTION`` of it free)."""
+        a = self.allocator
+        if a is None or not hasattr(a, "available_size"):
+            return False
+        return a.available_size() >= ROOM_FRACTION * getattr(self.kv_pool, "size", float("inf"))
+
+    def prefill_signal(self, st: RequestMemory, seq_len: int, grant: Grant) -> Optional[list]:
+        """Per layer, the share of the request's heavy-hitter mass (the prefill's observation window, plus the
+        attention paid since) outside its sink and window pages: the router's first signal. None: not scored."""
+        if st.heavy_scores is None or grant.exact:
+            return None
+        n = num_pages_of(seq_len, self.page_size)
+        s = st.heavy_scores[:, :n].float().clamp(min=0)
+        total = s.sum(dim=1)
+        hot = s[:, : min(grant["sink"], n)].sum(dim=1) + s[:, max(n - max(grant["recent"], 1), 0) :].sum(dim=1)
+        return ((total - hot).clamp(min=0) / total.clamp(min=1e-12)).tolist()
+
+    def start_signals(self, plan: list[RequestPlan]) -> None:
+        """Make room for this step's signals of the requests whose policy reads them."""
+        sig = [p for p in plan if p.policy is not None]
+        self._signal_plans = sig
+        self._signal_rows = {p.rid: i for i, p in enumerate(sig)}
+        self._signal_buf = torch.zeros((len(sig), self.num_layers, len(self.buckets))) if sig else None
+
+    @property
+    def measuring(self) -> bool:
+        """This step has requests whose router policy reads the attention mass (``observe_attention``)."""
+        return self._signal_buf is not None
+
+    def observe_attention(self, lidx: int, ok: list[int], plan: list[RequestPlan], mass: torch.Tensor) -> None:
+        """After one layer's routed attention: the mass per page (``mass [len(ok), K]``, aligned with the pages
+        ``select_layer`` returned) summed per bucket, for the requests whose policy reads signals."""
+        if self._signal_buf is None or not self._layer_buckets:
+            return
+        nb = len(self.buckets)
+        ids = torch.full(mass.shape, nb, dtype=torch.long)
+        rows = []
+        for j, i in enumerate(ok):
+            b = self._layer_buckets[j] if j < len(self._layer_buckets) else None
+            r = self._signal_rows.get(plan[i].rid)
+            if b is None or r is None:
+                continue
+            ids[j, : b.numel()] = b
+            rows.append((j, r))
+        if not rows:
+            return
+        sums = torch.zeros((mass.shape[0], nb + 1)).scatter_add_(1, ids, mass.float().cpu())[:, :nb]
+        j_idx = torch.tensor([j for j, _ in rows])
+        r_idx = torch.tensor([r for _, r in rows])
+        self._signal_buf[r_idx, lidx] = sums[j_idx]
+
+    def hand_signals_to_router(self) -> None:
+        """The last step's signals to each request's policy (``RouterPolicy.observe``), once per step."""
+        if self._signal_buf is None:
+            return
+        table = self._signal_buf.tolist()
+        for p, per_layer in zip(self._signal_plans, table):
+            p.policy.observe(p.state, per_layer, p.grant)
+        self._signal_buf = None
+        self._signal_plans = []
 
     def summarize_received_kv(self, row: int, n_tokens: int) -> None:
         """Summaries for KV that was written elsewhere (PD transfer): rebuilt from the keys, every layer.
@@ -234,24 +334,55 @@ class StepPlanner:
         ctx = LeafContext(num_pages=n, taken=taken, heavy_scores=scores, page_scores=page_scores, chunk_spans=chunk_spans,
                           chunk_scores=(lambda: scores) if heavy_rank else page_scores)
         grant = self.layer_grant(p, lidx)
-        chosen, by_leaf = [], {}
+        chosen, by_leaf, ids = [], {}, []
+        reuse = p.refresh is False or p.policy is not None  # the router may skip the query-aware leaves' scoring
         for name, leaf in LEAVES.items():
-            pages = leaf.select(ctx, grant)
+            if leaf.query_aware and reuse:
+                pages = self.query_aware_pages(p, lidx, name, leaf, ctx, grant, scores)
+            else:
+                pages = leaf.select(ctx, grant)
             by_leaf[name] = int(pages.numel())
             ctx.taken[pages] = True
             chosen.append(pages)
-        return SelectedPages(torch.sort(torch.cat(chosen)).values, by_leaf)
+            if p.policy is not None:
+                ids.append(torch.full_like(pages, self._leaf_bucket[name]))
+        if p.policy is None:
+            return SelectedPages(torch.sort(torch.cat(chosen)).values, by_leaf)
+        sel, order = torch.sort(torch.cat(chosen))
+        b = torch.cat(ids)[order]
+        b[sel < grant["sink"]] = 0
+        b[sel >= n - max(grant["recent"], 1)] = 1
+        return SelectedPages(sel, by_leaf, b)
+
+    def query_aware_pages(self, p: RequestPlan, lidx: int, name: str, leaf, ctx: LeafContext, grant: Grant,
+                          heavy: Optional[torch.Tensor]) -> torch.Tensor:
+        """A query-aware leaf's pages under a router that may skip its scoring: scored (and kept) on refresh
+        steps; otherwise the pages it chose last (those not taken yet), or, before it ever ran or after its share
+        changed, its choice ranked by the heavy-hitter scores instead of this step's query (no page scoring)."""
+        k = sum(grant[s] for s in leaf.share_places())
+        kept = self._reused.setdefault(p.rid, {})
+        last = kept.get((lidx, name))
+        if p.refresh:
+            pages = leaf.select(ctx, grant)
+        elif last is not None and last[0] == k:
+            return last[1][~ctx.taken[last[1]]]
+        else:
+            cheap = (lambda: heavy) if heavy is not None else None
+            pages = leaf.select(dataclasses.replace(ctx, page_scores=cheap, chunk_scores=cheap), grant)
+        kept[(lidx, name)] = (k, pages)
+        return pages
 
     def select_layer(self, plan: list[RequestPlan], routed: list[int], lidx: int, qv, k_buf, v_buf, scale: float):
         """``select`` for the routed requests (``routed``: their batch indices) of one layer, with the K/V of those
         with demoted pages (``gather_kv``, keyed by position in the result). A request whose selection fails is
         failed (``fail_request``) and left out, the others go on. Returns ``(batch indices, pages, staged)``."""
         ok, pages, staged = [], [], {}
+        self._layer_buckets = []
         for i in routed:
             p = plan[i]
             req_row = self.req_to_token[p.row]
             try:
-                sel, by_leaf = self.select(p, lidx, qv[i], req_row, scale)
+                sel, by_leaf, bk = self.select(p, lidx, qv[i], req_row, scale)
                 if p.state.demoted:  # some pages left the device: this request's K/V come from gather_kv
                     staged[len(ok)] = self.gather_kv(p, sel, lidx, k_buf, v_buf, req_row)
             except Exception as e:  # one request's failure must not take the batch (or the server) down
@@ -261,11 +392,16 @@ class StepPlanner:
             pages.append(sel)
             if lidx == 0:
                 STATS.last_pages_by_leaf = by_leaf
+            self._layer_buckets.append(bk)
         return ok, pages, staged
 
     def layer_grant(self, p: RequestPlan, lidx: int) -> Grant:
         """The request's grant at one layer (``--mux-layer-budget``, router/layer_budget.py): the step's grant itself
         when uniform; otherwise its ranked shares spread over the layers, computed once per step."""
+        if p.layer_factors is not None and not p.grant.exact:  # the router's own spread
+            if p._layer_grants is None:
+                p._layer_grants = layer_grants(p.grant, p.layer_factors)
+            return p._layer_grants[lidx]
         cfg = self.router.effective_config(p.state.options)
         if p.grant.exact or cfg.layer_budget == "uniform":
             return p.grant
@@ -285,6 +421,7 @@ class StepPlanner:
         """Retrieval score of every page of one routed request at one layer (``[num_pages]``): the per-head Quest
         bounds combined by ``--mux-retrieval-score`` (``combine_head_bounds``); two-level (groups of
         ``--mux-retrieval-group-pages`` pages first) when that is > 1."""
+        STATS.page_scorings += 1
         P = self.page_size
         n = num_pages_of(p.seq_len, P)
         n_full = (p.seq_len - 1) // P  # pages whose summaries are final (not the one holding this step's token)

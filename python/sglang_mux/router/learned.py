@@ -1,0 +1,48 @@
+"""The ``learned`` router policy: the adaptive router with the split of the movable pages chosen by a gate.
+
+Everything but the split proposal is the adaptive policy's (signals, trigger, hysteresis, layer spread, fallback;
+``router/adaptive.py``). Every ``--mux-router-interval`` steps the gate (``router/gate.py``: a small MLP trained
+offline on traces of the real model, ``scripts/train_router_gate.py``) maps the request's signals to fractions of
+its movable pages (window + ranked shares); the proposal keeps each share within ``[1/4, 3]`` x its static pages
+and the same total, and goes through the same hysteresis as the adaptive one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from sglang_mux.router.adaptive import CLIP, AdaptiveRouter, AdaptiveState, buckets, rescale
+from sglang_mux.router.gate import SHARES, load_gate
+from sglang_mux.router.spine import register_router_policy
+
+
+def gate_features(rs: AdaptiveState, cur: dict, seq_len: int, budget: int) -> list[float]:
+    """The gate's input (``gate.FEATURES``, in order) for a request's state and the pages in force."""
+    masses = [rs.mass.get(b, 0.0) for b in ("sink", "recent", "heavy", "retrieval", "chunk", "other")]
+    total = sum(cur.get(s, 0) for s in SHARES) or 1
+    fracs = [cur.get(s, 0) / total for s in SHARES]
+    return [*masses, rs.out_of_hot, *fracs, math.log2(max(seq_len, 1) / max(budget, 1))]
+
+
+class LearnedRouter(AdaptiveRouter):
+    name = "learned"
+
+    def gate(self, cfg):
+        return load_gate(cfg.router_gate or None)  # cached per path; checked at launch when this policy is used
+
+    def propose(self, rs: AdaptiveState, static: dict, cfg) -> Optional[dict]:
+        movable = [s for s in SHARES if static.get(s, 0) > 0]
+        if len(movable) < 2:
+            return None
+        cur = {s: (rs.pages or static).get(s, static[s]) for s in movable}
+        total = sum(cur.values())
+        fractions = self.gate(cfg).split(gate_features(rs, cur, rs.seq_len, cfg.budget), movable)
+        targets = {s: fractions[s] * total for s in movable}
+        lo = {s: max(1 if s == "recent" else 0, static[s] * CLIP[0]) for s in movable}
+        hi = {s: static[s] * CLIP[1] for s in movable}
+        return rescale(cur, targets, lo, hi)
+
+
+assert set(buckets()) >= set(SHARES), "the gate's shares must be buckets the planner measures"
+register_router_policy(LearnedRouter)
