@@ -23,7 +23,7 @@ from sglang_mux.memory.chunks import (
 )
 from sglang_mux.request_options import parse_request_options
 from sglang_mux.router.grant import Grant
-from sglang_mux.router.requests import RequestRegistry
+from sglang_mux.memory.requests import RequestRegistry
 
 
 class CharTokenizer:
@@ -190,6 +190,45 @@ def test_admission_records_chunks_and_state_caches_spans():
     reg.admit("b", None)  # tokens unknown: fixed-length chunks
     assert reg.get("b").token_delims is None
     assert reg.get("b").chunk_spans(40, 16, 16)[0].tolist() == [0, 1, 2]
+
+
+class CountingTokenizer(CharTokenizer):
+    """A CharTokenizer that counts the batched decodes (each one builds its delimiter table)."""
+
+    def __init__(self):
+        self.tables_built = 0
+
+    def batch_decode(self, ids):
+        self.tables_built += 1
+        return super().batch_decode(ids)
+
+
+def test_admission_builds_no_delimiter_table_until_a_chunk_leaf_reads_the_chunks():
+    """Admission keeps the prompt; the delimiter table and the prompt's mask are built at the first routed step
+    that runs the chunk leaf, once per tokenizer; a request whose split has no chunk leaf never builds them."""
+    from test_routed_decode import HQ, D, make_backend
+
+    from sglang_mux.attention.step_planner import RequestPlan
+    from sglang_mux.router.spine import StaticSpineRouter
+
+    L, tok = 300, CountingTokenizer()
+    ids = tok.encode(("A short sentence. " * 20)[:L])
+    cfg = MuxConfig(budget=64, page_size=8, leaves="sink=8,recent=16,retrieval=rest")
+    be, layer, kv, r2t, slots = make_backend(cfg, L)
+    reg = be.registry = RequestRegistry()
+    reg.admit("plain", None, ids, tok)  # the server's split: no chunk leaf
+    reg.admit("chunked", {"mux_leaves": "sink=8,recent=16,chunk=rest"}, ids, tok)
+    assert tok.tables_built == 0
+    router, q = StaticSpineRouter(cfg), torch.randn(HQ, D, generator=torch.Generator().manual_seed(0))
+
+    def step(rid):
+        st = reg.get(rid)
+        return be.planner.select(RequestPlan(rid, 1, L, router.grant(L, st.options), st), 0, q, r2t.req_to_token[1])
+
+    assert step("plain").by_leaf.get("chunk", 0) == 0 and tok.tables_built == 0
+    assert reg.get("plain").token_delims is not None and tok.tables_built == 1  # built when read
+    assert step("chunked").by_leaf["chunk"] > 0 and tok.tables_built == 1  # once per tokenizer
+    assert reg.get("chunked").token_delims.nonzero().flatten().tolist()[:2] == [16, 34]
 
 
 def test_selection_cost_benchmark_small_run(tmp_path):

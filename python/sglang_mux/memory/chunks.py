@@ -12,23 +12,20 @@ brackets) or holds a newline; ``:`` and ``;`` do not end a chunk (``the number i
 Prefix-closed: whether position ``i`` starts a chunk depends only on tokens ``0..i-1``. So the chunks of a
 radix-tree node's tokens are the same for every request that shares the node, a node split cuts the chunk list
 exactly where it cuts the tokens, and a chunk may straddle two nodes (it is the same chunk seen from either
-request). That is why chunks are computed from each request's token ids (one vectorized pass over the prompt
-at admission, a few microseconds per thousand tokens) instead of being stored in the tree: the tree's tokens
+request). That is why chunks are computed from each request's token ids (one vectorized pass over the prompt,
+a few microseconds per thousand tokens, at the first step whose split has the chunk leaf: ``RequestMemory``
+keeps a reference to the admitted ids until then) instead of being stored in the tree: the tree's tokens
 determine them. Tokens past the ones known at admission (the decoded ones) are cut every ``max_tokens``.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Optional, Sequence
 
 import torch
 
 _SENTENCE_END = (".", "!", "?", "。", "！", "？")
 _TRAILING = "\"')]}»”’ \t"
-
-_TABLE_LOCK = threading.Lock()
-_TABLES: dict[int, torch.Tensor] = {}  # id(tokenizer) -> bool[vocab]
 
 
 def is_delimiter_text(text: str) -> bool:
@@ -39,17 +36,11 @@ def is_delimiter_text(text: str) -> bool:
 
 
 def delimiter_table(tokenizer) -> torch.Tensor:
-    """``bool[vocab]``: which token ids are delimiters, for this tokenizer (built once per tokenizer, ~0.5 s for a
-    50K vocabulary: one batched decode)."""
-    key = id(tokenizer)
-    with _TABLE_LOCK:
-        table = _TABLES.get(key)
-        if table is None:
-            n = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0) or 0)
-            texts = tokenizer.batch_decode([[i] for i in range(n)])
-            table = torch.tensor([is_delimiter_text(t) for t in texts], dtype=torch.bool)
-            _TABLES[key] = table
-        return table
+    """``bool[vocab]``: which token ids are delimiters, for this tokenizer (~0.5 s for a 50K vocabulary: one batched
+    decode; ``RequestRegistry.delimiter_table`` keeps it per tokenizer)."""
+    n = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0) or 0)
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    return torch.tensor([is_delimiter_text(t) for t in texts], dtype=torch.bool)
 
 
 def delimiter_mask(token_ids: Sequence[int] | torch.Tensor, table: torch.Tensor) -> torch.Tensor:

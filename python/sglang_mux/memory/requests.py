@@ -1,4 +1,4 @@
-"""RequestRegistry: per-request mux state inside one scheduler process, keyed by request id.
+"""RequestRegistry: per-request mux memory state inside one scheduler process (a RequestMemory per request id).
 
 Filled when the scheduler accepts a request (its ``custom_params`` mux fields), read by the attention
 backend at forward time (``ForwardBatch.rids``), dropped when the cache releases the request. Holds the
@@ -13,8 +13,9 @@ its KV (scores, summaries, dropped / demoted pages, row) is rebuilt by its new p
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RequestState:
+class RequestMemory:
     options: MuxRequestOptions = field(default_factory=MuxRequestOptions)
     # [num_layers, capacity_pages] float32 page importances (SnapKV at prefill + H2O during decode)
     heavy_scores: Optional[torch.Tensor] = None
@@ -53,15 +54,18 @@ class RequestState:
     summary_cache: Optional[object] = None
     # set when the request cannot continue (e.g. a lower-tier page failed its checksum); the scheduler aborts it
     error: Optional[str] = None
-    # which of the tokens known at admission end a chunk (bool [prompt tokens]; memory/chunks.py), None when
-    # the request's tokens were not seen (PD transfer, no tokenizer): its chunks are then fixed-length
-    token_delims: Optional[torch.Tensor] = None
+    # ``token_delims`` (the property below) and, until its first read, how to compute it from the admitted prompt
+    _token_delims: Optional[torch.Tensor] = None
+    _delims_from: Optional[Callable[[], torch.Tensor]] = field(default=None, repr=False, compare=False)
     _chunk_spans: Optional[tuple] = None  # (seq_len, max_tokens, page_size, spans): one computation per step
 
     # --mux-layer-budget: the per-layer factors (fixed at the first routed step: for 'adaptive' they come from
     # the prefill's heavy scores) and the last step's per-layer grants
     layer_factors: Optional[list] = None
     _layer_grants: Optional[tuple] = None
+    # the router policy's own per-request state (router/policies.py: signals, the current split); the memory never
+    # reads it, it only lives and dies with the request
+    router_state: Optional[object] = None
 
     def layer_grants(self, grant, factors) -> list:
         """The per-layer grants of ``grant`` (``router/layer_budget.py``); ``factors()`` is called once per
@@ -73,6 +77,24 @@ class RequestState:
                 self.layer_factors = list(factors())
             self._layer_grants = (grant, layer_grants(grant, self.layer_factors))
         return self._layer_grants[1]
+
+    @property
+    def token_delims(self) -> Optional[torch.Tensor]:
+        """Which of the tokens known at admission end a chunk (bool [prompt tokens]; memory/chunks.py), None when
+        the request's tokens were not seen (PD transfer, no tokenizer): its chunks are then fixed-length. Computed
+        at the first read (the chunk leaf's first step), so a request whose split has no chunk leaf never pays
+        for the tokenizer's delimiter table or its prompt's mask."""
+        make, self._delims_from = self._delims_from, None
+        if make is not None:
+            try:
+                self._token_delims = make()
+            except Exception:  # chunks are an optimisation: without them the chunk leaf uses fixed-length chunks
+                logger.exception("mux: finding the chunks of a request failed")
+        return self._token_delims
+
+    @token_delims.setter
+    def token_delims(self, delims: Optional[torch.Tensor]) -> None:
+        self._delims_from, self._token_delims = None, delims
 
     def chunk_spans(self, seq_len: int, page_size: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The request's chunks as ``(first_page, last_page)`` at ``seq_len`` tokens (cached for the step: every
@@ -100,27 +122,37 @@ class RequestState:
 
 class RequestRegistry:
     def __init__(self):
-        self._states: dict[str, RequestState] = {}
+        self._states: dict[str, RequestMemory] = {}
         self.readmitted = 0  # retracted requests whose options were recorded again (``/mux/stats``)
+        # id(tokenizer) -> (tokenizer, its delimiter table): built at the first request that reads its chunks
+        self._delimiter_tables: dict[int, tuple[object, torch.Tensor]] = {}
+        self._tables_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._states)
 
     def admit(self, rid: str, custom_params, token_ids=None, tokenizer=None) -> None:
-        """Record a new request's options and, given its prompt's token ids and the tokenizer, where its chunks
-        end. Malformed fields were rejected at the HTTP edge; here (second line) they are logged and ignored
-        rather than failing the scheduler."""
+        """Record a new request's options and, given its prompt's token ids and the tokenizer, how to find where
+        its chunks end (a reference to the ids; the mask is computed at the first read of ``token_delims``).
+        Malformed fields were rejected at the HTTP edge; here (second line) they are logged and ignored rather
+        than failing the scheduler."""
         try:
             opts = parse_request_options(custom_params)
         except MuxRequestError as e:
             logger.warning("request %s: %s; serving it with the server's mux settings", rid, e)
             opts = MuxRequestOptions()
-        st = self._states[rid] = RequestState(options=opts)
+        st = self._states[rid] = RequestMemory(options=opts)
         if token_ids is not None and tokenizer is not None:
-            try:
-                st.token_delims = delimiter_mask(token_ids, delimiter_table(tokenizer))
-            except Exception:  # chunks are an optimisation: without them the chunk leaf uses fixed-length chunks
-                logger.exception("mux: finding the chunks of request %s failed", rid)
+            st._delims_from = lambda: delimiter_mask(token_ids, self.delimiter_table(tokenizer))
+
+    def delimiter_table(self, tokenizer) -> torch.Tensor:
+        """``memory/chunks.py::delimiter_table`` of ``tokenizer``, built once per tokenizer (~0.5 s for a 50K
+        vocabulary) and kept for the process's later requests."""
+        with self._tables_lock:
+            entry = self._delimiter_tables.get(id(tokenizer))
+            if entry is None or entry[0] is not tokenizer:
+                entry = self._delimiter_tables[id(tokenizer)] = (tokenizer, delimiter_table(tokenizer))
+            return entry[1]
 
     def readmit(self, rid: str, custom_params, token_ids=None, tokenizer=None) -> bool:
         """A retracted request, its KV released and the request queued again: record its options as at admission.
@@ -131,19 +163,19 @@ class RequestRegistry:
         self.readmitted += 1
         return True
 
-    def get(self, rid: str) -> RequestState:
+    def get(self, rid: str) -> RequestMemory:
         st = self._states.get(rid)
         if st is None:  # requests that bypassed admission (e.g. warm-up, PD transfer): server defaults
-            st = self._states[rid] = RequestState()
+            st = self._states[rid] = RequestMemory()
         return st
 
     def states(self):
         return list(self._states.values())
 
-    def peek(self, rid: str) -> Optional[RequestState]:
+    def peek(self, rid: str) -> Optional[RequestMemory]:
         return self._states.get(rid)
 
-    def release(self, rid: str) -> RequestState | None:
+    def release(self, rid: str) -> RequestMemory | None:
         st = self._states.pop(rid, None)
         STATS.device_kv_tokens_held.pop(rid, None)
         return st
