@@ -32,8 +32,7 @@ import pytest
 import requests
 import torch
 from cpu_pools import paged_allocator
-from sglang.srt.model_executor.forward_batch_info import ForwardMode
-from test_routed_decode import HKV, HQ, D, make_backend, ref_attention
+from test_routed_decode import HKV, HQ, D, decode_request, make_backend, ref_attention
 
 from sglang_mux.attention.routed_decode import page_positions
 from sglang_mux.config import MuxConfig
@@ -41,7 +40,6 @@ from sglang_mux.memory.integrity import MuxIntegrityError, PoolCounts, RowOwner,
 from sglang_mux.memory.staging import StagingArea
 from sglang_mux.memory.tiers import DiskTier, TierManager
 from sglang_mux.metrics import STATS
-from sglang_mux.memory.requests import RequestRegistry
 
 P, L = 8, 300  # 38 pages, the last one partial
 REC = 2 * P * HKV * D * 4  # one page record: one layer, K and V, float32
@@ -61,14 +59,7 @@ def tiered_request(tiers: TierManager, seed: int = 0) -> SimpleNamespace:
     alloc.free(every[~torch.isin(every // P, torch.tensor(sorted(mine)))])
     be.cold.allocator = alloc
     be.cold.tiers = be.tiers = tiers
-    be.registry = RequestRegistry()
-    st = be.registry.get("r")
-    st.protected_len, st.summarized = 0, True
-    n = (L + P - 1) // P
-    g = torch.Generator().manual_seed(100 + seed)
-    st.scores(1, n, "cpu")[0, :n] = torch.rand(n, generator=g)
-    fb = SimpleNamespace(rids=["r"], forward_mode=ForwardMode.DECODE, seq_lens_cpu=torch.tensor([L]),
-                         seq_lens=torch.tensor([L]), req_pool_indices=torch.tensor([1]))
+    st, fb, g = decode_request(be, L, seed=100 + seed)
     ns = SimpleNamespace(be=be, layer=layer, kv=kv, r2t=r2t, slots=slots, k_all=k_all, v_all=v_all, alloc=alloc,
                          st=st, fb=fb, g=g, tiers=tiers)
     step(ns)

@@ -17,19 +17,15 @@ test/test_leaf_registry.py runs a throwaway leaf through.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from cpu_pools import paged_allocator
-from sglang.srt.model_executor.forward_batch_info import ForwardMode
-from test_routed_decode import HKV, HQ, D, make_backend, ref_attention
+from test_routed_decode import HKV, HQ, D, decode_request, make_backend, ref_attention
 
 from sglang_mux.attention.routed_decode import page_positions
 from sglang_mux.config import MuxConfig
 from sglang_mux.leaves import LEAVES, get_leaf
 from sglang_mux.memory.tiers import TierManager, record_nbytes
-from sglang_mux.memory.requests import RequestRegistry
 
 P, L = 8, 300  # 38 pages, the last one partial
 ROUTED_BUDGET, EXACT_BUDGET = 64, 512
@@ -59,14 +55,7 @@ def run_case(leaf_name: str, mode: str, routed: bool, seed: int = 0) -> dict:
     be.cold.allocator = alloc
     if mode == "tier":
         be.cold.tiers = be.tiers = TierManager(host_bytes=1 << 20)  # this case's own, not the process's
-    be.registry = RequestRegistry()
-    st = be.registry.get("r")
-    st.protected_len, st.summarized = 0, True  # the request owns every page (no shared prefix)
-    g = torch.Generator().manual_seed(100 + seed)
-    st.scores(1, n, "cpu")[0, :n] = torch.rand(n, generator=g)  # heavy-hitter scores, as a prefill leaves them
-
-    fb = SimpleNamespace(rids=["r"], forward_mode=ForwardMode.DECODE, seq_lens_cpu=torch.tensor([L]),
-                         seq_lens=torch.tensor([L]), req_pool_indices=torch.tensor([1]))
+    st, fb, g = decode_request(be, L, seed=100 + seed)  # owns every page, random heavy-hitter scores
     be._plan_step(fb)
     (p,) = be._plan
     assert p.grant.exact is not routed

@@ -15,6 +15,7 @@ import pytest
 import torch
 from cpu_pools import kv_pool, req_to_token_pool
 from mux_kernels.reference import routed_decode as ref_routed_decode
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sglang_mux.attention.backend import MuxAttentionBackend
 from sglang_mux.attention.step_planner import RequestPlan
@@ -28,7 +29,7 @@ from sglang_mux.attention.routed_decode import (
 )
 from sglang_mux.config import MuxConfig
 from sglang_mux.request_options import MuxRequestOptions
-from sglang_mux.memory.requests import RequestMemory
+from sglang_mux.memory.requests import RequestMemory, RequestRegistry
 from sglang_mux.router.spine import StaticSpineRouter
 
 HQ, HKV, D = 4, 2, 16
@@ -88,6 +89,21 @@ def make_backend(cfg: MuxConfig, L: int, seed: int = 0, *, hq: int = HQ, hkv: in
     layer = SimpleNamespace(layer_id=0, tp_q_head_num=hq, tp_k_head_num=hkv, qk_head_dim=d, v_head_dim=d,
                             scaling=d**-0.5, is_cross_attention=False)
     return be, layer, kv, r2t, slots
+
+
+def decode_request(be, L: int, seed: int):
+    """Request "r" of ``L`` tokens in req_to_token row 1, in a fresh registry of ``be``: it owns every page (no shared
+    prefix), its summaries are built, its heavy-hitter scores random (as a prefill leaves them). Returns its state,
+    a decode batch of it alone and the generator that drew the scores (seeded with ``seed``)."""
+    be.registry = RequestRegistry()
+    st = be.registry.get("r")
+    st.protected_len, st.summarized = 0, True
+    n = (L + be.page_size - 1) // be.page_size
+    g = torch.Generator().manual_seed(seed)
+    st.scores(1, n, "cpu")[0, :n] = torch.rand(n, generator=g)
+    fb = SimpleNamespace(rids=["r"], forward_mode=ForwardMode.DECODE, seq_lens_cpu=torch.tensor([L]),
+                         seq_lens=torch.tensor([L]), req_pool_indices=torch.tensor([1]))
+    return st, fb, g
 
 
 def test_routed_step_matches_reference_and_obeys_grant():
