@@ -150,5 +150,4 @@ def select_pages_on_device(
         scores = score_pages(q, kmin, kmax, summary_table, num_pages)  # bound, already the max per group
         if not per_group:
             scores = scores.amax(dim=1)
-    select = reference.select_pages_per_group if per_group else reference.select_pages
-    return select(scores, num_pages, budget_pages, sink_pages, recent_pages, forced, blocked)
+    return reference.select_pages(scores, num_pages, budget_pages, sink_pages, recent_pages, forced, blocked)

@@ -129,7 +129,10 @@ def select_pages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`budget_pages` pages per request by score, plus the forced ones; sorted ids, fixed shapes.
 
-    `scores [B, max_pages]` (one score per page, already aggregated over kv heads). Forced: the first
+    `scores [B, max_pages]` (one score per page, already aggregated over kv heads), or `[B, H_kv, max_pages]`:
+    one choice per kv-head group (its heads' scores) -> `page_list [B, H_kv, budget_pages]`, with one count per
+    request (the same for every group); `forced` / `blocked` stay `[B, max_pages]` and apply to every group.
+    Forced: the first
     `sink_pages` pages, the last `recent_pages` pages (>= 1: the tail page is always kept) and the pages set in
     the optional bool mask `forced [B, max_pages]` (e.g. heavy hitters chosen by other leaves). Pages set in
     `blocked [B, max_pages]` (e.g. dropped for good) are never chosen; the tail must not be blocked. Ties go to
@@ -151,6 +154,15 @@ def select_pages(
             f"budget_pages={budget_pages} is smaller than the forced pages sink_pages+recent_pages="
             f"{sink_pages + recent_pages}"
         )
+    if scores.dim() == 3:  # per kv-head group: each (request, group) row is chosen like a request of its own
+        bsz, hkv, max_pages = scores.shape
+
+        def per_row(mask):
+            return None if mask is None else mask.repeat_interleave(hkv, dim=0)
+
+        flat, counts = select_pages(scores.reshape(bsz * hkv, max_pages), num_pages.repeat_interleave(hkv),
+                                    budget_pages, sink_pages, recent_pages, per_row(forced), per_row(blocked))
+        return flat.reshape(bsz, hkv, -1), counts.reshape(bsz, hkv)[:, 0]
     bsz, max_pages = scores.shape
     k = budget_pages
     dev = scores.device
@@ -186,33 +198,8 @@ def select_pages(
     return page_list, counts
 
 
-def select_pages_per_group(
-    group_scores: torch.Tensor,
-    num_pages: torch.Tensor,
-    budget_pages: int,
-    sink_pages: int = 0,
-    recent_pages: int = 1,
-    forced: torch.Tensor | None = None,
-    blocked: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`select_pages` for every kv-head group separately: `group_scores [B, H_kv, max_pages]` ->
-    `page_list [B, H_kv, budget_pages]` and `page_counts [B]` (the same count for every group of a request).
-    `forced` / `blocked` are per request `[B, max_pages]` and apply to every group."""
-    bsz, hkv, max_pages = group_scores.shape
-
-    def per_row(mask):
-        return None if mask is None else mask.repeat_interleave(hkv, dim=0)
-
-    flat, counts = select_pages(
-        group_scores.reshape(bsz * hkv, max_pages),
-        num_pages.repeat_interleave(hkv),
-        budget_pages,
-        sink_pages,
-        recent_pages,
-        per_row(forced),
-        per_row(blocked),
-    )
-    return flat.reshape(bsz, hkv, -1), counts.reshape(bsz, hkv)[:, 0]
+# `select_pages` on group scores `[B, H_kv, max_pages]`: one choice per kv-head group (the name callers know)
+select_pages_per_group = select_pages
 
 
 def routed_decode(
