@@ -18,6 +18,12 @@ mux_both    the mux default split, its retrieval         retrieval picks pages, 
             share halved between retrieval and chunk     the chunks they belong to
 mux_pyramid ``mux`` + ``mux_layer_budget: "pyramid"``     the default split, more pages at lower layers
 mux_adaptive ``mux`` + ``"adaptive"``                    pages per layer from the prefill's attention
+adaptive    ``mux`` + ``mux_router: "adaptive"``         the adaptive router (docs/router.md): the split
+                                                         and layer spread follow the attention, with
+                                                         triggers and hysteresis
+learned     ``mux`` + ``mux_router: "learned"``          the adaptive router with the learned gate's split
+adaptive_chunk ``mux_chunk`` + ``"adaptive"`` router     the adaptive router over the chunk split
+mux_int4    ``mux`` + ``mux_cold_bits: 4``               int4 copies of cold pages (with a host/disk tier)
 =========== ============================================ ==========================================
 
 The budget is in tokens: a fixed ``--budget`` or a fraction of each prompt (``--budget-frac``). Under a
@@ -43,7 +49,15 @@ POLICIES: dict[str, tuple[int, str, str | None] | None] = {
     "mux_both": None,
     "mux_pyramid": None,
     "mux_adaptive": None,
+    "adaptive": None,
+    "learned": None,
+    "adaptive_chunk": None,
+    "mux_int4": None,
 }
+
+# policy -> (the policy whose split it starts from, --mux-router)
+_ROUTER_VARIANTS = {"adaptive": ("mux", "adaptive"), "learned": ("mux", "learned"),
+                    "adaptive_chunk": ("mux_chunk", "adaptive")}
 
 # policy -> --mux-layer-budget of the default split
 _LAYER_BUDGET_VARIANTS = {"mux_pyramid": "pyramid", "mux_adaptive": "adaptive"}
@@ -82,6 +96,11 @@ def custom_params(policy: str, budget: int) -> dict:
         raise PolicyError(f"policy: unknown {policy!r}; allowed: {', '.join(POLICIES)}")
     if policy == "full":
         return {"mux_exact": True}
+    if policy == "mux_int4":
+        return {"mux_budget": budget, "mux_cold_bits": 4}
+    if policy in _ROUTER_VARIANTS:
+        base, router = _ROUTER_VARIANTS[policy]
+        return {**custom_params(base, budget), "mux_router": router}
     params: dict = {"mux_budget": budget}
     if policy in _LAYER_BUDGET_VARIANTS:
         params["mux_layer_budget"] = _LAYER_BUDGET_VARIANTS[policy]
