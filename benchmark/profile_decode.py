@@ -97,7 +97,7 @@ def synthetic_backend(a: argparse.Namespace, cfg=None, delimiter_every: int = 10
 
     from sglang_mux.attention.backend import MuxAttentionBackend
     from sglang_mux.config import MuxConfig
-    from sglang_mux.router.requests import RequestRegistry
+    from sglang_mux.memory.requests import RequestRegistry
 
     torch.set_num_threads(1)
     dt = getattr(torch, {"half": "float16", "float": "float32"}.get(a.dtype, a.dtype))

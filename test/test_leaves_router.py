@@ -87,7 +87,7 @@ def test_finished_request_without_kv_is_forgotten_but_one_holding_kv_waits_for_t
     from types import SimpleNamespace
 
     from sglang_mux.router.hooks import after_stream_output
-    from sglang_mux.router.requests import REGISTRY
+    from sglang_mux.memory.requests import REGISTRY
 
     REGISTRY.admit("aborted", None)
     REGISTRY.admit("holding", None)

@@ -216,7 +216,7 @@ def test_decode_dies_mid_transfer_prefill_frees_kv_router_errors(pd):
     assert requests.get(pd.prefill.url + "/health", timeout=30).status_code == 200
     leaked = mux_stats(pd.prefill.url)["running_requests_tracked"] - tracked
     if leaked > 0:
-        # Seen on 2026-11-23: the mux request registry (router/requests.py) drops a state only when the cache
+        # Seen on 2026-11-23: the mux request registry (memory/requests.py) drops a state only when the cache
         # releases the request; PD prefill requests aborted by the transfer/bootstrap failure (the router's
         # retries included) keep theirs. SGLang itself holds nothing (asserted above).
         pytest.xfail(f"mux registry keeps {leaked} states of aborted PD requests (released only via the cache)")

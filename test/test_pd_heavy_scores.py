@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sglang_mux.disagg import heavy_scores as hs
-from sglang_mux.router.requests import REGISTRY, RequestRegistry
+from sglang_mux.memory.requests import REGISTRY, RequestRegistry
 
 
 def table(num_layers: int, pages: int, seed: int = 0) -> torch.Tensor:

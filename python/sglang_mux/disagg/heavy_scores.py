@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from sglang_mux.metrics import STATS
-from sglang_mux.router.requests import REGISTRY, RequestRegistry
+from sglang_mux.memory.requests import REGISTRY, RequestRegistry
 
 logger = logging.getLogger(__name__)
 

@@ -237,7 +237,7 @@ def check_scheduler(scheduler, batch=None) -> None:
     """:func:`check_integrity` on a live scheduler's objects (the device checks only for a plain paged pool, not in
     PD or hybrid models)."""
     from sglang_mux.metrics import STATS
-    from sglang_mux.router.requests import REGISTRY
+    from sglang_mux.memory.requests import REGISTRY
 
     tree = getattr(scheduler, "tree_cache", None)
     tiers = getattr(tree, "tiers", None)

@@ -27,7 +27,7 @@ from sglang_mux.memory.page_summaries import PageSummaryStore
 from sglang_mux.memory.prefix_tiers import namespace_of, page_hashes, tier_key
 from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
 from sglang_mux.request_options import MuxRequestOptions
-from sglang_mux.router.requests import REGISTRY
+from sglang_mux.memory.requests import REGISTRY
 from sglang_mux.router.route_rule import heavy_ranked_tokens, may_route, scores_heavy_hitters
 from sglang_mux.router.spine import StaticSpineRouter
 
