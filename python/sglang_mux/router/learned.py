@@ -25,6 +25,15 @@ def gate_features(rs: AdaptiveState, cur: dict, seq_len: int, budget: int) -> li
     return [*masses, rs.out_of_hot, *fracs, math.log2(max(seq_len, 1) / max(budget, 1))]
 
 
+def share_bounds(static: dict) -> tuple[list[str], dict, dict]:
+    """The shares the gate may move pages between (those the static grant gives pages), and each one's bounds:
+    ``[1/4, 3]`` x its static pages (the window keeps at least its tail page)."""
+    movable = [s for s in SHARES if static.get(s, 0) > 0]
+    lo = {s: max(1 if s == "recent" else 0, static[s] * CLIP[0]) for s in movable}
+    hi = {s: static[s] * CLIP[1] for s in movable}
+    return movable, lo, hi
+
+
 class LearnedRouter(AdaptiveRouter):
     name = "learned"
 
@@ -32,15 +41,13 @@ class LearnedRouter(AdaptiveRouter):
         return load_gate(cfg.router_gate or None)  # cached per path; checked at launch when this policy is used
 
     def propose(self, rs: AdaptiveState, static: dict, cfg) -> Optional[dict]:
-        movable = [s for s in SHARES if static.get(s, 0) > 0]
+        movable, lo, hi = share_bounds(static)
         if len(movable) < 2:
             return None
         cur = {s: (rs.pages or static).get(s, static[s]) for s in movable}
         total = sum(cur.values())
         fractions = self.gate(cfg).split(gate_features(rs, cur, rs.seq_len, cfg.budget), movable)
         targets = {s: fractions[s] * total for s in movable}
-        lo = {s: max(1 if s == "recent" else 0, static[s] * CLIP[0]) for s in movable}
-        hi = {s: static[s] * CLIP[1] for s in movable}
         return rescale(cur, targets, lo, hi)
 
 
