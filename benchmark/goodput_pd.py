@@ -296,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--costs-only", action="store_true", help="record pd_costs.json and stop")
     p.add_argument("--rescore", action="store_true",
                    help="no servers: re-score the requests recorded in goodput_pd.json at the given SLOs")
+    p.add_argument("--plan", action="store_true",
+                   help="no servers: the prefill:decode ratio and where PD stops paying for the trace (--requests, "
+                        "--rate, --seed, --long-frac) on the recorded costs (--costs), stock and mux")
+    p.add_argument("--costs", type=Path, default=None, help="--plan: the costs JSON (default: OUT/pd_costs.json)")
     args = p.parse_args(argv)
 
     from sglang_mux.config import MuxConfig
@@ -313,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if args.rescore:
         return rescore(args.out / "goodput_pd.json", slo)
+    if args.plan:
+        return plan(args, slo)
     why = mooncake_unavailable_reason()
     if why and any(s != "stock_agg" and s != "mux_agg" for s in systems):
         print(f"goodput_pd: cannot run the PD systems: {why}", file=sys.stderr)
@@ -366,10 +372,49 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"{system} failed: {result['systems'][system]['failed']}")
         write_result(args.out, "goodput_pd", result)  # partial results survive a later failure
 
+    result["pd_break_even"] = {
+        "stock": ratio_policy.pd_break_even(trace),
+        "mux": ratio_policy.pd_break_even(trace, device_kv_tokens_per_request=mux_device_kv(args.mux_budget)),
+    }
     print_table(result, slo)
-    for k, rec in result["recommendation"].items():
-        print(f"recommended prefill:decode for this trace ({k}): {rec.get('ratio', rec.get('why'))}")
+    print_plan(result["recommendation"], result["pd_break_even"])
     write_result(args.out, "goodput_pd", result)
+    return 0
+
+
+def print_plan(recommendation: dict, break_even: dict) -> None:
+    for k, rec in recommendation.items():
+        be = break_even[k]
+        rate, prompt = be["pd_pays_from_rate_rps"], be["pd_pays_from_prompt_tokens"]
+        print(f"{k}: recommended prefill:decode {rec.get('ratio', rec.get('why'))}; PD {be['pd_workers']} workers vs "
+              f"aggregated {be['aggregated_workers']} at {be['trace_rate_rps']:.2f} req/s -> PD "
+              f"{'pays' if be['pd_pays'] else 'does not pay'}; PD pays from "
+              f"{f'{rate:.2f} req/s' if rate is not None else 'no rate up to 64x this one'} and, per request, from "
+              f"{f'{prompt} prompt tokens' if prompt is not None else 'no prompt length'}")
+
+
+def plan(args, slo) -> int:
+    """``--plan``: the ratio controller's outputs for the trace, on the recorded costs; no servers."""
+    from sglang_mux.router.placement import PlacementError, PlacementPolicy, RecordedCosts, mux_device_kv
+
+    costs_path = args.costs or args.out / "pd_costs.json"
+    try:
+        policy = PlacementPolicy(RecordedCosts.load(costs_path), slo)
+    except PlacementError as e:
+        print(f"goodput_pd: --plan: {e}", file=sys.stderr)
+        return 2
+    trace = make_trace(args.requests, args.rate, args.seed, short=(32, 256), long=(1024, 3072),
+                       long_frac=args.long_frac, out=(16, 48))
+    kv = {"stock": None, "mux": mux_device_kv(args.mux_budget)}
+    recommendation = {k: policy.recommend_ratio(trace, device_kv_tokens_per_request=f) for k, f in kv.items()}
+    break_even = {k: policy.pd_break_even(trace, device_kv_tokens_per_request=f) for k, f in kv.items()}
+    print(f"trace: {len(trace)} requests, {args.rate} req/s (seed {args.seed}), SLO TTFT <= {slo.ttft_ms:g} ms, "
+          f"TPOT <= {slo.tpot_ms:g} ms, costs {costs_path}")
+    print_plan(recommendation, break_even)
+    write_result(args.out, "pd_plan", {"slo": asdict(slo), "costs": str(costs_path),
+                                       "trace": {"requests": len(trace), "rate": args.rate, "seed": args.seed,
+                                                 "long_frac": args.long_frac},
+                                       "recommendation": recommendation, "pd_break_even": break_even})
     return 0
 
 

@@ -206,14 +206,28 @@ class PlacementPolicy:
         ``device_kv_tokens_per_request(prompt, output) -> tokens`` is the decode-side device KV of one request
         (default: the whole context, stock SGLang; :func:`mux_device_kv` for mux). Stored in ``stats``.
         """
-        if not trace:
-            raise PlacementError("trace: expected at least one (arrival_s, prompt_tokens, output_tokens)")
         if not 0 < max_utilisation <= 1:
             raise PlacementError(f"max_utilisation: must be in (0, 1], got {max_utilisation!r}")
+        rec = self._ratio(self._totals(trace, device_kv_tokens_per_request), max_utilisation)
+        self.stats.recommendation = rec
+        return rec
+
+    def _totals(self, trace, device_kv_tokens_per_request=None) -> dict:
+        """What the capacity plans read from a trace: its span, prefill work, output tokens, device KV per request."""
+        if not trace:
+            raise PlacementError("trace: expected at least one (arrival_s, prompt_tokens, output_tokens)")
         kv_of = device_kv_tokens_per_request or (lambda n, m: n + m)
         arrivals = [a for a, _, _ in trace]
-        duration_ms = max(max(arrivals) - min(arrivals), 1e-3) * 1000.0
-        prefill_ms = sum(self.costs.prefill(n) for _, n, _ in trace)
+        return {
+            "requests": len(trace),
+            "duration_ms": max(max(arrivals) - min(arrivals), 1e-3) * 1000.0,
+            "prefill_ms": sum(self.costs.prefill(n) for _, n, _ in trace),
+            "out_tokens": sum(m for _, _, m in trace),
+            "kv_per_req": max(kv_of(n, m) for _, n, m in trace),
+        }
+
+    def _ratio(self, t: dict, max_utilisation: float) -> dict:
+        duration_ms, prefill_ms, kv_per_req = t["duration_ms"], t["prefill_ms"], t["kv_per_req"]
         n_prefill = max(1, math.ceil(prefill_ms / (duration_ms * max_utilisation)))
         # Largest batch a decode worker may run: TPOT objective, then device KV capacity.
         c = self.costs
@@ -222,7 +236,6 @@ class PlacementPolicy:
         else:
             b_tpot = 1 << 30
         b_tpot = max(b_tpot, 1) if self.slo.tpot_ms >= c.decode_step_fixed_ms else 0
-        kv_per_req = max(kv_of(n, m) for _, n, m in trace)
         b_mem = c.device_kv_capacity_tokens // kv_per_req if c.device_kv_capacity_tokens else 1 << 30
         batch = min(b_tpot, b_mem)
         if batch < 1:
@@ -230,7 +243,7 @@ class PlacementPolicy:
             rec = {"prefill_workers": n_prefill, "decode_workers": None, "feasible": False, "why": why}
         else:
             step_ms = c.step(batch)
-            concurrent = sum(m for _, _, m in trace) * step_ms / duration_ms
+            concurrent = t["out_tokens"] * step_ms / duration_ms
             n_decode = max(1, math.ceil(concurrent / batch))
             rec = {
                 "prefill_workers": n_prefill,
@@ -243,8 +256,119 @@ class PlacementPolicy:
                 "concurrent_decoding": concurrent,
             }
         rec["device_kv_tokens_per_request"] = kv_per_req
-        self.stats.recommendation = rec
         return rec
+
+    # ------------------------------------------------------------------ where PD stops paying
+    def aggregated_workers(
+        self,
+        trace: list[tuple[float, int, int]],
+        *,
+        max_utilisation: float = 0.7,
+        device_kv_tokens_per_request=None,
+        max_workers: int = 1 << 16,
+    ) -> dict:
+        """Aggregated workers (prefill and decode on the same ones) that serve ``trace`` within the TPOT objective.
+
+        With ``N`` workers each spends ``u = sum prefill(n_i) / (duration * N)`` of its time prefilling, which stalls
+        its decode batch: ``TPOT = step(b) / (1 - u)``, ``b`` its share of the concurrent decoding requests
+        (Little's law, ``sum out_i * TPOT / duration``, iterated to a fixed point). ``N`` is the smallest with
+        ``u <= max_utilisation``, ``TPOT <= slo_tpot`` and ``b`` requests' device KV within the capacity."""
+        return self._aggregated(self._totals(trace, device_kv_tokens_per_request), max_utilisation, max_workers)
+
+    def _aggregated(self, t: dict, max_utilisation: float, max_workers: int = 1 << 16) -> dict:
+        duration_ms, prefill_ms, out_tokens = t["duration_ms"], t["prefill_ms"], t["out_tokens"]
+        cap = self.costs.device_kv_capacity_tokens
+        fewest = max(1, math.ceil(prefill_ms / (duration_ms * max_utilisation)))  # below: u > max_utilisation
+        for workers in range(fewest, max_workers + 1):
+            u = prefill_ms / (duration_ms * workers)
+            tpot = self.costs.step(1)
+            for _ in range(50):
+                batch = max(1, math.ceil(out_tokens * tpot / duration_ms / workers))
+                new = self.costs.step(batch) / (1.0 - u)
+                if abs(new - tpot) < 1e-9:
+                    break
+                tpot = new
+            if tpot <= self.slo.tpot_ms and (not cap or batch * t["kv_per_req"] <= cap):
+                return {"workers": workers, "prefill_utilisation": u, "tpot_ms": tpot, "decode_batch": batch,
+                        "feasible": True}
+        return {"workers": None, "feasible": False, "why": f"no aggregated deployment of <= {max_workers} workers meets "
+                                                           f"the TPOT objective"}
+
+    def pd_break_even(
+        self,
+        trace: list[tuple[float, int, int]],
+        *,
+        max_utilisation: float = 0.7,
+        device_kv_tokens_per_request=None,
+    ) -> dict:
+        """Whether PD pays for ``trace``, and where it stops paying.
+
+        * ``pd_workers`` = prefill + decode workers (:meth:`recommend_ratio`) against ``aggregated_workers``
+          (:meth:`aggregated_workers`) for the same objectives; PD pays when it needs fewer (a tie stays
+          aggregated: no transfer, no second hop).
+        * ``pd_pays_from_rate_rps``: the same mix of requests replayed faster or slower (arrival times scaled), the
+          lowest arrival rate (requests / s over the trace's span) from which PD needs fewer workers, found on a
+          grid from 1/64x to 64x the trace's rate and refined by bisection to 1 %; None when it never does there.
+          Below it, aggregated serving is cheaper: that is where PD stops paying.
+        * ``pd_pays_from_prompt_tokens``: for one request at this trace's load (its median output length, the
+          concurrent decoding requests spread over the workers above), the shortest prompt that
+          :meth:`decide` sends to PD (None: none up to 1M tokens).
+        """
+        if not 0 < max_utilisation <= 1:
+            raise PlacementError(f"max_utilisation: must be in (0, 1], got {max_utilisation!r}")
+        totals = self._totals(trace, device_kv_tokens_per_request)
+
+        def plans(scale: float) -> tuple[dict, dict]:
+            t = {**totals, "duration_ms": totals["duration_ms"] / scale}
+            return self._ratio(t, max_utilisation), self._aggregated(t, max_utilisation)
+
+        def pd_total(rec: dict) -> int | None:
+            return rec["prefill_workers"] + rec["decode_workers"] if rec.get("feasible") else None
+
+        def pays(scale: float) -> bool:
+            rec, agg = plans(scale)
+            pd = pd_total(rec)
+            return pd is not None and (agg["workers"] is None or pd < agg["workers"])
+
+        rec, agg = plans(1.0)
+        rate = totals["requests"] / (totals["duration_ms"] / 1000.0)
+        grid = [2.0 ** (k / 4.0) for k in range(-24, 25)]  # 1/64x .. 64x, 4 steps per doubling
+        first = next((i for i, sc in enumerate(grid) if pays(sc)), None)
+        from_rate = None
+        if first is not None:
+            lo, hi = (grid[first - 1] if first > 0 else None), grid[first]
+            while lo is not None and hi / lo > 1.01:
+                mid = math.sqrt(lo * hi)
+                lo, hi = (lo, mid) if pays(mid) else (mid, hi)
+            from_rate = rate * hi
+        # one request at this load: the decode batch per worker on each path, minus itself
+        outputs = sorted(m for _, _, m in trace)
+        median_out = outputs[len(outputs) // 2]
+        d_batch = math.ceil(rec["concurrent_decoding"] / rec["decode_workers"]) if rec.get("feasible") else 1
+        load = Load(aggregated_running=max(0, (agg.get("decode_batch") or 1) - 1), decode_running=max(0, d_batch - 1))
+        from_prompt, n = None, 1
+        while n <= 1 << 20:
+            if self._prefers_pd(n, median_out, load):
+                lo, hi = n // 2, n  # lo does not prefer PD (or is 0)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if self._prefers_pd(mid, median_out, load) else (mid, hi)
+                from_prompt = hi
+                break
+            n *= 2
+        pd = pd_total(rec)
+        return {
+            "pd_workers": pd,
+            "aggregated_workers": agg["workers"],
+            "pd_pays": pd is not None and (agg["workers"] is None or pd < agg["workers"]),
+            "trace_rate_rps": rate,
+            "pd_pays_from_rate_rps": from_rate,
+            "pd_pays_from_prompt_tokens": from_prompt,
+        }
+
+    def _prefers_pd(self, prompt_tokens: int, output_tokens: int, load: Load) -> bool:
+        pred = {p: predict(p, max(prompt_tokens, 1), max(output_tokens, 1), load, self.costs) for p in PATHS}
+        return pred["pd"].slack(self.slo) > pred["aggregated"].slack(self.slo) + self.tie_margin
 
 
 def mux_device_kv(budget: int, staging_tokens: int = 0, page_size: int = 16):

@@ -57,7 +57,9 @@ class FinishedWindow:
             policy = PlacementPolicy(recorded_costs(cfg.placement_costs), SLO.from_config(cfg))
             staging = cfg.staging * cfg.page_size if cfg.tiered else 0  # the staging area exists only with tiers
             kv = None if cfg.disable else mux_device_kv(cfg.budget, staging, cfg.page_size)
-            out["recommendation"] = policy.recommend_ratio(list(self._trace), device_kv_tokens_per_request=kv)
+            trace = list(self._trace)
+            out["recommendation"] = policy.recommend_ratio(trace, device_kv_tokens_per_request=kv)
+            out["pd_break_even"] = policy.pd_break_even(trace, device_kv_tokens_per_request=kv)
         except PlacementError as e:  # e.g. the costs file changed since launch: say so, never fail the stats call
             out["recommendation"] = None
             out["why"] = str(e)
