@@ -59,6 +59,8 @@ class MuxStats:
     router_flagged_requests: int = 0
     router_boosted_request_steps: int = 0
     page_scorings: int = 0
+    # drop mode with --mux-cold-bits < 16: cold pages kept as quantized copies instead of being dropped
+    quantized_cold_pages: int = 0
     # control plane
     # requests admitted with per-request mux fields (custom_params, or custom_labels through sglang-router), and
     # those fields of the last one (serving/label_options.py)

@@ -159,7 +159,7 @@ class StepPlanner:
                 cold_plan = p if static == p.grant else dataclasses.replace(p, grant=static)
                 try:
                     if cfg.drop_cold:
-                        self.cold.drop(cold_plan)
+                        self.cold.drop(cold_plan, cfg)
                     elif self.tiers is not None and self.tiers.takes_running_pages:
                         self.cold.demote(cold_plan, cfg)
                 except Exception as e:
@@ -495,6 +495,12 @@ class StepPlanner:
         ks, vs, poss = [k_buf[slots]], [v_buf[slots]], [pos]
         wait = self.mux_config.missing_page == "wait"
         for page in pages[off].tolist():
+            layer_kv = self.cold.quantized_layer(st, page, lidx)  # drop mode: the quantized copy, this layer only
+            if layer_kv is not None:
+                ks.append(layer_kv[0].to(k_buf.dtype))
+                vs.append(layer_kv[1].to(v_buf.dtype))
+                poss.append(torch.arange(page * P, page * P + P, device=pages.device))
+                continue
             try:
                 rec = self.cold.staged_record(st, page, wait)
             except PageIntegrityError as e:

@@ -32,7 +32,7 @@ in the bytes of N exact ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -233,6 +233,31 @@ def quantize_page(
 def dequantize_page(qp: QuantizedPage) -> torch.Tensor:
     """The record back: same shape and dtype as the one quantized (bit-exact at bits 16)."""
     return torch.stack([dequantize_keys(qp.k), dequantize_values(qp.v)], dim=len(qp.shape) - 4)
+
+
+def _first_axis(t: QuantizedTensor, i: int) -> QuantizedTensor:
+    """Entry ``i`` of a quantized tensor's first axis (a layer of a page record), without unpacking the others:
+    codes are packed in order, so a layer's codes are a contiguous run of bytes when its element count fills
+    whole bytes (it does for every page shape: P * H * D is a multiple of 4)."""
+    n = 1
+    for s in t.shape[1:]:
+        n *= s
+    if t.bits == 16:
+        return replace(t, packed=t.packed[i], shape=t.shape[1:])
+    per_byte = 8 // t.bits
+    if n % per_byte:
+        raise ValueError(f"a layer of {n} codes does not fill whole bytes at {t.bits} bits")
+    nb = n // per_byte
+    return replace(t, packed=t.packed[i * nb : (i + 1) * nb], scale=t.scale[i], zero=t.zero[i], shape=t.shape[1:])
+
+
+def dequantize_page_layer(qp: QuantizedPage, layer: int) -> torch.Tensor:
+    """Layer ``layer`` of a ``[num_layers, 2, P, H, D]`` record, dequantized alone: ``[2, P, H, D]``, equal to
+    ``dequantize_page(qp)[layer]``. Routed decode reads a quantized cold page one layer at a time, so it never
+    holds a whole dequantized page."""
+    if len(qp.shape) != 5:
+        raise ValueError(f"page record: expected [num_layers, 2, P, H, D], got {qp.shape}")
+    return torch.stack([dequantize_keys(_first_axis(qp.k, layer)), dequantize_values(_first_axis(qp.v, layer))])
 
 
 # -------------------------------------------------------------------------------------------------- accounting
