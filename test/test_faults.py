@@ -32,6 +32,7 @@ import pytest
 import requests
 import torch
 from cpu_pools import paged_allocator
+from mux_test_support import wait_for
 from test_routed_decode import HKV, HQ, D, decode_request, make_backend, ref_attention
 
 from sglang_mux.attention.routed_decode import page_positions
@@ -247,16 +248,6 @@ def prompt(n: int, seed: int) -> list[int]:
 
 def body(ids, n, **extra) -> dict:
     return {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}, **extra}
-
-
-def wait_for(pred, timeout: float, what: str, every: float = 0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = pred()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def request_files(disk: Path, rid: str = "") -> list[Path]:

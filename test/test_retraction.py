@@ -20,13 +20,13 @@ exact (the server's default), not routed.
 
 from __future__ import annotations
 
-import random
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from mux_test_support import mux_stats, word_ids
 
 from sglang_mux.server_process import ServerProcess
 
@@ -35,22 +35,6 @@ N_REQUESTS = len(SEEDS)
 POOL = 704  # admits the three requests one by one; fills when each holds ~POOL / 3 tokens
 BUDGET = 300  # above POOL / 3, below PROMPT + NEW: exact until retraction, routed after
 OPTIONS = {"mux_budget": BUDGET, "mux_leaves": "sink=16,recent=16"}
-WORDS = "the blue river and green mountain under a quiet morning sky with old stone garden".split()
-
-
-def prompt_ids(tokenizer, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    ids = tokenizer(" ".join(rng.choice(WORDS) for _ in range(PROMPT)))["input_ids"][:PROMPT]
-    assert len(ids) == PROMPT
-    return ids
-
-
-def stats(srv) -> dict:
-    r = requests.get(srv.url + "/mux/stats", timeout=30)
-    r.raise_for_status()
-    return r.json()["mux"]
-
-
 def generate(srv, ids: list[int], custom_params: dict | None, full_length: bool = True) -> dict:
     sp = {"temperature": 0.0, "max_new_tokens": NEW}
     if custom_params is not None:
@@ -92,7 +76,7 @@ def test_readmit_hook_records_options_only_for_queued_requests(monkeypatch):
 
     from sglang_mux.router import hooks
     from sglang_mux.router.hooks import readmit_retracted_request
-    from sglang_mux.router.requests import RequestRegistry
+    from sglang_mux.memory.requests import RequestRegistry
 
     def req(rid, to_finish=None):
         sp = SimpleNamespace(custom_params={"mux_budget": 64, "mux_leaves": "sink=16,recent=16"})
@@ -125,9 +109,9 @@ def small_pool_server():
 @pytest.mark.server
 def test_retracted_request_keeps_its_options(small_pool_server, tokenizer):
     srv = small_pool_server
-    prompts = [prompt_ids(tokenizer, seed) for seed in SEEDS]
+    prompts = [word_ids(tokenizer, PROMPT, seed) for seed in SEEDS]
     flush(srv)
-    idle = stats(srv)
+    idle = mux_stats(srv)
 
     # Served one at a time: each fits the pool alone, no retraction.
     alone = []
@@ -135,7 +119,7 @@ def test_retracted_request_keeps_its_options(small_pool_server, tokenizer):
         out = generate(srv, ids, OPTIONS)
         assert out["meta_info"]["num_retractions"] == 0
         alone.append(out["output_ids"])
-    mid = stats(srv)
+    mid = mux_stats(srv)
     flush(srv)
 
     # The same requests decoding together: the pool runs out and SGLang retracts at least one.
@@ -148,7 +132,7 @@ def test_retracted_request_keeps_its_options(small_pool_server, tokenizer):
 
     with ThreadPoolExecutor(N_REQUESTS) as pool:
         together = list(pool.map(send, range(N_REQUESTS)))
-    end = stats(srv)
+    end = mux_stats(srv)
     retractions = [out["meta_info"]["num_retractions"] for out in together]
     assert sum(retractions) >= 1, f"no request was retracted: {retractions}"
 
@@ -173,7 +157,7 @@ def test_retracted_request_keeps_its_options(small_pool_server, tokenizer):
     # Nothing a retraction freed stays held: no request state, no staging, every pool slot back once the cache
     # is flushed.
     flush(srv)
-    after = stats(srv)
+    after = mux_stats(srv)
     assert after["running_requests_tracked"] == 0
     assert after["staging_bytes"] == 0
     assert after["pool_free_tokens"] == idle["pool_free_tokens"]

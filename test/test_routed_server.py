@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -20,26 +19,11 @@ import requests
 
 from sglang_mux.server_process import ServerProcess
 
-from mux_test_support import SERVER_COMMON
+from mux_test_support import SERVER_COMMON, mux_stats, word_ids
 
 pytestmark = pytest.mark.server
 COSTS = Path(__file__).resolve().parents[1] / "benchmark" / "results" / "pd_costs.json"
 BUDGET, PAGE = 256, 16
-WORDS = "the blue river and green mountain under a quiet morning sky with old stone garden".split()
-
-
-def prompt_ids(tokenizer, n_tokens: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    ids = tokenizer(" ".join(rng.choice(WORDS) for _ in range(n_tokens)))["input_ids"]
-    return ids[:n_tokens]
-
-
-def stats(srv) -> dict:
-    r = requests.get(srv.url + "/mux/stats", timeout=30)
-    r.raise_for_status()
-    return r.json()["mux"]
-
-
 @pytest.fixture(scope="module")
 def routed_server():
     with ServerProcess(SERVER_COMMON + ["--mux-budget", str(BUDGET), "--mux-page-size", str(PAGE)]) as srv:
@@ -53,31 +37,31 @@ def drop_server():
 
 
 def test_budget_at_least_context_equals_stock(routed_server, stock_server, tokenizer):
-    ids = prompt_ids(tokenizer, 900, seed=1)
+    ids = word_ids(tokenizer, 900, seed=1)
     want = stock_server.greedy_ids(ids, 16)
-    before = stats(routed_server)["exact_request_steps"]
+    before = mux_stats(routed_server)["exact_request_steps"]
     got = routed_server.greedy_ids(ids, 16, sampling_params={"custom_params": {"mux_budget": 4096}})
     assert got == want
-    assert stats(routed_server)["exact_request_steps"] >= before + 15
+    assert mux_stats(routed_server)["exact_request_steps"] >= before + 15
 
 
 def test_small_budget_routes_the_request(routed_server, tokenizer):
-    ids = prompt_ids(tokenizer, 900, seed=2)
-    before = stats(routed_server)["routed_request_steps"]
+    ids = word_ids(tokenizer, 900, seed=2)
+    before = mux_stats(routed_server)["routed_request_steps"]
     out = routed_server.greedy_ids(ids, 12)
     assert len(out) == 12
-    st = stats(routed_server)
+    st = mux_stats(routed_server)
     assert st["routed_request_steps"] >= before + 11
     assert 0 < st["max_pages_read"] <= BUDGET // PAGE + 1
 
 
 @pytest.mark.parametrize("n_tokens", [4096, 16384])
 def test_long_request_pages_read_independent_of_context(routed_server, tokenizer, n_tokens):
-    ids = prompt_ids(tokenizer, n_tokens, seed=3)
+    ids = word_ids(tokenizer, n_tokens, seed=3)
     assert len(ids) == n_tokens
     out = routed_server.greedy_ids(ids, 6)
     assert len(out) == 6
-    st = stats(routed_server)
+    st = mux_stats(routed_server)
     assert st["last_routed_requests"] == 1 and st["last_max_context_tokens"] >= n_tokens
     assert st["last_max_pages_read"] <= BUDGET // PAGE + 1
     assert sum(st["last_pages_by_leaf"].values()) == st["last_max_pages_read"]
@@ -88,7 +72,7 @@ def test_long_request_pages_read_independent_of_context(routed_server, tokenizer
     [-5, 0, "lots", 1.5, True, 10**9],
 )
 def test_bad_per_request_budget_is_400_and_server_keeps_serving(routed_server, tokenizer, field_value):
-    ids = prompt_ids(tokenizer, 50)
+    ids = word_ids(tokenizer, 50, 0)
     ref = routed_server.greedy_ids(ids, 4)
     r = routed_server.generate(
         {"input_ids": ids, "sampling_params": {"max_new_tokens": 4, "custom_params": {"mux_budget": field_value}}}
@@ -107,10 +91,10 @@ def test_bad_leaf_spec_is_400(routed_server):
 
 def test_drop_mode_holds_at_most_budget_plus_a_page(drop_server, stock_server, tokenizer):
     requests.post(drop_server.url + "/flush_cache", timeout=30)
-    ids = prompt_ids(tokenizer, 6000, seed=4)
+    ids = word_ids(tokenizer, 6000, seed=4)
     out = drop_server.greedy_ids(ids, 40)
     assert len(out) == 40
-    st = stats(drop_server)
+    st = mux_stats(drop_server)
     assert st["dropped_tokens"] > 0
     # what the request held on the device during routed decode
     assert 0 < st["max_routed_kv_tokens_held"] <= BUDGET + PAGE
@@ -121,15 +105,15 @@ def test_drop_mode_holds_at_most_budget_plus_a_page(drop_server, stock_server, t
     assert again["meta_info"]["cached_tokens"] < len(ids) // 2
     # nothing leaked: after a flush the pool is as free as at start
     requests.post(drop_server.url + "/flush_cache", timeout=30)
-    free_after = stats(drop_server)["pool_free_tokens"]
+    free_after = mux_stats(drop_server)["pool_free_tokens"]
     assert free_after > 0
 
 
 def test_stats_carry_the_placement_recommendation(drop_server, tokenizer):
-    before = stats(drop_server)["placement"]["window_requests"]
+    before = mux_stats(drop_server)["placement"]["window_requests"]
     for seed in (21, 22):
-        assert len(drop_server.greedy_ids(prompt_ids(tokenizer, 900, seed=seed), 8)) == 8
-    pl = stats(drop_server)["placement"]
+        assert len(drop_server.greedy_ids(word_ids(tokenizer, 900, seed=seed), 8)) == 8
+    pl = mux_stats(drop_server)["placement"]
     assert pl["window_requests"] == before + 2
     assert (pl["slo_ttft_ms"], pl["slo_tpot_ms"], pl["costs"]) == (2000.0, 200.0, str(COSTS))
     rec = pl["recommendation"]

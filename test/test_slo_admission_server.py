@@ -11,43 +11,15 @@
 from __future__ import annotations
 
 import json
-import random
 import threading
 import time
 
 import pytest
-import requests
 
-from mux_test_support import SERVER_COMMON
+from mux_test_support import SERVER_COMMON, mux_stats, wait_for, word_ids
 from sglang_mux.server_process import ServerProcess
 
 pytestmark = pytest.mark.server
-
-WORDS = "the blue river and green mountain under a quiet morning sky with old stone garden".split()
-
-
-def prompt_ids(tokenizer, n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    ids = tokenizer(" ".join(rng.choice(WORDS) for _ in range(n)))["input_ids"][:n]
-    assert len(ids) == n
-    return ids
-
-
-def mux_stats(url: str) -> dict:
-    r = requests.get(url + "/mux/stats", timeout=30)
-    r.raise_for_status()
-    return r.json()["mux"]
-
-
-def wait_for(cond, timeout: float = 120.0, what: str = ""):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 class Timed(threading.Thread):
     def __init__(self, srv, ids, n, **extra):
@@ -71,10 +43,10 @@ def queue_server():
 
 def test_queue_holds_a_request_until_the_batch_drains(queue_server, tokenizer):
     srv = queue_server
-    short = prompt_ids(tokenizer, 30, seed=2)
+    short = word_ids(tokenizer, 30, seed=2)
     alone = srv.greedy_ids(short, 4)
     base = mux_stats(srv.url)
-    long_req = Timed(srv, prompt_ids(tokenizer, 60, seed=1), 80)
+    long_req = Timed(srv, word_ids(tokenizer, 60, seed=1), 80)
     long_req.start()
     # the long request decodes and its steps are timed: the model can predict from now on
     wait_for(lambda: mux_stats(srv.url)["slo_step_samples"] >= base["slo_step_samples"] + 3, what="decode steps")
@@ -113,12 +85,12 @@ def shrink_server(tmp_path_factory):
 def test_shrink_admits_with_the_largest_budget_that_fits(shrink_server, tokenizer):
     srv = shrink_server
     base = mux_stats(srv.url)
-    first = Timed(srv, prompt_ids(tokenizer, 300, seed=3), 60)
+    first = Timed(srv, word_ids(tokenizer, 300, seed=3), 60)
     first.start()
     wait_for(lambda: mux_stats(srv.url)["decode_steps"] > base["decode_steps"] + 2, what="the first request decoding")
     # running: 1 request reading ~300+ tokens: step(2, 300 + b) = 1 + 0.01 (300 + b) <= 10  ->  b <= 600 -> 592
     # (with the first request's context grown by the tokens it decoded so far, b is 592 minus those, rounded to 16)
-    second = Timed(srv, prompt_ids(tokenizer, 1500, seed=4), 8)
+    second = Timed(srv, word_ids(tokenizer, 1500, seed=4), 8)
     second.start()
     first.join(300)
     second.join(300)

@@ -9,25 +9,15 @@ back through the staging area, and nothing changes in what attention reads (``wa
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import requests
 
 from sglang_mux.server_process import ServerProcess
 
-from mux_test_support import SERVER_COMMON
+from mux_test_support import SERVER_COMMON, mux_stats, word_ids
 
 pytestmark = pytest.mark.server
 BUDGET, PAGE = 256, 16
-WORDS = "the blue river and green mountain under a quiet morning sky with old stone garden".split()
-
-
-def ids_of(tokenizer, n, seed):
-    rng = random.Random(seed)
-    return tokenizer(" ".join(rng.choice(WORDS) for _ in range(n)))["input_ids"][:n]
-
-
 def run(srv, ids, n=24, **sp):
     body = {"input_ids": ids, "return_logprob": True,
             "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True, **sp}}
@@ -35,10 +25,6 @@ def run(srv, ids, n=24, **sp):
     r.raise_for_status()
     j = r.json()
     return j["output_ids"], [lp[0] for lp in j["meta_info"]["output_token_logprobs"]]
-
-
-def stats(srv):
-    return requests.get(srv.url + "/mux/stats", timeout=30).json()["mux"]
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +45,12 @@ def tier_server(tmp_path_factory):
 
 
 def test_tiered_outputs_equal_keep_mode_routed(keep_server, tier_server, tokenizer):
-    ids = ids_of(tokenizer, 3000, seed=11)
+    ids = word_ids(tokenizer, 3000, seed=11)
     want_ids, want_lp = run(keep_server, ids)
     got_ids, got_lp = run(tier_server, ids)
     assert got_ids == want_ids
     assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-4
-    st = stats(tier_server)
+    st = mux_stats(tier_server)
     assert st["demoted_pages"] > 0
     assert st["staging_waited"] > 0 and st["staging_skipped"] == 0
     assert st["tiers"]["host"]["kv_bytes"] >= 0 and "disk" in st["tiers"]
@@ -72,9 +58,9 @@ def test_tiered_outputs_equal_keep_mode_routed(keep_server, tier_server, tokeniz
 
 @pytest.mark.parametrize("n_tokens", [2048, 6144])
 def test_device_bytes_bounded_and_tiers_account_for_the_rest(tier_server, tokenizer, n_tokens):
-    run(tier_server, ids_of(tokenizer, n_tokens, seed=n_tokens), n=8)
-    acc = stats(tier_server)["last_tiered_request"]
-    kvb = stats(tier_server)["kv_bytes_per_token"]
+    run(tier_server, word_ids(tokenizer, n_tokens, seed=n_tokens), n=8)
+    acc = mux_stats(tier_server)["last_tiered_request"]
+    kvb = mux_stats(tier_server)["kv_bytes_per_token"]
     assert acc["context_tokens"] >= n_tokens
     assert acc["device_kv_bytes"] <= (BUDGET + PAGE) * kvb
     assert acc["device_kv_bytes"] + acc["host_kv_bytes"] + acc["disk_kv_bytes"] == acc["context_kv_bytes"]
@@ -82,7 +68,7 @@ def test_device_bytes_bounded_and_tiers_account_for_the_rest(tier_server, tokeni
 
 
 def test_budget_covering_context_is_exact_with_tiers(tier_server, stock_server, tokenizer):
-    ids = ids_of(tokenizer, 700, seed=5)
+    ids = word_ids(tokenizer, 700, seed=5)
     want = stock_server.greedy_ids(ids, 12)
     got = tier_server.greedy_ids(ids, 12, sampling_params={"custom_params": {"mux_budget": 2048}})
     assert got == want
@@ -90,7 +76,7 @@ def test_budget_covering_context_is_exact_with_tiers(tier_server, stock_server, 
 
 def test_finished_tiered_prompt_is_reused_from_lower_tiers(tier_server, tokenizer):
     requests.post(tier_server.url + "/flush_cache", timeout=30)
-    ids = ids_of(tokenizer, 2500, seed=21)
+    ids = word_ids(tokenizer, 2500, seed=21)
     first_ids, first_lp = run(tier_server, ids, n=8)
     body = {"input_ids": ids, "return_logprob": True,
             "sampling_params": {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}}
