@@ -275,6 +275,23 @@ def concurrent_streams(url: str, prompts: list[list[int]], max_new_tokens: int, 
     return out  # type: ignore[return-value]
 
 
+def at_arrivals(arrivals: list[float], run) -> float:
+    """Replay a trace in real time: ``run(i)`` in a thread of its own at ``arrivals[i]`` seconds from now (sorted);
+    waits for all of them and returns the seconds from the start to the last one's end."""
+    t0 = time.perf_counter()
+    threads = []
+    for i, at in enumerate(arrivals):
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        th = threading.Thread(target=run, args=(i,), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t0
+
+
 def decode_time_per_token(results: list[StreamResult]) -> tuple[float, int]:
     """Seconds per decode step while every request of the batch is decoding, and the steps that covers.
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,18 +87,7 @@ def replay(srv, trace: list[dict], a: argparse.Namespace) -> list[dict]:
             row["tpot_s"] = (res.end - res.times[0]) / n if n > 0 else float("nan")
         results[i] = row
 
-    threads = []
-    t0 = time.perf_counter()
-    for i, req in enumerate(trace):
-        delay = t0 + req["arrival_s"] - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        th = threading.Thread(target=run, args=(i,), daemon=True)
-        th.start()
-        threads.append(th)
-    for th in threads:
-        th.join()
-    results_duration = time.perf_counter() - t0
+    results_duration = C.at_arrivals([r["arrival_s"] for r in trace], run)
     for r in results:
         r["trace_duration_s"] = results_duration
     return results

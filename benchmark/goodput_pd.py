@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmark"))
 sys.path.insert(0, str(ROOT / "python"))
 
-from common import machine_info, progress, prompt_ids, write_result  # noqa: E402
+from common import at_arrivals, machine_info, progress, prompt_ids, write_result  # noqa: E402
 
 COMMON = ["--dtype", "float32", "--max-running-requests", "16", "--max-total-tokens", "65536", "--log-level", "warning"]
 SYSTEMS = ("stock_agg", "stock_pd", "mux_agg", "mux_pd", "mux_policy")
@@ -168,17 +168,7 @@ def replay(urls: dict, trace, policy=None) -> list[dict]:
                 tracker.queued[path] -= n
         records[i] = {"prompt_tokens": n, "output_tokens": m, "path": path, **res}
 
-    t0 = time.perf_counter()
-    threads = []
-    for i, (at, n, m) in enumerate(trace):
-        delay = at - (time.perf_counter() - t0)
-        if delay > 0:
-            time.sleep(delay)
-        th = threading.Thread(target=run, args=(i, n, m), daemon=True)
-        th.start()
-        threads.append(th)
-    for th in threads:
-        th.join()
+    at_arrivals([at for at, _, _ in trace], lambda i: run(i, *trace[i][1:]))
     return records  # type: ignore[return-value]
 
 
