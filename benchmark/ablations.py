@@ -15,8 +15,9 @@ Ablations (candidate vs reference, mean recall over the needle tasks, each budge
     router vs single   the best router policy vs the best single technique (StreamingLLM, SnapKV-, Quest-style),
                        per task family and on the mean
     tiers (--tiers)    keep every page on the device vs a host tier holding the cold pages (same device budget in
-                       tokens: reads the same pages, so the same outputs; the cost differs); int4 cold copies vs
-                       exact cold pages at the same token budget (equal-bytes budgets are not built yet)
+                       tokens: reads the same pages, so the same outputs; the cost differs)
+    equal bytes (--drop)  a drop-mode server: exact-only cold pages vs int8 / int4 / int2 quantized ones in the same
+                       device bytes, x uniform / pyramid / prefill-adaptive layer budgets
     cost               decode time per token of adaptive / learned over static, same server, same prompt
 
 Aggregated vs PD (cost only) is ``benchmark/goodput_pd.py``; this script does not start a PD cluster.
@@ -46,10 +47,17 @@ ABLATIONS = [  # (name, candidate, reference)
     ("chunk vs page: default split", "mux_chunk", "mux"),
     ("chunk vs page: one leaf", "chunk", "quest_mass"),
 ]
-TIER_ABLATIONS = [
-    ("tiers: host tier vs device only", "mux+tier", "mux"),
-    ("quantized cold: int4 vs exact (same tokens)", "mux_int4+tier", "mux+tier"),
-]
+# arms that need a server of their own: kind -> (its extra flags, its policies, the ablations it answers)
+EXTRA_SERVERS = {
+    "tier": ("--mux-host-bytes 8589934592", ["mux"], [("tiers: host tier vs device only", "mux+tier", "mux")]),
+    "drop": ("--mux-drop-cold", ["mux", "mux_int8", "mux_int4", "mux_int2", "mux_int4_pyramid", "mux_int4_adaptive"], [
+        ("equal bytes, drop mode: int8 vs exact cold pages", "mux_int8+drop", "mux+drop"),
+        ("equal bytes, drop mode: int4 vs exact cold pages", "mux_int4+drop", "mux+drop"),
+        ("equal bytes, drop mode: int2 vs exact cold pages", "mux_int2+drop", "mux+drop"),
+        ("equal bytes, drop mode: int4 + pyramid layers vs exact", "mux_int4_pyramid+drop", "mux+drop"),
+        ("equal bytes, drop mode: int4 + prefill-adaptive layers vs exact", "mux_int4_adaptive+drop", "mux+drop"),
+    ]),
+}
 SERVER_FLAGS = "--mem-fraction-static 0.3 --max-total-tokens 65536 --max-running-requests 8"
 
 
@@ -207,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--arms", default="", help="comma list of policies to run (default: every arm)")
     ap.add_argument("--cost-lengths", default="2048,4096", help="contexts of the decode-cost arms ('' to skip)")
     ap.add_argument("--cost-repeats", type=int, default=3)
-    ap.add_argument("--tiers", action="store_true", help="also run the tier / quantized-cold arms on a second server")
+    ap.add_argument("--tiers", action="store_true", help="also run the host-tier arm on a server with a host tier")
+    ap.add_argument("--drop", action="store_true", help="also run the equal-bytes quantized-cold arms on a drop-mode "
+                    "server")
     ap.add_argument("--reuse", metavar="JSON", help="an earlier ablations.json: its quality results are kept and only "
                     "the arms it lacks are run (same tasks, lengths, samples and seed)")
     ap.add_argument("--out", default="benchmark/out/ablations")
@@ -239,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     import contextlib
 
     previous = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
-    kept = [r for r in previous.get("results", []) if "+tier" not in r["policy"]]
+    kept = [r for r in previous.get("results", []) if "+" not in r["policy"]]
     done = {r["policy"].split("@")[0] for r in kept}
     todo = [a for a in arms if a not in done]
     with (contextlib.nullcontext(argparse.Namespace(url=args.url)) if args.url else serve("")) as srv:
@@ -253,20 +263,23 @@ def main(argv: list[str] | None = None) -> int:
                 for n in args.cost_lengths.split(",")}
     if previous.get("cost") and not report.get("cost"):
         report["cost"], report["cost_policies"] = previous["cost"], previous["cost_policies"]
-    if not args.tiers and previous:
-        results += [r for r in previous.get("results", []) if "+tier" in r["policy"]]
-    if args.tiers:
-        with serve("--mux-host-bytes 8589934592") as srv:
-            tier_results = run_quality(srv.url, args, ["mux", "mux_int4"], out / "quality_tier")
-        for r in tier_results:  # mux@1/8 -> mux+tier@1/8
+    kinds = [k for k, on in (("tier", args.tiers), ("drop", args.drop)) if on]
+    for kind in EXTRA_SERVERS:
+        if kind not in kinds:  # not rerun: keep what an earlier run measured
+            results += [r for r in previous.get("results", []) if f"+{kind}" in r["policy"]]
+    for kind in kinds:
+        flags, policies, _ = EXTRA_SERVERS[kind]
+        with serve(flags) as srv:
+            extra = run_quality(srv.url, args, policies, out / f"quality_{kind}")
+        for r in extra:  # mux@1/8 -> mux+tier@1/8
             base, _, frac = r["policy"].partition("@")
-            r["policy"] = f"{base}+tier" + (f"@{frac}" if frac else "")
-        results = results + tier_results
+            r["policy"] = f"{base}+{kind}" + (f"@{frac}" if frac else "")
+        results = results + extra
     c = cells(results)
     report["cells"] = {f"{p}|{f}|{fam}": v for (p, f, fam), v in c.items()}
     report["full"] = mean_over(c, "full", "full")
-    tiers = any("+tier" in r["policy"] for r in results)
-    report["ablations"] = ablation_rows(c, fracs, ABLATIONS + (TIER_ABLATIONS if tiers else []))
+    measured = [k for k in EXTRA_SERVERS if any(f"+{k}" in r["policy"] for r in results)]
+    report["ablations"] = ablation_rows(c, fracs, ABLATIONS + [a for k in measured for a in EXTRA_SERVERS[k][2]])
     report["router_vs_single"] = router_vs_single(c, fracs)
     report["results"] = results
     (out / "ablations.json").write_text(json.dumps(report, indent=1))

@@ -23,7 +23,10 @@ adaptive    ``mux`` + ``mux_router: "adaptive"``         the adaptive router (do
                                                          triggers and hysteresis
 learned     ``mux`` + ``mux_router: "learned"``          the adaptive router with the learned gate's split
 adaptive_chunk ``mux_chunk`` + ``"adaptive"`` router     the adaptive router over the chunk split
-mux_int4    ``mux`` + ``mux_cold_bits: 4``               int4 copies of cold pages (with a host/disk tier)
+mux_int8    ``mux`` + ``mux_cold_bits: 8`` (and 4, 2)    quantized cold pages: with a host/disk tier, device
+                                                         copies of demoted pages; with --mux-drop-cold, more
+                                                         cold pages kept in the same bytes (docs/memory.md)
+mux_int4_pyramid ``mux_int4`` + ``"pyramid"`` layers     (and ``mux_int4_adaptive``)
 =========== ============================================ ==========================================
 
 The budget is in tokens: a fixed ``--budget`` or a fraction of each prompt (``--budget-frac``). Under a
@@ -52,7 +55,11 @@ POLICIES: dict[str, tuple[int, str, str | None] | None] = {
     "adaptive": None,
     "learned": None,
     "adaptive_chunk": None,
+    "mux_int8": None,
     "mux_int4": None,
+    "mux_int2": None,
+    "mux_int4_pyramid": None,
+    "mux_int4_adaptive": None,
 }
 
 # policy -> (the policy whose split it starts from, --mux-router)
@@ -96,8 +103,9 @@ def custom_params(policy: str, budget: int) -> dict:
         raise PolicyError(f"policy: unknown {policy!r}; allowed: {', '.join(POLICIES)}")
     if policy == "full":
         return {"mux_exact": True}
-    if policy == "mux_int4":
-        return {"mux_budget": budget, "mux_cold_bits": 4}
+    if policy.startswith("mux_int"):
+        bits, _, layers = policy[len("mux_int"):].partition("_")
+        return {"mux_budget": budget, "mux_cold_bits": int(bits), **({"mux_layer_budget": layers} if layers else {})}
     if policy in _ROUTER_VARIANTS:
         base, router = _ROUTER_VARIANTS[policy]
         return {**custom_params(base, budget), "mux_router": router}

@@ -222,10 +222,12 @@ class MuxConfig:
         16,
         "Precision of a request's cold KV pages (those outside its hot leaves), KIVI-style: 16 keeps them exact; "
         "8, 4 or 2 quantizes them (keys per channel, values per token, asymmetric, a float16 scale and zero per "
-        "group), so a cold page takes about bits/16 of its bytes (plus scales). Takes effect with a host/disk tier: "
-        "a demoted page also keeps a quantized copy on the device, which routed decode reads instead of fetching "
-        "the exact copy (changes outputs); without a tier it changes nothing yet. Per request: custom_params "
-        "mux_cold_bits. See docs/memory.md, Quantized cold pages.",
+        "group), so a cold page takes about bits/16 of its bytes (plus scales). With a host/disk tier a demoted page "
+        "also keeps a quantized copy on the device, which routed decode reads instead of fetching the exact copy; "
+        "with --mux-drop-cold the bytes the retrieval pages would hold exact keep quantized copies of ~2-5x as many "
+        "of the best cold pages instead of dropping them (equal device bytes). Changes outputs; without tiers or "
+        "drop mode it changes nothing. Per request: custom_params mux_cold_bits. See docs/memory.md, Quantized "
+        "cold pages.",
         "16|8|4|2",
     )
     quant_group: int = _knob(
