@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmark"))
 sys.path.insert(0, str(ROOT / "python"))
 
-from common import machine_info, progress, prompt_ids, write_result  # noqa: E402
+from common import at_arrivals, machine_info, progress, prompt_ids, write_result  # noqa: E402
 from goodput_pd import make_trace, pct, stream_once  # noqa: E402
 
 POLICIES = ("off", "queue", "shrink")
@@ -37,16 +35,7 @@ def replay(url: str, trace) -> list[dict]:
         records[i] = {"prompt_tokens": n, "output_tokens": m,
                       **stream_once(url, prompt_ids(n, seed=9000 + i), m, lambda: None)}
 
-    t0, threads = time.perf_counter(), []
-    for i, (at, n, m) in enumerate(trace):
-        delay = at - (time.perf_counter() - t0)
-        if delay > 0:
-            time.sleep(delay)
-        th = threading.Thread(target=run, args=(i, n, m), daemon=True)
-        th.start()
-        threads.append(th)
-    for th in threads:
-        th.join()
+    at_arrivals([at for at, _, _ in trace], lambda i: run(i, *trace[i][1:]))
     return records
 
 
