@@ -1,8 +1,8 @@
 """The step planner: which requests of a decode step are routed, and which pages each routed one reads per layer.
 
 Per step (``plan_step``, from the backend's ``init_forward_metadata``): each request's grant from the spine router
-(exact or routed, ``router/grant.py``), the cold-page moves of routed requests (drop or demote,
-``memory/cold_pages.py``) and the step's stats. Per layer (``select``, from inside attention): the union of the
+(exact or routed, ``router/grant.py``), the cold-page moves of routed requests (their cold-page policy, keep /
+drop / tier: ``memory/cold_policies.py``) and the step's stats. Per layer (``select``, from inside attention): the union of the
 leaves' pages under the request's grant at that layer (``layer_grant``: ``--mux-layer-budget``), with the
 query-aware page scores the retrieval and chunk leaves ask for (``page_scores``), and for a request with pages off
 the device where their K/V come from (``gather_kv``). After a prefill (``observe_extend``): the page summaries of
@@ -36,6 +36,7 @@ from sglang_mux.attention.routed_decode import (
 from sglang_mux.config import MuxConfig
 from sglang_mux.leaves import LEAVES, LeafContext, query_aware_shares, ranked_shares
 from sglang_mux.memory.cold_pages import ColdPageMover
+from sglang_mux.memory.cold_policies import cold_policy_for
 from sglang_mux.memory.page_summaries import PageSummaryStore, RequestSummaryCache
 from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
 from sglang_mux.metrics import STATS
@@ -158,10 +159,7 @@ class StepPlanner:
                 # shares changes what is read, not what stays on the device
                 cold_plan = p if static == p.grant else dataclasses.replace(p, grant=static)
                 try:
-                    if cfg.drop_cold:
-                        self.cold.drop(cold_plan, cfg)
-                    elif self.tiers is not None and self.tiers.takes_running_pages:
-                        self.cold.demote(cold_plan, cfg)
+                    cold_policy_for(cfg, self.tiers).move(self.cold, cold_plan, cfg)
                 except Exception as e:
                     self.fail_request(p, e)
             held = L - len(st.off_device_pages()) * self.page_size
@@ -429,10 +427,9 @@ class StepPlanner:
         st = p.state
         grant = self.layer_grant(p, lidx)
         keep = sum(grant[s] for s in query_aware_shares())  # the query-aware leaves' pages: groups worth scoring
-        # Drop mode scores every page: its dropped pages' summaries are stale (their slots are reused), and a
-        # group bound over them would pick groups with nothing left to read; what it may pick is bounded anyway.
+        # Drop mode scores every page (memory/cold_policies.py: its dropped pages' summaries are stale).
         cfg = self.router.effective_config(st.options)
-        G = 1 if cfg.drop_cold else self.mux_config.retrieval_group_pages
+        G = 1 if cold_policy_for(cfg, self.tiers).scores_every_page else self.mux_config.retrieval_group_pages
         rule = cfg.retrieval_score
         scale = (q_req.shape[-1] ** -0.5 if scale is None else scale) / cfg.retrieval_temperature
         use_cache = self.uses_summary_cache(p)
@@ -477,13 +474,13 @@ class StepPlanner:
         return quest_page_scores_head_major(q_req, *gathered(None), rule, scale)
 
     def uses_summary_cache(self, p: RequestPlan) -> bool:
-        """Keep mode only: there the request's exact KV stays on the device, so a copy of its summaries (1/P of
-        its keys) is proportionate; drop and tier modes keep device memory bounded and gather instead (tier mode
-        keeps only the group summaries, 1/G of that)."""
+        """Keep mode only (``ColdPagePolicy.caches_summaries``): there the request's exact KV stays on the device,
+        so a copy of its summaries (1/P of its keys) is proportionate; drop and tier modes keep device memory
+        bounded and gather instead (tier mode keeps only the group summaries, 1/G of that)."""
         st = p.state
-        if st.demoted or st.dropped_pages or (self.tiers is not None and self.tiers.takes_running_pages):
+        if st.demoted or st.dropped_pages:
             return False
-        return not self.router.effective_config(st.options).drop_cold
+        return cold_policy_for(self.router.effective_config(st.options), self.tiers).caches_summaries
 
     def gather_kv(self, p: RequestPlan, pages, lidx: int, k_buf, v_buf, req_row):
         """K, V and positions of the selected pages of a request with demoted pages: device slots for resident
