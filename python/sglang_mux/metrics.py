@@ -61,6 +61,8 @@ class MuxStats:
     page_scorings: int = 0
     # drop mode with --mux-cold-bits < 16: cold pages kept as quantized copies instead of being dropped
     quantized_cold_pages: int = 0
+    # tier fetches of several pages in one request (a chunk's pages, in wait mode; their pages count in staging_waited)
+    staging_batched_fetches: int = 0
     # control plane
     # requests admitted with per-request mux fields (custom_params, or custom_labels through sglang-router), and
     # those fields of the last one (serving/label_options.py)

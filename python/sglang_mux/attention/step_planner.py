@@ -491,6 +491,8 @@ class StepPlanner:
         slots = req_row[pos].long()
         ks, vs, poss = [k_buf[slots]], [v_buf[slots]], [pos]
         wait = self.mux_config.missing_page == "wait"
+        if wait:  # the pages to fetch, in one tier request (whole chunks arrive together)
+            self.cold.stage_many(st, pages[off].tolist())
         for page in pages[off].tolist():
             layer_kv = self.cold.quantized_layer(st, page, lidx)  # drop mode: the quantized copy, this layer only
             if layer_kv is not None:

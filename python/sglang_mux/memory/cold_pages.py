@@ -244,6 +244,27 @@ class ColdPageMover:
         st.staging.put(page, rec)
         return st.staging.get(page)
 
+    def stage_many(self, st, pages: list[int]) -> int:
+        """``wait`` mode: the demoted ``pages`` not yet staged (and with no quantized copy), fetched in ONE tier
+        request (``TierManager.get_many``: a chunk's pages come together, disk files read concurrently) into the
+        staging area, at most its capacity. Returns how many were fetched; a failing page is left to
+        ``staged_record``, which fails its request alone."""
+        if st.staging is None or self.tiers is None:
+            return 0
+        missing = [q for q in pages if q in st.demoted and st.demoted[q] is not None and q not in st.quantized_pages
+                   and st.staging.get(q) is None][: st.staging.capacity]
+        if len(missing) < 2:
+            return 0
+        try:
+            records = self.tiers.get_many([st.demoted[q] for q in missing])
+        except PageIntegrityError:
+            return 0  # page by page, so only the bad one fails
+        for q, rec in zip(missing, records):
+            st.staging.put(q, rec)
+        STATS.staging_waited += len(missing)
+        STATS.staging_batched_fetches += 1
+        return len(missing)
+
     def _fetch_into_staging(self, st, page: int, key) -> None:
         try:
             st.staging.put(page, self.tiers.get(key))

@@ -126,6 +126,7 @@ class DiskTier:
 
     name = "disk"
     WRITE_RETRY_S = 1.0  # after a failed write, further writes are refused (page kept above) for this long
+    READERS = 4  # threads reading the files of one get_many (a chunk's pages) concurrently
 
     def __init__(self, path: str, capacity_bytes: int):
         self.path = Path(path)
@@ -136,6 +137,7 @@ class DiskTier:
         self.write_failures = 0
         self.checksum_failures = 0
         self._write_paused_until = 0.0
+        self._readers = None  # created by the first get_many
         self.owner = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
         self._owner_fd = self._claim_owner()
         self.stale_removed = self._remove_stale_pages()
@@ -353,6 +355,14 @@ class DiskTier:
             raise PageIntegrityError(f"disk page {f.name}: checksum mismatch")
         return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).view(shape).clone()
 
+    def get_many(self, keys: list) -> list[torch.Tensor]:
+        """``get`` of several pages, their files read concurrently (a few reader threads)."""
+        if self._readers is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._readers = ThreadPoolExecutor(max_workers=self.READERS, thread_name_prefix="mux-disk-read")
+        return list(self._readers.map(self.get, keys))
+
     def nbytes_of(self, key) -> int:
         with self._lock:
             meta = self._meta.get(key)
@@ -464,6 +474,23 @@ class TierManager:
         if tier is None:
             raise PageIntegrityError(f"no tier holds page {key!r}")
         return self._tier(tier).get(key)
+
+    def get_many(self, keys: list) -> list[torch.Tensor]:
+        """Several pages in one request (a chunk's pages): the disk pages read concurrently, the others in order.
+        Raises PageIntegrityError like ``get`` if any of them is missing or corrupt."""
+        where = [self._where.get(k) for k in keys]
+        for k, t in zip(keys, where):
+            if t is None:
+                raise PageIntegrityError(f"no tier holds page {k!r}")
+        out: list = [None] * len(keys)
+        disk = [i for i, t in enumerate(where) if t == "disk"]
+        if len(disk) > 1:
+            for i, rec in zip(disk, self.disk.get_many([keys[i] for i in disk])):
+                out[i] = rec
+        for i, (k, t) in enumerate(zip(keys, where)):
+            if out[i] is None:
+                out[i] = self._tier(t).get(k)
+        return out
 
     def _tier(self, name: str):
         return {"host": self.host, "disk": self.disk, "remote": self.remote}[name]
