@@ -160,7 +160,7 @@ class DecodeStep:
 
     @classmethod
     def of(cls, cached: "DecodeStep | None", plan, device) -> "DecodeStep":
-        """``cached`` when it was built for this very ``plan`` (a list of the backend's ``_ReqPlan``), else a new
+        """``cached`` when it was built for this very ``plan`` (a list of the planner's ``RequestPlan``), else a new
         one: the first layer of a step builds it, the other layers reuse it."""
         if cached is not None and cached.plan is plan:
             return cached
