@@ -79,6 +79,7 @@ def test_drop_keeps_quantized_best_pages_at_equal_bytes_and_reads_them(bits):
     assert quantized == sorted(best)
     assert st.dropped_pages == set(cold) - set(best) and not st.dropped_pages & set(quantized)
     assert all(st.demoted[q] is None for q in quantized)
+    assert st.quantized_bytes == sum(q.nbytes() for q in st.quantized_pages.values())
     assert sum(f.numel() for f in freed) == len(cold) * P  # every cold page's slots went back
 
     # the reference K/V: quantized pages hold their dequantized values; their device slots are then reused
@@ -119,6 +120,7 @@ def test_the_quantized_set_stays_bounded_and_keeps_the_best_as_pages_turn_cold()
         cap = pages_at_equal_bytes(grant["retrieval"], P, 1, hkv, d, 4, 4, 16)
         kept = set(st.quantized_pages)
         assert len(kept) <= cap
+        assert st.quantized_bytes == sum(q.nbytes() for q in st.quantized_pages.values())
         assert not kept & st.dropped_pages and set(st.demoted) == kept
         n = (L + P - 1) // P
         s = st.heavy_scores[0]
@@ -127,3 +129,26 @@ def test_the_quantized_set_stays_bounded_and_keeps_the_best_as_pages_turn_cold()
         assert max(float(s[q]) for q in st.dropped_pages) <= min(float(s[q]) for q in kept) + 1e-6
         assert all(q < n - 1 for q in off)
     assert len(st.quantized_pages) == cap
+
+
+def test_stats_report_device_bytes_by_precision():
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_mux.memory.requests import RequestRegistry
+
+    P, L = 8, 400
+    cfg = MuxConfig(budget=64, page_size=P, leaves="sink=8,recent=8,heavy=8,retrieval=rest", drop_cold=True,
+                    cold_bits=4, quant_group=16)
+    be, layer, kv, r2t, slots = make_backend(cfg, L, seed=9)
+    be.cold.allocator = SimpleNamespace(free=lambda s: None)
+    be.registry = RequestRegistry()
+    st = be.registry.get("r")
+    st.protected_len, st.summarized = 0, True
+    st.scores(1, 50, "cpu")[0, :50] = torch.rand(50, generator=torch.Generator().manual_seed(1))
+    fb = SimpleNamespace(rids=["r"], forward_mode=ForwardMode.DECODE, seq_lens_cpu=torch.tensor([L]),
+                         seq_lens=torch.tensor([L]), req_pool_indices=torch.tensor([1]))
+    be._plan_step(fb)
+    assert st.quantized_pages and st.dropped_pages
+    held = L - len(st.off_device_pages()) * P
+    assert STATS.device_kv_bytes_by_precision == {"exact": held * STATS.kv_bytes_per_token,
+                                                  "int4": st.quantized_bytes}

@@ -63,6 +63,9 @@ class MuxStats:
     quantized_cold_pages: int = 0
     # tier fetches of several pages in one request (a chunk's pages, in wait mode; their pages count in staging_waited)
     staging_batched_fetches: int = 0
+    # device KV bytes of the last decode step's requests by precision: "exact" (the pages still in the pool, the
+    # model's dtype) and "int8" / "int4" / "int2" (quantized cold-page copies, memory/quantized_pages.py)
+    device_kv_bytes_by_precision: dict = field(default_factory=dict)
     # control plane
     # requests admitted with per-request mux fields (custom_params, or custom_labels through sglang-router), and
     # those fields of the last one (serving/label_options.py)

@@ -168,6 +168,12 @@ class StepPlanner:
                 STATS.last_tiered_request = self.cold.accounting(st, L, held)
             if not p.grant.exact:
                 STATS.max_routed_kv_tokens_held = max(STATS.max_routed_kv_tokens_held, held)
+        by_precision = {"exact": sum(STATS.device_kv_tokens_held.get(p.rid, 0) for p in plan) * STATS.kv_bytes_per_token}
+        for p in plan:
+            if p.state.quantized_bytes:
+                key = f"int{next(iter(p.state.quantized_pages.values())).bits}"
+                by_precision[key] = by_precision.get(key, 0) + p.state.quantized_bytes
+        STATS.device_kv_bytes_by_precision = by_precision
         self.start_signals(plan)
         if self._reused:
             live = {p.rid for p in plan}

@@ -118,7 +118,8 @@ class ColdPageMover:
         for q in have:
             if q not in best:  # fell out of the best: dropped for good
                 del st.demoted[q]
-                st.quantized_pages.pop(q, None)
+                gone = st.quantized_pages.pop(q, None)
+                st.quantized_bytes -= gone.nbytes() if gone is not None else 0
                 st.dropped_pages.add(q)
                 if st.staging is not None:
                     st.staging.discard(q)
@@ -128,7 +129,8 @@ class ColdPageMover:
             self._grow_cold_summaries(st, n, records.device)
             first_slots = self._page_slots(p.row, new).view(len(new), P)[:, 0]
             for j, page in enumerate(new):
-                st.quantized_pages[page] = quantize_page(records[j], cfg.cold_bits, cfg.quant_group)
+                st.quantized_pages[page] = qp = quantize_page(records[j], cfg.cold_bits, cfg.quant_group)
+                st.quantized_bytes += qp.nbytes()
                 st.demoted[page] = None  # off the device, read from its quantized copy; no tier holds it
                 for i in range(self.num_layers):
                     kmin, kmax = self.summaries.get(self.start_layer + i, first_slots[j : j + 1])
@@ -174,7 +176,8 @@ class ColdPageMover:
                 break  # no tier has room: the rest stay on the device
             st.demoted[page] = key
             if cfg.cold_bits < 16:
-                st.quantized_pages[page] = quantize_page(kv[j], cfg.cold_bits, cfg.quant_group)
+                st.quantized_pages[page] = qp = quantize_page(kv[j], cfg.cold_bits, cfg.quant_group)
+                st.quantized_bytes += qp.nbytes()
             for i in range(L):
                 kmin, kmax = self.summaries.get(self.start_layer + i, first_slots[j : j + 1])
                 st.cold_kmin[i, page], st.cold_kmax[i, page] = kmin[0], kmax[0]

@@ -49,6 +49,7 @@ class RequestMemory:
     # --mux-cold-bits < 16: device-resident quantized copies of demoted pages (logical page -> QuantizedPage,
     # memory/quantized_pages.py), read instead of fetching the exact copy; freed with the request
     quantized_pages: dict = field(default_factory=dict)
+    quantized_bytes: int = 0  # the bytes of those copies (kept by memory/cold_pages.py as it adds and drops them)
     # keep mode: the request's completed pages' summaries, contiguous (memory/page_summaries.py
     # RequestSummaryCache); dropped on a new extend
     summary_cache: Optional[object] = None
