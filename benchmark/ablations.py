@@ -202,6 +202,27 @@ def run_quality(url: str, args, policies: list[str], out: Path) -> list[dict]:
     return run_suite(qargs, tok)["results"]
 
 
+def results_from_cells(out: Path) -> list[dict]:
+    """The quality results of a run (finished or not) from its per-cell files: ``quality/<label>/<task>_<n>.json``
+    and ``quality_<kind>/...`` for the arms of a second server (labelled ``policy+kind``)."""
+    results = []
+    for folder in sorted(out.glob("quality*")):
+        kind = folder.name.partition("_")[2]
+        for f in sorted(folder.glob("*/*.json")):
+            cell = json.loads(f.read_text())
+            base, _, frac = cell["policy"].partition("@")
+            label = f"{base}+{kind}" if kind else base
+            frac_value = None
+            if frac:
+                num, _, den = frac.partition("/")
+                frac_value = float(num) / float(den) if den else float(num)
+            elif base != "full":
+                frac_value = None
+            results.append({**{k: v for k, v in cell.items() if k != "samples"},
+                            "policy": label + (f"@{frac}" if frac else ""), "budget_frac": frac_value})
+    return results
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running mux server (default: start one with the default model)")
@@ -220,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "server")
     ap.add_argument("--reuse", metavar="JSON", help="an earlier ablations.json: its quality results are kept and only "
                     "the arms it lacks are run (same tasks, lengths, samples and seed)")
+    ap.add_argument("--summarize", action="store_true", help="run nothing: rebuild the table and plot from the per-cell "
+                    "files already under --out (e.g. of a run that was stopped)")
     ap.add_argument("--out", default="benchmark/out/ablations")
     return ap
 
@@ -248,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import contextlib
 
+    if args.summarize:
+        return write_report(report, results_from_cells(out), fracs, out)
     previous = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
     kept = [r for r in previous.get("results", []) if "+" not in r["policy"]]
     done = {r["policy"].split("@")[0] for r in kept}
@@ -275,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             base, _, frac = r["policy"].partition("@")
             r["policy"] = f"{base}+{kind}" + (f"@{frac}" if frac else "")
         results = results + extra
+    return write_report(report, results, fracs, out)
+
+
+def write_report(report: dict, results: list[dict], fracs: list[str], out: Path) -> int:
     c = cells(results)
     report["cells"] = {f"{p}|{f}|{fam}": v for (p, f, fam), v in c.items()}
     report["full"] = mean_over(c, "full", "full")
