@@ -120,6 +120,7 @@ def test_the_launcher_refuses_a_corrupt_gate_with_one_line(tmp_path):
 # ------------------------------------------------------------------ the learned policy
 @pytest.mark.parametrize("seed", range(4))
 def test_propose_keeps_the_total_and_the_bounds(seed):
+    """Random signals and splits in force: the shipped gate's proposal keeps the page total and every bound."""
     rng = random.Random(seed)
     gate = load_gate(None)
     for _ in range(50):
@@ -142,8 +143,12 @@ def test_propose_keeps_the_total_and_the_bounds(seed):
             continue
         cur = {s: (rs.pages or static)[s] for s in movable}
         assert set(prop) == set(movable) and sum(prop.values()) == sum(cur.values())
+        cap = max(static[s] for s in SHARES if s != "recent")
         for s, v in prop.items():
-            assert math.floor(static[s] * 0.25) <= v <= static[s] * 3, (s, v, static)
+            if static[s] > 0:  # within [1/4, 3] x its static pages
+                assert math.floor(static[s] * 0.25) <= v <= static[s] * 3, (s, v, static)
+            else:  # a ranked share with no static pages grows from 0 up to the largest ranked share's
+                assert s != "recent" and 0 <= v <= cap, (s, v, static)
         assert prop.get("recent", 1) >= 1
         fr = gate.split(trainer.gate_features(rs, cur, rs.seq_len, budget), movable)
         assert abs(sum(fr.values()) - 1) < 1e-9
@@ -218,6 +223,15 @@ def test_captured_mass_of_a_hand_made_trace():
     sig = sim.prefill_signal(base)
     total = 0.5 * 7 + 5.0 + 1.0
     assert sig == pytest.approx([(total - 0.5) / total])
+
+
+def test_share_bounds_let_ranked_shares_grow_from_zero():
+    static = {"sink": 0, "recent": 1, "heavy": 0, "retrieval": 6, "chunk": 0}  # the docstring's example
+    movable, lo, hi = share_bounds(static)
+    assert movable == ["recent", "heavy", "retrieval", "chunk"]
+    assert (lo, hi) == ({"recent": 1, "heavy": 0, "retrieval": 1.5, "chunk": 0},
+                        {"recent": 3, "heavy": 6, "retrieval": 18, "chunk": 6})
+    assert share_bounds({"sink": 1, "recent": 4, "heavy": 0, "retrieval": 0, "chunk": 0})[0] == ["recent"]
 
 
 def test_candidate_splits_keep_the_total_and_start_with_the_static_split():
