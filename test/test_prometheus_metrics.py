@@ -91,6 +91,8 @@ def test_samples_map_the_stats_fields():
         device_kv_tokens_held={"a": 100, "b": 20}, last_pages_by_leaf={"recent": 4, "retrieval": 2},
         last_routed_requests=1, last_exact_requests=2, max_pages_read=17, running_requests_tracked=2,
         disk_write_failures=5, disk_stale_files_removed=7, integrity_checks=8, tier_request_bytes={"host": 512},
+        router_refresh_request_steps=6, router_reuse_request_steps=14, router_split_changes=2, page_scorings=90,
+        device_kv_bytes_by_precision={"exact": 1000, "int4": 300},
     )
     got = {(n, tuple(sorted(ls.items()))): v for n, ls, v in samples(st)}
     assert got[("sglang_mux_request_steps_total", (("mode", "routed"),))] == 5
@@ -112,6 +114,11 @@ def test_samples_map_the_stats_fields():
     assert got[("sglang_mux_disk_stale_files_removed_total", ())] == 7
     assert got[("sglang_mux_integrity_checks_total", ())] == 8
     assert got[("sglang_mux_tier_request_bytes", (("tier", "host"),))] == 512
+    assert got[("sglang_mux_router_request_steps_total", (("outcome", "refresh"),))] == 6
+    assert got[("sglang_mux_router_request_steps_total", (("outcome", "reuse"),))] == 14
+    assert got[("sglang_mux_router_changes_total", (("kind", "split"),))] == 2
+    assert got[("sglang_mux_page_scorings_total", ())] == 90
+    assert got[("sglang_mux_device_kv_bytes_by_precision", (("precision", "int4"),))] == 300
     assert {n for n, _ in got} == {m.name for m in METRICS}
 
 

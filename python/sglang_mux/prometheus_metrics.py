@@ -22,7 +22,8 @@ from sglang_mux.router.hooks import live_stats
 
 PREFIX = "sglang_mux_"
 COUNTER, GAUGE = "counter", "gauge"
-UNITS = ("bytes", "tokens", "pages", "steps", "requests", "lookups", "failures", "files", "seconds")
+UNITS = ("bytes", "tokens", "pages", "steps", "requests", "lookups", "failures", "files", "seconds", "changes",
+         "scorings", "fetches")
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,33 @@ METRICS: tuple[MetricSpec, ...] = (
                _field("slo_shrunk_requests")),
     MetricSpec("sglang_mux_slo_step_samples_total", COUNTER, "steps",
                "Decode steps timed for the online TPOT model.", _field("slo_step_samples")),
+    # router policies and cold pages (router/adaptive.py, memory/cold_pages.py; docs/router.md)
+    MetricSpec("sglang_mux_router_request_steps_total", COUNTER, "steps",
+               "Routed request-steps under the adaptive/learned router by trigger outcome: refresh = the query-aware "
+               "leaves scored the query, reuse = they reused their last pages.",
+               _fields(refresh="router_refresh_request_steps", reuse="router_reuse_request_steps"), "outcome"),
+    MetricSpec("sglang_mux_router_changes_total", COUNTER, "changes",
+               "Splits and layer spreads the adaptive/learned router changed (after hysteresis).",
+               _fields(split="router_split_changes", layers="router_layer_changes"), "kind"),
+    MetricSpec("sglang_mux_router_flagged_requests_total", COUNTER, "requests",
+               "Requests whose out-of-window attention stayed above --mux-router-fail-mass (each once).",
+               _field("router_flagged_requests")),
+    MetricSpec("sglang_mux_router_boosted_request_steps_total", COUNTER, "steps",
+               "Request-steps of flagged requests that read --mux-router-boost x their ranked pages.",
+               _field("router_boosted_request_steps")),
+    MetricSpec("sglang_mux_page_scorings_total", COUNTER, "scorings",
+               "Query-aware page scorings (one per routed request and layer that ran retrieval scoring).",
+               _field("page_scorings")),
+    MetricSpec("sglang_mux_quantized_cold_pages_total", COUNTER, "pages",
+               "Cold pages kept as quantized copies in drop mode (--mux-drop-cold with --mux-cold-bits < 16).",
+               _field("quantized_cold_pages")),
+    MetricSpec("sglang_mux_staging_batched_fetches_total", COUNTER, "fetches",
+               "Lower-tier fetches of several pages in one request (a chunk's pages).",
+               _field("staging_batched_fetches")),
     # ---- gauges (now)
+    MetricSpec("sglang_mux_device_kv_bytes_by_precision", GAUGE, "bytes",
+               "Device KV bytes of the last decode step's requests: exact pages and quantized cold copies by width.",
+               lambda s: dict(s.get("device_kv_bytes_by_precision") or {}), "precision"),
     MetricSpec("sglang_mux_slo_waiting_held_requests", GAUGE, "requests",
                "Waiting requests held for the TPOT objective at the last scheduling step.", _field("slo_waiting_held")),
     MetricSpec("sglang_mux_slo_predicted_tpot_seconds", GAUGE, "seconds",
