@@ -119,6 +119,14 @@ def test_costs_recalibrate_and_long_prompts_move_to_pd(cluster):
     st = requests.get(url + "/placement/stats", timeout=10).json()
     assert st["decisions"]["pd"] >= 3 and st["decisions"]["aggregated"] >= 2
     assert st["costs"]["measured_requests"] == 7 and st["load_poll_errors"] == 0
+    from prometheus_client.parser import text_string_to_metric_families
+
+    scraped = {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+               for fam in text_string_to_metric_families(requests.get(url + "/metrics", timeout=10).text)
+               for smp in fam.samples}
+    assert scraped[("sglang_mux_placement_decisions_total", (("path", "pd"),))] == st["decisions"]["pd"]
+    assert scraped[("sglang_mux_placement_decisions_total", (("path", "aggregated"),))] == st["decisions"]["aggregated"]
+    assert scraped[("sglang_mux_placement_measured_requests_total", ())] == 7
     # the body went through unchanged (per-request mux fields in custom_labels included)
     assert cluster["pd"].state.bodies[-1]["custom_labels"] == {"mux_budget": "128"}
 

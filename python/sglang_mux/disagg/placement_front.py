@@ -19,7 +19,8 @@ router in front of several). The body is forwarded unchanged (per-request mux fi
   cost per token, every TPOT the decode step per request, the PD TTFT the transfer cost. ``--costs`` (the JSON of
   ``benchmark/goodput_pd.py --costs-only``) is only the prior, worth ``--prior-requests`` observations; without it
   the prior is :data:`DEFAULT_PRIOR`.
-* ``GET /placement/stats``: decisions per path, requests measured, the costs in use, the last loads.
+* ``GET /placement/stats``: decisions per path, requests measured, the costs in use, the last loads; ``GET /metrics``:
+  the decisions and measurements as Prometheus counters (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -186,6 +187,22 @@ class PlacementFront:
         self.inflight_tokens = {p: 0 for p in PATHS}  # sent, first token not seen yet
         self.errors = 0
         self.lock = threading.Lock()
+        self.registry, self.metrics = self._prometheus()
+
+    @staticmethod
+    def _prometheus():
+        """The front's own Prometheus metrics (GET /metrics; docs/metrics.md), on a private registry."""
+        from prometheus_client import CollectorRegistry, Counter
+
+        reg = CollectorRegistry()
+        return reg, {
+            "decisions": Counter("sglang_mux_placement_decisions_total",
+                                 "Requests the placement front sent to each path.", ["path"], registry=reg),
+            "measured": Counter("sglang_mux_placement_measured_requests_total",
+                                "Streamed requests whose TTFT/TPOT refit the placement costs.", registry=reg),
+            "errors": Counter("sglang_mux_placement_upstream_errors_total",
+                              "Streamed requests an upstream answered with a status other than 200.", registry=reg),
+        }
 
     # -------------------------------------------------------------- decision
     def prompt_tokens(self, body: dict) -> int:
@@ -219,6 +236,7 @@ class PlacementFront:
         decision = PlacementPolicy(self.costs.costs(), self.slo).decide(n, out, load)
         with self.lock:
             self.decisions[decision.path] += 1
+        self.metrics["decisions"].labels(path=decision.path).inc()
         return decision, n, load
 
     def stats(self) -> dict:
@@ -257,6 +275,12 @@ class PlacementFront:
         async def placement_stats():
             return self.stats()
 
+        @app.get("/metrics")
+        async def metrics():
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
         @app.post("/generate")
         async def generate(request: Request):
             try:
@@ -286,6 +310,7 @@ class PlacementFront:
                 first_token()
                 if ttft is not None:
                     self.costs.observe(path, n, load, ttft, tpot)
+                    self.metrics["measured"].inc()
 
             headers = {"content-type": "application/json", "x-mux-placement": path}
             if not body.get("stream"):
@@ -324,6 +349,7 @@ class PlacementFront:
                             if len(times) > 1 and counts[-1] > counts[0] else None)
                     if upstream.status_code != 200:
                         self.errors += 1
+                        self.metrics["errors"].inc()
                     finish(ttft, tpot)
 
             return StreamingResponse(relay(), status_code=upstream.status_code,
