@@ -120,6 +120,11 @@ def test_policy_fields_accepted_by_the_server_parser():
     assert leaves_spec("snapkv", 256) == "sink=16,heavy=rest"
     assert leaves_spec("quest", 256) == "sink=16,retrieval=rest"
     assert leaves_spec("mux", 256) is None
+    adaptive_chunk = parse_request_options(custom_params("adaptive_chunk", 256))
+    assert adaptive_chunk.router == "adaptive" and adaptive_chunk.leaves == leaves_spec("mux_chunk", 256)
+    assert parse_request_options(custom_params("learned", 256)).router == "learned"
+    int4 = parse_request_options(custom_params("mux_int4_pyramid", 256))
+    assert (int4.cold_bits, int4.layer_budget, int4.leaves) == (4, "pyramid", None)
 
 
 def test_budget_and_policy_errors():
@@ -140,7 +145,8 @@ def test_cli_bad_input_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "error: --policies: unknown 'nope'; allowed: full, streaming, snapkv, quest, quest_mass, chunk, mux, mux_chunk, "
-        "mux_both, mux_pyramid, mux_adaptive",
+        "mux_both, mux_pyramid, mux_adaptive, adaptive, learned, adaptive_chunk, mux_int8, mux_int4, mux_int2, "
+        "mux_int4_pyramid, mux_int4_adaptive",
         "error: --lengths: expected comma-separated token counts like 1024,2048, got '1k'",
         "error: --samples: must be >= 1, got 0",
         "error: --launch: server args: --port not allowed here; the server gets a free port on 127.0.0.1 "
