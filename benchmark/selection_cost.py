@@ -11,6 +11,7 @@ attention step (plan + selection + gather + attention). Arms:
     page            the default split (sink, recent, heavy, retrieval=rest): pages ranked one by one
     chunk           the default split with the retrieval share spent by the chunk leaf (heavy-ranked chunks)
     chunk_quest     the same with --mux-chunk-score quest (chunks ranked by this step's retrieval scores)
+    chunk_shared    ``chunk`` with --mux-chunk-layers shared (one chunk choice per step for every layer)
     both            retrieval and chunk halving the retrieval share
     pyramid         the default split with --mux-layer-budget pyramid
     adaptive        the default split with --mux-layer-budget adaptive
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 import profile_decode  # noqa: E402
 
-ARMS = ("page", "chunk", "chunk_quest", "both", "pyramid", "adaptive")
+ARMS = ("page", "chunk", "chunk_quest", "chunk_shared", "both", "pyramid", "adaptive")
 
 
 def arm_config(arm: str, budget: int, page_size: int):
@@ -39,12 +40,13 @@ def arm_config(arm: str, budget: int, page_size: int):
 
     base = MuxConfig(budget=budget, page_size=page_size)
     split = base.leaf_split(budget)
-    if arm in ("chunk", "chunk_quest", "both"):
+    if arm in ("chunk", "chunk_quest", "chunk_shared", "both"):
         moved = split["retrieval"] if arm != "both" else split["retrieval"] // 2
         split["retrieval"] -= moved
         split["chunk"] += moved
         spec = ",".join(f"{k}={v}" for k, v in split.items() if v)
-        return base.replace(leaves=spec, chunk_score="quest" if arm == "chunk_quest" else "heavy")
+        return base.replace(leaves=spec, chunk_score="quest" if arm == "chunk_quest" else "heavy",
+                            chunk_layers="shared" if arm == "chunk_shared" else "per-layer")
     if arm in ("pyramid", "adaptive"):
         return base.replace(layer_budget=arm)
     return base

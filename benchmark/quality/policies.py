@@ -14,6 +14,8 @@ chunk       ``mux_budget`` + ``sink=16,chunk=rest``      whole chunks (sentences
 mux         ``mux_budget`` only                          the combined mux default split (``mass`` ranking)
 mux_chunk   the mux default split, its retrieval         the default with whole chunks instead of pages
             share spent by the chunk leaf
+mux_chunk_shared ``mux_chunk`` + ``mux_chunk_layers:``    one chunk choice per step for every layer
+            ``"shared"``                                  (ChunkKV-style)
 mux_both    the mux default split, its retrieval         retrieval picks pages, the chunk leaf completes
             share halved between retrieval and chunk     the chunks they belong to
 mux_pyramid ``mux`` + ``mux_layer_budget: "pyramid"``     the default split, more pages at lower layers
@@ -49,6 +51,7 @@ POLICIES: dict[str, tuple[int, str, str | None] | None] = {
     "chunk": (16, "chunk", "mass"),
     "mux": None,
     "mux_chunk": None,
+    "mux_chunk_shared": None,
     "mux_both": None,
     "mux_pyramid": None,
     "mux_adaptive": None,
@@ -106,6 +109,8 @@ def custom_params(policy: str, budget: int) -> dict:
     if policy.startswith("mux_int"):
         bits, _, layers = policy[len("mux_int"):].partition("_")
         return {"mux_budget": budget, "mux_cold_bits": int(bits), **({"mux_layer_budget": layers} if layers else {})}
+    if policy == "mux_chunk_shared":
+        return {**custom_params("mux_chunk", budget), "mux_chunk_layers": "shared"}
     if policy in _ROUTER_VARIANTS:
         base, router = _ROUTER_VARIANTS[policy]
         return {**custom_params(base, budget), "mux_router": router}

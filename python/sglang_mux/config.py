@@ -45,6 +45,9 @@ ROUTER_POLICY_NAMES = ("static", "adaptive", "learned")
 # --mux-chunk-score values (see sglang_mux.leaves.chunk).
 CHUNK_SCORE_RULES = ("heavy", "quest")
 
+# --mux-chunk-layers values (see sglang_mux.leaves.chunk).
+CHUNK_LAYER_MODES = ("per-layer", "shared")
+
 # --mux-sparse-prefill-pattern values (see sglang_mux.attention.sparse_prefill).
 SPARSE_PREFILL_PATTERNS = ("topk", "vertical_slash")
 
@@ -146,6 +149,14 @@ class MuxConfig:
         "Longest chunk of the chunk leaf, in tokens: chunks end after a sentence end or a newline in the token "
         "stream, or after this many tokens; the chunk leaf reads whole chunks.",
         "TOKENS",
+    )
+    chunk_layers: str = _knob(
+        "per-layer",
+        "Whether the chunk leaf chooses its chunks at every layer ('per-layer', from that layer's scores) or once per "
+        "decode step for all layers ('shared', ChunkKV-style: from the heavy-hitter scores summed over the layers, or "
+        "the first layer's query-aware scores with --mux-chunk-score quest); shared costs one chunk pass per step "
+        "instead of one per layer. Per request: mux_chunk_layers.",
+        "per-layer|shared",
     )
     chunk_score: str = _knob(
         "heavy",
@@ -374,6 +385,8 @@ class MuxConfig:
             raise MuxConfigError(
                 f"--mux-layer-budget: allowed: {', '.join(LAYER_BUDGET_POLICIES)}; got {self.layer_budget!r}"
             )
+        if self.chunk_layers not in CHUNK_LAYER_MODES:
+            raise MuxConfigError(f"--mux-chunk-layers: allowed: {', '.join(CHUNK_LAYER_MODES)}; got {self.chunk_layers!r}")
         if self.chunk_score not in CHUNK_SCORE_RULES:
             raise MuxConfigError(f"--mux-chunk-score: allowed: {', '.join(CHUNK_SCORE_RULES)}; got {self.chunk_score!r}")
         if self.chunk_tokens < 1 or self.chunk_tokens > 1 << 20:

@@ -17,6 +17,7 @@ router reads it. Fields (all optional; absent means the server's ``--mux-*`` val
 * ``mux_layer_budget``  ``"uniform"``, ``"pyramid"`` or ``"adaptive"``: how its pages spread over layers, as
   ``--mux-layer-budget``.
 * ``mux_chunk_score``  ``"heavy"`` or ``"quest"``: what ranks the chunk leaf's chunks, as ``--mux-chunk-score``.
+* ``mux_chunk_layers``  ``"per-layer"`` or ``"shared"``: one chunk choice per layer or per step, as ``--mux-chunk-layers``.
 * ``mux_router``  ``"static"``, ``"adaptive"`` or ``"learned"``: the router policy of this request, as ``--mux-router``.
 
 Validated by :func:`parse_request_options` both at the HTTP edge (HTTP 400 naming the field) and in the
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from sglang_mux.config import (
+    CHUNK_LAYER_MODES,
     CHUNK_SCORE_RULES,
     COLD_BITS,
     LAYER_BUDGET_POLICIES,
@@ -40,7 +42,8 @@ from sglang_mux.config import (
 
 FIELD_PREFIX = "sampling_params.custom_params."
 KNOWN_FIELDS = ("mux_budget", "mux_leaves", "mux_exact", "mux_retrieval_score", "mux_sparse_prefill", "mux_cold_bits",
-                "mux_layer_budget", "mux_chunk_score", "mux_router")
+                "mux_layer_budget", "mux_chunk_score", "mux_router",
+                "mux_chunk_layers")
 MAX_BUDGET = 1 << 24
 
 
@@ -59,6 +62,7 @@ class MuxRequestOptions:
     layer_budget: str | None = None
     chunk_score: str | None = None
     router: str | None = None
+    chunk_layers: str | None = None
 
     def prefills_sparsely(self, server: MuxConfig, prompt_tokens: int) -> bool:
         """Whether a prompt of ``prompt_tokens`` tokens is prefilled with block-sparse attention (the rule of
@@ -72,7 +76,8 @@ class MuxRequestOptions:
     def effective_config(self, server: MuxConfig) -> MuxConfig:
         """The server config with this request's overrides applied (validated)."""
         # fields that override the server's --mux-* field of the same name
-        overridable = ("budget", "leaves", "retrieval_score", "cold_bits", "layer_budget", "chunk_score", "router")
+        overridable = ("budget", "leaves", "retrieval_score", "cold_bits", "layer_budget", "chunk_score", "router",
+                       "chunk_layers")
         changes: dict[str, Any] = {f: getattr(self, f) for f in overridable if getattr(self, f) is not None}
         if not changes:
             return server
@@ -131,6 +136,7 @@ def parse_request_options(custom_params: Mapping[str, Any] | None) -> MuxRequest
         layer_budget=_choice(custom_params, "mux_layer_budget", LAYER_BUDGET_POLICIES),
         chunk_score=_choice(custom_params, "mux_chunk_score", CHUNK_SCORE_RULES),
         router=_choice(custom_params, "mux_router", ROUTER_POLICY_NAMES),
+        chunk_layers=_choice(custom_params, "mux_chunk_layers", CHUNK_LAYER_MODES),
     )
 
 

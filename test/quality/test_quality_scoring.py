@@ -145,7 +145,7 @@ def test_cli_bad_input_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "error: --policies: unknown 'nope'; allowed: full, streaming, snapkv, quest, quest_mass, chunk, mux, mux_chunk, "
-        "mux_both, mux_pyramid, mux_adaptive, adaptive, learned, adaptive_chunk, mux_int8, mux_int4, mux_int2, "
+        "mux_chunk_shared, mux_both, mux_pyramid, mux_adaptive, adaptive, learned, adaptive_chunk, mux_int8, mux_int4, mux_int2, "
         "mux_int4_pyramid, mux_int4_adaptive",
         "error: --lengths: expected comma-separated token counts like 1024,2048, got '1k'",
         "error: --samples: must be >= 1, got 0",

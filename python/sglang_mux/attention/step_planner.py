@@ -65,6 +65,7 @@ class RequestPlan:
     layer_factors: Optional[tuple] = None
     policy: Optional[RouterPolicy] = None  # set when the policy reads the step's signals (``observe``)
     _layer_grants: Optional[list] = None
+    _leaf_memo: Optional[dict] = None  # choices made once per step for every layer (--mux-chunk-layers shared)
 
 
 @dataclass
@@ -335,8 +336,16 @@ class StepPlanner:
         if scores is not None and scores.numel() < n:
             scores = p.state.scores(self.num_layers, n, dev)[lidx]
         heavy_rank = cfg.chunk_score == "heavy" and scores is not None
+        chunk_scores = (lambda: scores) if heavy_rank else page_scores
+        step_memo = None
+        if cfg.chunk_layers == "shared":  # one chunk choice per step: ranked by every layer's heavy scores
+            if p._leaf_memo is None:
+                p._leaf_memo = {}
+            step_memo = p._leaf_memo
+            if heavy_rank:
+                chunk_scores = lambda: p.state.heavy_scores[:, :n].sum(dim=0)  # noqa: E731
         ctx = LeafContext(num_pages=n, taken=taken, heavy_scores=scores, page_scores=page_scores, chunk_spans=chunk_spans,
-                          chunk_scores=(lambda: scores) if heavy_rank else page_scores)
+                          chunk_scores=chunk_scores, step_memo=step_memo)
         grant = self.layer_grant(p, lidx)
         chosen, by_leaf, ids = [], {}, []
         reuse = p.refresh is False or p.policy is not None  # the router may skip the query-aware leaves' scoring

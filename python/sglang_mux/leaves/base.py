@@ -36,6 +36,9 @@ class LeafContext:
     page_scores: Optional[Callable[[], torch.Tensor]] = None
     chunk_spans: Optional[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = None
     chunk_scores: Optional[Callable[[], torch.Tensor]] = None
+    # when not None, one dict per request and decode step shared by all its layers: a leaf whose choice is made
+    # once per step (``--mux-chunk-layers shared``) keeps it here at the first layer and reuses it at the others
+    step_memo: Optional[dict] = None
 
 
 class Leaf:

@@ -35,6 +35,10 @@ class ChunkLeaf(Leaf):
     def select(self, ctx: LeafContext, grant: Grant) -> torch.Tensor:
         k = grant["chunk"]
         dev = ctx.taken.device
+        memo = ctx.step_memo
+        if memo is not None and memo.get("chunk") is not None and memo["chunk"][0] == k:
+            kept = memo["chunk"][1]  # chosen once for every layer of this step (--mux-chunk-layers shared)
+            return kept[~ctx.taken[kept]]
         rank = ctx.chunk_scores or ctx.page_scores
         if k <= 0 or rank is None or bool(ctx.taken.all()):
             return torch.empty(0, dtype=torch.long, device=dev)
@@ -48,6 +52,8 @@ class ChunkLeaf(Leaf):
             taken = ctx.taken.clone()
             taken[picked] = True
             picked = torch.cat([picked, top_free(scores, taken, rest)])
+        if memo is not None:
+            memo["chunk"] = (k, picked)
         return picked
 
     def device_best_pages(self, grant: Grant, dropping: bool) -> int:
