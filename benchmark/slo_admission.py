@@ -4,7 +4,7 @@
     .venv/bin/python benchmark/slo_admission.py --model tiny --requests 12 --mux-slo-tpot 20
 
 For each policy a mux server is started (``--mux-budget``, same flags otherwise), the same Poisson trace (mixed
-prompt lengths, streamed) is replayed, and per request the client's TTFT and TPOT are recorded; the summary gives
+prompt lengths, streamed) is replayed (one policy after the other, or with ``--together`` to all at the same time), and per request the client's TTFT and TPOT are recorded; the summary gives
 TPOT / TTFT percentiles, the share of requests whose TPOT met the objective, and the server's admission counters
 (``slo_deferred_requests``, ``slo_shrunk_requests``, the fitted step model). Writes
 ``benchmark/results/slo_admission.json`` and prints a table (docs/pd.md quotes it).
@@ -13,8 +13,10 @@ TPOT / TTFT percentiles, the share of requests whose TPOT met the objective, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mux-slo-tpot", type=float, required=True, help="the TPOT objective, ms")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--out", type=Path, default=ROOT / "benchmark" / "results")
+    p.add_argument("--together", action="store_true",
+                   help="start every policy's server at once and replay the trace to all at the same time (a "
+                        "shared, busy machine then loads them alike)")
     args = p.parse_args(argv)
     policies = [s.strip() for s in args.policies.split(",") if s.strip()]
     bad = [s for s in policies if s not in POLICIES]
@@ -77,19 +82,40 @@ def main(argv: list[str] | None = None) -> int:
                        out=(32, 64))
     result = {"machine": machine_info(), "model": args.model, "slo_tpot_ms": args.mux_slo_tpot,
               "trace": {"requests": len(trace), "rate": args.rate, "seed": args.seed}, "policies": {}}
-    for policy in policies:
-        flags = COMMON + ["--model-path", args.model, "--mux-budget", str(args.mux_budget),
-                          "--mux-slo-tpot", str(args.mux_slo_tpot), "--mux-slo-policy", policy]
+    def flags(policy: str) -> list[str]:
+        return COMMON + ["--model-path", args.model, "--mux-budget", str(args.mux_budget),
+                         "--mux-slo-tpot", str(args.mux_slo_tpot), "--mux-slo-policy", policy]
+
+    def record(policy: str, recs: list, url: str) -> None:
+        stats = requests.get(url + "/mux/stats", timeout=60).json()["mux"]
+        result["policies"][policy] = {"summary": summarize(recs, args.mux_slo_tpot), "requests": recs,
+                                      "server": {k: v for k, v in stats.items() if k.startswith("slo_")}}
+
+    result["together"] = args.together
+    if args.together:  # every policy's server up at once, the trace replayed to all at the same time
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for policy in policies:
+                progress(f"policy {policy}: starting the server")
+                servers[policy] = stack.enter_context(ServerProcess(flags(policy)))
+                stream_once(servers[policy].url, prompt_ids(64, seed=1), 8, lambda: None)  # warm-up
+            progress(f"replaying {len(trace)} requests to {', '.join(policies)} at once")
+            out: dict = {}
+            threads = [threading.Thread(target=lambda p=p: out.__setitem__(p, replay(servers[p].url, trace)))
+                       for p in policies]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            for policy in policies:
+                record(policy, out[policy], servers[policy].url)
+        write_result(args.out, "slo_admission", result)
+    for policy in [] if args.together else policies:
         progress(f"policy {policy}: starting the server")
-        with ServerProcess(flags) as srv:
+        with ServerProcess(flags(policy)) as srv:
             stream_once(srv.url, prompt_ids(64, seed=1), 8, lambda: None)  # warm-up (and the first timed steps)
             progress(f"policy {policy}: replaying {len(trace)} requests")
-            recs = replay(srv.url, trace)
-            stats = requests.get(srv.url + "/mux/stats", timeout=60).json()["mux"]
-        result["policies"][policy] = {
-            "summary": summarize(recs, args.mux_slo_tpot), "requests": recs,
-            "server": {k: v for k, v in stats.items() if k.startswith("slo_")},
-        }
+            record(policy, replay(srv.url, trace), srv.url)
         write_result(args.out, "slo_admission", result)
 
     print(f"\n{len(trace)} requests at {args.rate} req/s on {args.model}, TPOT objective {args.mux_slo_tpot:g} ms")

@@ -165,3 +165,13 @@ def test_flags_parse():
     cfg, rest = split_mux_args(["--mux-slo-policy", "shrink", "--mux-slo-prior-steps", "8", "--port", "1"])
     assert (cfg.slo_policy, cfg.slo_prior_steps, rest) == ("shrink", 8, ["--port", "1"])
     assert MuxConfig().slo_policy == "off"
+
+
+def test_the_measured_step_anchors_the_prediction():
+    m = fixed_model(10, 5, 0)  # says a batch of 2 steps in 15 ms, 3 in 20 ms
+    # alone, the model admits (20 <= 25); the running batch was measured at 100 ms: 100 + (20 - 15) = 105 > 25
+    assert plan_admission(m, 25.0, "queue", [10, 10], cands(10)).admit == 1
+    p = plan_admission(m, 25.0, "queue", [10, 10], cands(10), measured_ms=100.0)
+    assert p.admit == 0 and p.held == ["r0"] and p.predicted_ms == pytest.approx(100.0)
+    p = plan_admission(m, 106.0, "queue", [10, 10], cands(10, 10), measured_ms=100.0)
+    assert p.admit == 1 and p.predicted_ms == pytest.approx(105.0)

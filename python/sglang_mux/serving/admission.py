@@ -22,7 +22,10 @@ between the results of two consecutive decode batches (AFTER ``Scheduler.process
 client sees as TPOT, scheduler work included. The fit is ridge regression with exponential forgetting (about the
 last 200 steps); its prior is the decode-step costs of ``--mux-placement-costs`` weighted as ``--mux-slo-prior-steps``
 measured steps, or without a file a weak pull of the two slopes toward 0. Until a step is measured and without a
-file, nothing is predicted and every request is admitted.
+file, nothing is predicted and every request is admitted. Once the measured steps outweigh the prior, the
+prediction is anchored on the running batch's own recently measured step (a moving average, when measured on a
+batch of the same size): measured step + what the model says the new requests add, so a sudden change of the
+machine's speed (other load) does not wait for the fit.
 
 Counted in ``/mux/stats`` and Prometheus: ``slo_deferred_requests``, ``slo_deferred_steps``, ``slo_shrunk_requests``,
 ``slo_waiting_held``, ``slo_step_samples``, ``slo_tpot_model``, ``slo_last_predicted_tpot_ms`` (docs/metrics.md).
@@ -52,6 +55,7 @@ FORGET = 0.995  # per measured step: the fit weighs the last ~1/(1-FORGET) = 200
 WEAK_PRIOR = 1.0  # without a costs file: the slopes are pulled toward 0 with the weight of one step
 MIN_BUDGET_FRACTION = 8  # shrink never goes below 1/8 of the request's own budget
 KV_UNIT = 1024.0
+ANCHOR_EMA = 0.5  # weight of the newest measured step in the anchor of the prediction
 
 
 class StepModel:
@@ -71,6 +75,7 @@ class StepModel:
             self.theta0 = np.zeros(3)
             self.lam = np.array([0.0, WEAK_PRIOR, WEAK_PRIOR])
         self.has_prior = prior is not None
+        self.prior_weight = float(prior_steps) if prior is not None else 0.0
         self.xtx = np.zeros((3, 3))
         self.xty = np.zeros(3)
         self.samples = 0
@@ -147,30 +152,38 @@ def plan_admission(
     running_reads: Sequence[int],
     waiting: Sequence[Candidate],
     page_size: int = 16,
+    measured_ms: Optional[float] = None,
 ) -> Plan:
     """Which of ``waiting`` (in queue order) may join a batch whose running requests read ``running_reads`` KV
-    tokens per step (the module docstring). Pure: no scheduler, no clock."""
+    tokens per step (the module docstring). ``measured_ms``: the running batch's recently measured step; the
+    prediction is then that step plus what the model says the admitted requests add (the model's level may lag a
+    change of the machine's speed, its differences much less). Pure: no scheduler, no clock."""
     if policy not in POLICIES:
         raise ValueError(f"--mux-slo-policy: allowed: {', '.join(POLICIES)}; got {policy!r}")
     n, kv = len(running_reads), float(sum(running_reads))
     if policy == "off" or n == 0 or not model.ready:
         return Plan(admit=len(waiting), predicted_ms=model.step_ms(max(n, 1), kv) if model.ready else 0.0)
-    plan = Plan(admit=0, predicted_ms=model.step_ms(n, kv))
+    offset = (measured_ms - model.step_ms(n, kv)) if measured_ms is not None and measured_ms > 0 else 0.0
+
+    def step(n_: int, kv_: float) -> float:
+        return model.step_ms(n_, kv_) + offset
+
+    plan = Plan(admit=0, predicted_ms=step(n, kv))
     for i, c in enumerate(waiting):
-        pred = model.step_ms(n + 1, kv + c.kv_read)
+        pred = step(n + 1, kv + c.kv_read)
         if pred <= slo_tpot_ms:
             n, kv, plan.admit, plan.predicted_ms = n + 1, kv + c.kv_read, plan.admit + 1, pred
             continue
         if policy == "shrink" and c.budget is not None:
             per_token = model.theta[2] / KV_UNIT
-            room = slo_tpot_ms - model.step_ms(n + 1, kv)  # what the new request's KV reads may add
+            room = slo_tpot_ms - step(n + 1, kv)  # what the new request's KV reads may add
             floor = max(page_size, (c.budget // MIN_BUDGET_FRACTION) // page_size * page_size)
             if per_token > 0 and room > 0:
                 fit = int(room / per_token) // page_size * page_size
                 if floor <= fit < c.kv_read:
                     plan.shrink[c.rid] = fit
                     n, kv, plan.admit = n + 1, kv + fit, plan.admit + 1
-                    plan.predicted_ms = model.step_ms(n, kv)
+                    plan.predicted_ms = step(n, kv)
                     continue
         plan.held = [w.rid for w in waiting[i:]]
         break
@@ -186,6 +199,9 @@ class Controller:
     model: StepModel
     last_decode_t: Optional[float] = None
     held_rids: set = field(default_factory=set)
+    # the last measured decode steps (moving average) and the batch they were measured on: the prediction's anchor
+    measured_ms: Optional[float] = None
+    measured_batch: int = 0
 
 
 _CONTROLLER: list = []  # [Controller or None], made once per process
@@ -257,7 +273,10 @@ def admit_by_slo(original, scheduler, running_batch, *args, **kwargs):
             b = _budget_of(r, cfg)
             n = len(getattr(r, "origin_input_ids", None) or ())
             waiting.append(Candidate(r.rid, n, kv_read(n, b), b))
-        plan = plan_admission(ctl.model, cfg.slo_tpot, cfg.slo_policy, reads, waiting, cfg.page_size)
+        # the measured step anchors the prediction once measurements outweigh the prior, on a batch of this size
+        measured = ctl.model.samples >= ctl.model.prior_weight and ctl.measured_batch == len(running)
+        anchor = ctl.measured_ms if measured else None
+        plan = plan_admission(ctl.model, cfg.slo_tpot, cfg.slo_policy, reads, waiting, cfg.page_size, anchor)
     except Exception:  # admission control must never take the scheduler down
         logger.exception("mux: SLO admission failed; admitting as usual")
         return original(scheduler, running_batch, *args, **kwargs)
@@ -298,7 +317,11 @@ def observe_step(result, scheduler, batch, *args, **kwargs):
         if ctl.last_decode_t is not None:
             reqs = getattr(batch, "reqs", None) or ()
             kv = sum(kv_read(_context(r), _budget_of(r, ctl.cfg)) for r in reqs)
-            ctl.model.observe(len(reqs), kv, (now - ctl.last_decode_t) * 1000.0)
+            ms = (now - ctl.last_decode_t) * 1000.0
+            ctl.model.observe(len(reqs), kv, ms)
+            same = ctl.measured_ms is not None and ctl.measured_batch == len(reqs)
+            ctl.measured_ms = ANCHOR_EMA * ms + (1 - ANCHOR_EMA) * ctl.measured_ms if same else ms
+            ctl.measured_batch = len(reqs)
             STATS.slo_step_samples = ctl.model.samples
             STATS.slo_tpot_model = ctl.model.as_dict()
         ctl.last_decode_t = now
