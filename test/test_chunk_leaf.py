@@ -244,13 +244,14 @@ def test_selection_cost_benchmark_small_run(tmp_path):
                           "--repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "selection_cost.json").read_text())["results"]
-    assert set(res) == {"page", "chunk", "chunk_quest", "both", "pyramid", "adaptive"}
+    assert set(res) == {"page", "chunk", "chunk_quest", "chunk_shared", "both", "pyramid", "adaptive"}
     budget_pages = 128 // 16
     for arm, r in res.items():
         assert r["select_ms"] > 0 and r["step_ms"] > 0
         if arm != "pyramid":
             assert r["pages_read_layer0"] <= budget_pages + 1, (arm, r)
     assert res["chunk"]["by_leaf_layer0"]["chunk"] > 0 and res["page"]["by_leaf_layer0"]["chunk"] == 0
+    assert res["chunk_shared"]["by_leaf_layer0"]["chunk"] > 0
     assert res["pyramid"]["pages_read_layer0"] > res["page"]["pages_read_layer0"]
     bad = subprocess.run([sys.executable, str(script), "--arms", "pages"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--arms: unknown 'pages'; allowed: page, chunk" in bad.stderr
