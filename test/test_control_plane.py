@@ -167,11 +167,11 @@ def test_flags_parse():
     assert MuxConfig().slo_policy == "off"
 
 
-def test_the_measured_step_anchors_the_prediction():
+def test_the_level_offset_shifts_every_prediction():
     m = fixed_model(10, 5, 0)  # says a batch of 2 steps in 15 ms, 3 in 20 ms
-    # alone, the model admits (20 <= 25); the running batch was measured at 100 ms: 100 + (20 - 15) = 105 > 25
+    # alone, the model admits (20 <= 25); the last steps were measured 85 ms above it: 20 + 85 = 105 > 25
     assert plan_admission(m, 25.0, "queue", [10, 10], cands(10)).admit == 1
-    p = plan_admission(m, 25.0, "queue", [10, 10], cands(10), measured_ms=100.0)
+    p = plan_admission(m, 25.0, "queue", [10, 10], cands(10), level_offset_ms=85.0)
     assert p.admit == 0 and p.held == ["r0"] and p.predicted_ms == pytest.approx(100.0)
-    p = plan_admission(m, 106.0, "queue", [10, 10], cands(10, 10), measured_ms=100.0)
+    p = plan_admission(m, 106.0, "queue", [10, 10], cands(10, 10), level_offset_ms=85.0)
     assert p.admit == 1 and p.predicted_ms == pytest.approx(105.0)

@@ -18,14 +18,14 @@ Step-time model (ms), fitted online from measured decode steps (:class:`StepMode
 
 ``K`` sums what each request's attention reads: its context, or with mux ``min(context, budget)`` (routed
 requests read about their budget; ``mux_exact`` ones their whole context). A decode step is measured as the time
-between the results of two consecutive decode batches (AFTER ``Scheduler.process_batch_result``): the cadence a
-client sees as TPOT, scheduler work included. The fit is ridge regression with exponential forgetting (about the
+from the previous batch's result to the decode batch's result (AFTER ``Scheduler.process_batch_result``): the
+cadence a client sees as TPOT, scheduler work included. The fit is ridge regression with exponential forgetting (about the
 last 200 steps); its prior is the decode-step costs of ``--mux-placement-costs`` weighted as ``--mux-slo-prior-steps``
 measured steps, or without a file a weak pull of the two slopes toward 0. Until a step is measured and without a
-file, nothing is predicted and every request is admitted. Once the measured steps outweigh the prior, the
-prediction is anchored on the running batch's own recently measured step (a moving average, when measured on a
-batch of the same size): measured step + what the model says the new requests add, so a sudden change of the
-machine's speed (other load) does not wait for the fit.
+file, nothing is predicted and every request is admitted. Once the measured steps outweigh the prior, every
+prediction also adds the level offset: a moving average of how far the last measured steps were above (or below)
+what the model predicted for them, so a sudden change of the machine's speed (other load) counts at once instead of
+waiting for the fit.
 
 Counted in ``/mux/stats`` and Prometheus: ``slo_deferred_requests``, ``slo_deferred_steps``, ``slo_shrunk_requests``,
 ``slo_waiting_held``, ``slo_step_samples``, ``slo_tpot_model``, ``slo_last_predicted_tpot_ms`` (docs/metrics.md).
@@ -152,18 +152,18 @@ def plan_admission(
     running_reads: Sequence[int],
     waiting: Sequence[Candidate],
     page_size: int = 16,
-    measured_ms: Optional[float] = None,
+    level_offset_ms: float = 0.0,
 ) -> Plan:
     """Which of ``waiting`` (in queue order) may join a batch whose running requests read ``running_reads`` KV
-    tokens per step (the module docstring). ``measured_ms``: the running batch's recently measured step; the
-    prediction is then that step plus what the model says the admitted requests add (the model's level may lag a
-    change of the machine's speed, its differences much less). Pure: no scheduler, no clock."""
+    tokens per step (the module docstring). ``level_offset_ms`` is added to every prediction: how much the recently
+    measured steps exceeded what the model predicts for them (the model's level may lag a change of the machine's
+    speed; its differences between batches much less). Pure: no scheduler, no clock."""
     if policy not in POLICIES:
         raise ValueError(f"--mux-slo-policy: allowed: {', '.join(POLICIES)}; got {policy!r}")
     n, kv = len(running_reads), float(sum(running_reads))
     if policy == "off" or n == 0 or not model.ready:
         return Plan(admit=len(waiting), predicted_ms=model.step_ms(max(n, 1), kv) if model.ready else 0.0)
-    offset = (measured_ms - model.step_ms(n, kv)) if measured_ms is not None and measured_ms > 0 else 0.0
+    offset = level_offset_ms
 
     def step(n_: int, kv_: float) -> float:
         return model.step_ms(n_, kv_) + offset
@@ -197,11 +197,10 @@ class Controller:
 
     cfg: MuxConfig
     model: StepModel
-    last_decode_t: Optional[float] = None
     held_rids: set = field(default_factory=set)
-    # the last measured decode steps (moving average) and the batch they were measured on: the prediction's anchor
-    measured_ms: Optional[float] = None
-    measured_batch: int = 0
+    # moving average of (measured step - the model's prediction for it) over the last decode steps: the level offset
+    level_offset_ms: float = 0.0
+    last_result_t: Optional[float] = None
 
 
 _CONTROLLER: list = []  # [Controller or None], made once per process
@@ -273,10 +272,9 @@ def admit_by_slo(original, scheduler, running_batch, *args, **kwargs):
             b = _budget_of(r, cfg)
             n = len(getattr(r, "origin_input_ids", None) or ())
             waiting.append(Candidate(r.rid, n, kv_read(n, b), b))
-        # the measured step anchors the prediction once measurements outweigh the prior, on a batch of this size
-        measured = ctl.model.samples >= ctl.model.prior_weight and ctl.measured_batch == len(running)
-        anchor = ctl.measured_ms if measured else None
-        plan = plan_admission(ctl.model, cfg.slo_tpot, cfg.slo_policy, reads, waiting, cfg.page_size, anchor)
+        # measured steps correct the model's level once they outweigh the prior
+        offset = ctl.level_offset_ms if ctl.model.samples >= ctl.model.prior_weight else 0.0
+        plan = plan_admission(ctl.model, cfg.slo_tpot, cfg.slo_policy, reads, waiting, cfg.page_size, offset)
     except Exception:  # admission control must never take the scheduler down
         logger.exception("mux: SLO admission failed; admitting as usual")
         return original(scheduler, running_batch, *args, **kwargs)
@@ -303,28 +301,27 @@ def admit_by_slo(original, scheduler, running_batch, *args, **kwargs):
 
 
 def observe_step(result, scheduler, batch, *args, **kwargs):
-    """AFTER ``Scheduler.process_batch_result``: time decode steps for the step model (the interval between two
-    consecutive decode results), with the batch's size and the KV its requests read."""
+    """AFTER ``Scheduler.process_batch_result``: time decode steps for the step model, with the batch's size and the
+    KV its requests read. A decode step is the interval since the previous batch's result, whatever that batch was
+    (a prefill's own time ended at its result; a decode batch follows a result without idling, since something was
+    running): during a burst of arrivals most decode steps follow a prefill, and they are the ones to measure."""
     ctl = controller()
     if ctl is None:
         return result
     try:
         now = time.perf_counter()
         mode = getattr(batch, "forward_mode", None)
-        if mode is None or not mode.is_decode():
-            ctl.last_decode_t = None
-            return result
-        if ctl.last_decode_t is not None:
+        if mode is not None and mode.is_decode() and ctl.last_result_t is not None:
             reqs = getattr(batch, "reqs", None) or ()
             kv = sum(kv_read(_context(r), _budget_of(r, ctl.cfg)) for r in reqs)
-            ms = (now - ctl.last_decode_t) * 1000.0
+            ms = (now - ctl.last_result_t) * 1000.0
+            if ctl.model.ready:  # how far the model (before this sample) was from the measurement
+                miss = ms - ctl.model.step_ms(len(reqs), kv)
+                ctl.level_offset_ms = ANCHOR_EMA * miss + (1 - ANCHOR_EMA) * ctl.level_offset_ms
             ctl.model.observe(len(reqs), kv, ms)
-            same = ctl.measured_ms is not None and ctl.measured_batch == len(reqs)
-            ctl.measured_ms = ANCHOR_EMA * ms + (1 - ANCHOR_EMA) * ctl.measured_ms if same else ms
-            ctl.measured_batch = len(reqs)
             STATS.slo_step_samples = ctl.model.samples
-            STATS.slo_tpot_model = ctl.model.as_dict()
-        ctl.last_decode_t = now
+            STATS.slo_tpot_model = {**ctl.model.as_dict(), "level_offset_ms": round(ctl.level_offset_ms, 3)}
+        ctl.last_result_t = now
         # held requests that left the queue another way (aborted) are forgotten
         if ctl.held_rids:
             waiting = {r.rid for r in getattr(scheduler, "waiting_queue", None) or ()}
