@@ -80,7 +80,7 @@ HOOKS: tuple[SGLangHook, ...] = (
                "--mux-slo-policy: show SGLang only the waiting requests whose admission keeps the predicted TPOT "
                "within --mux-slo-tpot (shrinking budgets first with 'shrink'); hold the rest",
                "requests are admitted as SGLang alone decides: the running batch's TPOT may break the SLO"),
-    SGLangHook(f"{SCHEDULER}.process_batch_result", "AFTER", "sglang_mux.serving.admission:observe_step", "router",
+    SGLangHook(f"{SCHEDULER}.process_batch_result", "BEFORE", "sglang_mux.serving.admission:observe_step", "router",
                "time each decode step (batch size, KV read) for the online TPOT model of the SLO admission",
                "the TPOT model stays at its prior (or predicts nothing): admission decisions on stale costs"),
     # router/http_routes.py: the launcher's main process (the HTTP server)

@@ -18,7 +18,7 @@ Step-time model (ms), fitted online from measured decode steps (:class:`StepMode
 
 ``K`` sums what each request's attention reads: its context, or with mux ``min(context, budget)`` (routed
 requests read about their budget; ``mux_exact`` ones their whole context). A decode step is measured as the time
-from the previous batch's result to the decode batch's result (AFTER ``Scheduler.process_batch_result``): the
+from the previous batch's result to the decode batch's result (BEFORE ``Scheduler.process_batch_result``): the
 cadence a client sees as TPOT, scheduler work included. The fit is ridge regression with exponential forgetting (about the
 last 200 steps); its prior is the decode-step costs of ``--mux-placement-costs`` weighted as ``--mux-slo-prior-steps``
 measured steps, or without a file a weak pull of the two slopes toward 0. Until a step is measured and without a
@@ -300,14 +300,15 @@ def admit_by_slo(original, scheduler, running_batch, *args, **kwargs):
         scheduler.waiting_queue = list(scheduler.waiting_queue) + held
 
 
-def observe_step(result, scheduler, batch, *args, **kwargs):
-    """AFTER ``Scheduler.process_batch_result``: time decode steps for the step model, with the batch's size and the
-    KV its requests read. A decode step is the interval since the previous batch's result, whatever that batch was
-    (a prefill's own time ended at its result; a decode batch follows a result without idling, since something was
-    running): during a burst of arrivals most decode steps follow a prefill, and they are the ones to measure."""
+def observe_step(scheduler, batch, *args, **kwargs):
+    """BEFORE ``Scheduler.process_batch_result`` (so the stats it writes are exported after this very batch): time
+    decode steps for the step model, with the batch's size and the KV its requests read. A decode step is the
+    interval since the previous batch's result, whatever that batch was (a prefill's own time ended at its result; a
+    decode batch follows a result without idling, since something was running): during a burst of arrivals most
+    decode steps follow a prefill, and they are the ones to measure."""
     ctl = controller()
     if ctl is None:
-        return result
+        return None
     try:
         now = time.perf_counter()
         mode = getattr(batch, "forward_mode", None)
@@ -328,4 +329,4 @@ def observe_step(result, scheduler, batch, *args, **kwargs):
             ctl.held_rids &= waiting
     except Exception:
         logger.exception("mux: timing the decode step failed")
-    return result
+    return None  # arguments unchanged
