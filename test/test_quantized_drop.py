@@ -99,7 +99,7 @@ def test_drop_keeps_quantized_best_pages_at_equal_bytes_and_reads_them(bits):
     ref = ref_routed_decode(q, k_ref, v_ref, r2t.req_to_token, torch.tensor([1]), torch.tensor([L]),
                             pages.view(1, -1), torch.tensor([pages.numel()]), P, layer.scaling)
     assert torch.allclose(got.view(1, hq, d).double(), ref, rtol=1e-5, atol=1e-5)
-    assert len(st.staging) == 0  # read one layer at a time: no dequantized page is held
+    assert st.staging is None  # read one layer at a time: no dequantized page is held, not even a staging area
 
 
 def test_the_quantized_set_stays_bounded_and_keeps_the_best_as_pages_turn_cold():

@@ -110,12 +110,12 @@ def page_block_mass(probs: torch.Tensor, page_size: int) -> torch.Tensor:
     return probs.mean(dim=1).view(b, n // page_size, page_size).sum(dim=-1)
 
 
-def _mass_by_page(pages: torch.Tensor, positions: torch.Tensor, probs: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Per page of ``pages`` (sorted), the attention mass (mean over heads) of the tokens at ``positions``
-    (``probs: [Hq, len(positions)]``, every position on one of ``pages``)."""
+def _mass_by_page(pages: torch.Tensor, positions: torch.Tensor, token_mass: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Per page of ``pages`` (sorted), the attention mass of the tokens at ``positions`` (``token_mass``: their
+    mass, mean over heads; every position on one of ``pages``)."""
     idx = torch.searchsorted(pages, positions // page_size)
-    return torch.zeros(pages.numel(), dtype=torch.float32, device=probs.device).index_add_(
-        0, idx, probs.float().mean(dim=0))
+    return torch.zeros(pages.numel(), dtype=torch.float32, device=token_mass.device).index_add_(
+        0, idx, token_mass.float())
 
 
 def padded_exact_attention(
@@ -199,10 +199,11 @@ def routed_batch_attention(
         pos = page_positions(pages[0], int(seq_lens[0]), P)
         slots = torch.index_select(req_to_token[int(rows[0])], 0, pos).long()
         out, probs = attend(q[0], gather_rows(k_buf, slots), gather_rows(v_buf, slots), scale)
+        token_mass = probs.mean(dim=0)
         if heavy is not None and heavy[0] is not None:
-            heavy[0].index_add_(0, pos // P, probs.mean(dim=0).to(heavy[0].dtype))
+            heavy[0].index_add_(0, pos // P, token_mass.to(heavy[0].dtype))
         if mass_out is not None:
-            mass_out.append(_mass_by_page(pages[0], pos, probs, P).unsqueeze(0))
+            mass_out.append(_mass_by_page(pages[0], pos, token_mass, P).unsqueeze(0))
         return out.unsqueeze(0)
     pad, counts = pad_pages(pages, q.device)
     slots, valid = page_block_slots(req_to_token, rows, seq_lens, pad, counts, P)
@@ -212,21 +213,24 @@ def routed_batch_attention(
         k[b, :n], v[b, :n] = k_sel, v_sel
         valid[b] = torch.arange(valid.shape[1], device=valid.device) < n
     out, probs = batched_attend(q, k, v, valid, scale)
-    if mass_out is not None:
-        mass = page_block_mass(probs, P)
-        for b, (_, _, pos) in (staged or {}).items():  # staged rows are laid out by position, not page blocks
-            mass[b] = 0
-            mass[b, : pages[b].numel()] = _mass_by_page(pages[b], pos, probs[b, :, : pos.numel()], P)
-        mass_out.append(mass)
-    if heavy is not None and any(h is not None for h in heavy):
-        mass = page_block_mass(probs, P)
+    wants_heavy = heavy is not None and any(h is not None for h in heavy)
+    if mass_out is None and not wants_heavy:
+        return out
+    # per page block, mean over heads: right for every row but the staged ones, which are laid out by position
+    mass = page_block_mass(probs, P)
+    staged_mass = {b: probs[b, :, : pos.numel()].mean(dim=0) for b, (_, _, pos) in (staged or {}).items()}
+    if wants_heavy:
         for b, row in enumerate(heavy):
             if row is None:
                 continue
-            if staged and b in staged:
-                pos = staged[b][2]
-                row.index_add_(0, pos // P, probs[b, :, : pos.numel()].mean(dim=0).to(row.dtype))
+            if b in staged_mass:
+                row.index_add_(0, staged[b][2] // P, staged_mass[b].to(row.dtype))
             else:
                 c = pages[b].numel()
                 row.index_add_(0, pad[b, :c], mass[b, :c].to(row.dtype))
+    if mass_out is not None:
+        for b, token_mass in staged_mass.items():
+            mass[b] = 0
+            mass[b, : pages[b].numel()] = _mass_by_page(pages[b], staged[b][2], token_mass, P)
+        mass_out.append(mass)
     return out

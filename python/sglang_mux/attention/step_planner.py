@@ -41,11 +41,10 @@ from sglang_mux.memory.page_summaries import PageSummaryStore, RequestSummaryCac
 from sglang_mux.memory.tiers import PageIntegrityError, shared_tier_manager
 from sglang_mux.metrics import STATS
 from sglang_mux.router.grant import Grant
-from sglang_mux.router.layer_budget import adaptive_factors, pyramid_factors
+from sglang_mux.router.layer_budget import adaptive_factors, layer_grants, pyramid_factors
 from sglang_mux.memory.requests import REGISTRY, RequestMemory
 from sglang_mux.router.route_rule import heavy_ranked_tokens, scores_heavy_hitters
 from sglang_mux.router.adaptive import ROOM_FRACTION, buckets
-from sglang_mux.router.layer_budget import layer_grants
 from sglang_mux.router.spine import MuxRouter, RouterPolicy
 
 logger = logging.getLogger(__name__)
@@ -229,8 +228,7 @@ class StepPlanner:
         nb = len(self.buckets)
         ids = torch.full(mass.shape, nb, dtype=torch.long)
         rows = []
-        for j, i in enumerate(ok):
-            b = self._layer_buckets[j] if j < len(self._layer_buckets) else None
+        for j, (i, b) in enumerate(zip(ok, self._layer_buckets)):  # select_layer kept one entry per ok request
             r = self._signal_rows.get(plan[i].rid)
             if b is None or r is None:
                 continue

@@ -121,8 +121,6 @@ class ColdPageMover:
                 gone = st.quantized_pages.pop(q, None)
                 st.quantized_bytes -= gone.nbytes() if gone is not None else 0
                 st.dropped_pages.add(q)
-                if st.staging is not None:
-                    st.staging.discard(q)
         new = [q for q in cold if q in best]
         if new:
             records = self._page_records(p.row, new)
@@ -136,8 +134,6 @@ class ColdPageMover:
                     kmin, kmax = self.summaries.get(self.start_layer + i, first_slots[j : j + 1])
                     st.cold_kmin[i, page], st.cold_kmax[i, page] = kmin[0], kmax[0]
             STATS.quantized_cold_pages += len(new)
-        if st.staging is None:
-            st.staging = StagingArea(0, self.kv_pool.get_key_buffer(self.start_layer).device)  # holds nothing
         return set(new)
 
     def _page_records(self, row: int, pages: list[int]) -> torch.Tensor:

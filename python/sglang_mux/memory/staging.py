@@ -38,12 +38,6 @@ class StagingArea:
                 self._pages.popitem(last=False)
             self.pending.discard(page)
 
-    def discard(self, page: int) -> None:
-        """Forget a page (it no longer exists off the device either)."""
-        with self._lock:
-            self._pages.pop(page, None)
-            self.pending.discard(page)
-
     def nbytes(self) -> int:
         with self._lock:
             return sum(r.numel() * r.element_size() for r in self._pages.values())

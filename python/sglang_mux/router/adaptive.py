@@ -83,6 +83,27 @@ def _direction(delta: dict) -> tuple:
     return tuple(sorted((k, (v > 0) - (v < 0)) for k, v in delta.items() if v))
 
 
+def confirmed(rs: AdaptiveState, pending: str, delta: dict, large_enough: bool) -> bool:
+    """The hysteresis of every decision: True when a proposal moved enough (``large_enough``) and points where the
+    previous one pointed (its direction is kept in ``rs.<pending>`` until then); a proposal too small forgets it."""
+    if not large_enough:
+        setattr(rs, pending, None)
+        return False
+    direction = _direction(delta)
+    if direction != getattr(rs, pending):  # wait for the next proposal to agree
+        setattr(rs, pending, direction)
+        return False
+    setattr(rs, pending, None)
+    return True
+
+
+def share_limits(static: dict, shares) -> tuple[dict, dict]:
+    """Each share's bounds in pages: within ``CLIP`` x its static pages; the window keeps at least its tail page."""
+    lo = {s: max(1 if s == "recent" else 0, static[s] * CLIP[0]) for s in shares}
+    hi = {s: static[s] * CLIP[1] for s in shares}
+    return lo, hi
+
+
 def rescale(pages: dict, targets: dict, lo: dict, hi: dict) -> dict:
     """``targets`` (floats) clipped to ``[lo, hi]`` per share and rounded to integers summing to ``sum(pages)``."""
     total = sum(pages.values())
@@ -181,9 +202,7 @@ class AdaptiveRouter(RouterPolicy):
         if mean <= 0:
             return None
         targets = {s: cur[s] * math.sqrt(max(per_page[s], 1e-9) / mean) for s in movable}
-        lo = {s: max(1 if s == "recent" else 0, static[s] * CLIP[0]) for s in movable}
-        hi = {s: static[s] * CLIP[1] for s in movable}
-        return rescale(cur, targets, lo, hi)
+        return rescale(cur, targets, *share_limits(static, movable))
 
     def update_split(self, rs: AdaptiveState, state, cfg) -> None:
         static = self.static_pages(state)
@@ -193,14 +212,8 @@ class AdaptiveRouter(RouterPolicy):
         cur = {s: (rs.pages or static).get(s, static[s]) for s in proposal}
         delta = {s: proposal[s] - cur[s] for s in proposal}
         moved = sum(abs(v) for v in delta.values()) / 2
-        if moved < max(1.0, cfg.router_hysteresis * sum(cur.values())):
-            rs.pending = None
+        if not confirmed(rs, "pending", delta, moved >= max(1.0, cfg.router_hysteresis * sum(cur.values()))):
             return
-        direction = _direction(delta)
-        if direction != rs.pending:  # wait for the next proposal to agree
-            rs.pending = direction
-            return
-        rs.pending = None
         rs.pages = {**(rs.pages or {}), **proposal}
         STATS.router_split_changes += 1
 
@@ -214,14 +227,9 @@ class AdaptiveRouter(RouterPolicy):
         proposal = tuple(x / m for x in f)
         cur = rs.factors or (1.0,) * len(proposal)
         delta = {i: p - c for i, (p, c) in enumerate(zip(proposal, cur)) if abs(p - c) > 1e-3}
-        if sum(abs(v) for v in delta.values()) / len(proposal) < cfg.router_hysteresis:
-            rs.pending_layers = None
+        if not confirmed(rs, "pending_layers", delta,
+                         sum(abs(v) for v in delta.values()) / len(proposal) >= cfg.router_hysteresis):
             return
-        direction = _direction(delta)
-        if direction != rs.pending_layers:
-            rs.pending_layers = direction
-            return
-        rs.pending_layers = None
         rs.factors = proposal
         STATS.router_layer_changes += 1
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from sglang_mux.router.adaptive import CLIP, AdaptiveRouter, AdaptiveState, buckets, rescale
+from sglang_mux.router.adaptive import AdaptiveRouter, AdaptiveState, buckets, rescale, share_limits
 from sglang_mux.router.gate import SHARES, load_gate
 from sglang_mux.router.spine import register_router_policy
 
@@ -37,8 +37,7 @@ def share_bounds(static: dict) -> tuple[list[str], dict, dict]:
         static recent 1, heavy 0, retrieval 6, chunk 0  ->  recent [1, 3], retrieval [1.5, 18], heavy and chunk [0, 6]
     """
     movable = [s for s in SHARES if static.get(s, 0) > 0]
-    lo = {s: max(1 if s == "recent" else 0, static[s] * CLIP[0]) for s in movable}
-    hi = {s: static[s] * CLIP[1] for s in movable}
+    lo, hi = share_limits(static, movable)
     cap = max((static.get(s, 0) for s in SHARES if s != "recent"), default=0)
     for s in SHARES:
         if s != "recent" and s in static and static[s] == 0 and cap > 0:
